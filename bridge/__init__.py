@@ -1,0 +1,1 @@
+"""The WebDAV bridge: serves the views over HTTP with wsgidav and cheroot."""

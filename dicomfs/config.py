@@ -1,0 +1,528 @@
+"""The configuration: one schema holding every key, its default and the reason for that default.
+
+Where the configuration comes from (the first that applies; files are never merged)::
+
+    1. --config FILE                                    must exist
+    2. $DICOMFS_CONFIG                                  must exist
+    3. $XDG_CONFIG_HOME/dicomfs/dicomfs.toml            read when present
+       (~/.config/dicomfs/dicomfs.toml when XDG_CONFIG_HOME is unset)
+    4. /etc/dicomfs/dicomfs.toml                        read when present
+    5. nothing: the built-in defaults below
+
+``--store DIR`` then overrides ``storage.folder``. Every effective value remembers where it came
+from (``default``, the file's path or ``command line``) so ``dicomfs config`` can show it.
+
+The schema is data, not code: a section of fixed keys is a :class:`_Section` of :class:`_Option`
+rows that builds one frozen dataclass; a table of names the user picks (``[metadata]``,
+``[attachments]``) is a :class:`_NamedTable`. A new section is one more entry in ``_SCHEMA`` and
+one more field of :class:`Config`. Unknown keys and bad values are refused with a
+:class:`~dicomfs.errors.ConfigError` naming the file, the dotted key and the reason, because a
+misspelt safety switch that is silently ignored is worse than a service that does not start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from dicomfs.errors import ConfigError
+from dicomfs.store.metadata import CORE_METADATA, USER_KEY_MIN
+
+__all__ = [
+    "AttachmentType",
+    "Config",
+    "IngestConfig",
+    "LoadedConfig",
+    "LogConfig",
+    "StorageConfig",
+    "default_store_folder",
+    "load_config",
+    "parse_size",
+]
+
+DEFAULT_SOURCE = "default"
+COMMAND_LINE_SOURCE = "command line"
+_SYSTEM_FILE = Path("/etc/dicomfs/dicomfs.toml")
+_USER_KEY_MAX = 65535  # user metadata and attachment keys are stored in two bytes in the index
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where the store lives, how blobs are compressed, and when old patients are recycled."""
+
+    folder: Path
+    compression: str
+    compression_level: int
+    block_size: int
+    max_size: int
+    max_patients: int
+    overwrite_instances: bool
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How incoming files are grouped into commits."""
+
+    batch_files: int
+    batch_bytes: int
+    batch_delay_ms: int
+    threads: int
+    workers: int
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """How much is logged and where to."""
+
+    level: str
+    file: str
+
+
+@dataclass(frozen=True)
+class AttachmentType:
+    """A user attachment: its key in the index and the MIME type it is served with."""
+
+    key: int
+    mime: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration, one attribute per section."""
+
+    storage: StorageConfig
+    ingest: IngestConfig
+    log: LogConfig
+    metadata: Mapping[str, int]
+    attachments: Mapping[str, AttachmentType]
+
+
+# -- values ---------------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_HINT = "a size such as 0, 1048576, 500 MB or 2 GiB"
+
+
+def parse_size(text: str | int) -> int:
+    """A size in bytes from a number of bytes or a number with an SI or IEC unit.
+
+    Sizes are written the way people say them (``"500 MB"``, ``"2 GiB"``, ``"10GB"``) so a limit
+    in the configuration can be read at a glance; units are case-insensitive, SI units are powers
+    of 1000 and IEC units powers of 1024.
+
+    Parameters
+    ----------
+    text : str or int
+        ``0``, ``1048576``, ``"1048576"``, ``"500 MB"``, ``"1.5 GiB"``...
+
+    Returns
+    -------
+    int
+        The number of bytes.
+
+    Raises
+    ------
+    ConfigError
+        When ``text`` is negative, not a size, has an unknown unit or is not a whole number of bytes.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ConfigError(f"must not be negative (got {text})")
+        return text
+    match = _SIZE.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None or match[2].lower() not in _SIZE_UNITS:
+        raise ConfigError(f"must be {_SIZE_HINT} (got {text!r})")
+    size = Decimal(match[1]) * _SIZE_UNITS[match[2].lower()]
+    if size != size.to_integral_value():
+        raise ConfigError(f"must be a whole number of bytes (got {text!r})")
+    return int(size)
+
+
+def _human_size(size: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        scale = _SIZE_UNITS[unit.lower()]
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} B"
+
+
+def _one_of(*choices: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if value not in choices:
+            raise ConfigError(f"must be one of {', '.join(choices)} (got {value!r})")
+        return str(value)
+    return parse
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+            span = f"of {low} or more" if high is None else f"from {low} to {high}"
+            raise ConfigError(f"must be a whole number {span} (got {value!r})")
+        return value
+    return parse
+
+
+def _size(low: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if not isinstance(value, (int, str)) or isinstance(value, bool):
+            raise ConfigError(f"must be {_SIZE_HINT} (got {value!r})")
+        size = parse_size(value)
+        if size < low:
+            raise ConfigError(f"must be at least {_human_size(low)} (got {value!r})")
+        return size
+    return parse
+
+
+def _power_of_two(low: int, high: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        size = _size(0)(value)
+        if not low <= size <= high or size & (size - 1):
+            raise ConfigError(f"must be a power of two from {_human_size(low)} to {_human_size(high)} (got {value!r})")
+        return size
+    return parse
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"must be true or false (got {value!r})")
+    return value
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"must be a string (got {value!r})")
+    return value
+
+
+def _folder(value: object) -> Path:
+    text = _text(value)
+    if not text:
+        return default_store_folder()
+    folder = Path(text).expanduser()
+    if not folder.is_absolute():
+        # Relative to what? The service's working folder is not the admin's: refuse rather than guess.
+        raise ConfigError(f"must be an absolute path, a path starting with ~, or empty (got {text!r})")
+    return folder
+
+
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_CORE_NAMES = {name.lower(): name for name in CORE_METADATA}
+_MIME = re.compile(r"[\w!#$&^.+-]+/[\w!#$&^.+-]+")
+
+
+def _user_name(name: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise ConfigError("names may hold only letters, digits, _ and -")
+    if name.lower() in _CORE_NAMES:
+        # Compared without case: WebDAV clients on Windows and macOS see Origin and origin as one name.
+        raise ConfigError(f"clashes with the core metadata name {_CORE_NAMES[name.lower()]}")
+
+
+def _user_key(value: object) -> int:
+    return _integer(USER_KEY_MIN, _USER_KEY_MAX)(value)
+
+
+def _metadata_entry(name: str, value: object) -> int:
+    _user_name(name)
+    return _user_key(value)
+
+
+def _attachment_entry(name: str, value: object) -> AttachmentType:
+    _user_name(name)
+    if not isinstance(value, dict):
+        return AttachmentType(_user_key(value), "application/octet-stream")
+    for field in value:
+        if field not in ("key", "mime"):
+            raise ConfigError(f"unknown field {field!r} (known: key, mime)")
+    if "key" not in value:
+        raise ConfigError("needs a key, e.g. { key = 1025, mime = \"application/pdf\" }")
+    mime = _text(value.get("mime", "application/octet-stream"))
+    if not _MIME.fullmatch(mime):
+        raise ConfigError(f"mime must look like type/subtype (got {mime!r})")
+    return AttachmentType(_user_key(value["key"]), mime)
+
+
+# -- the schema -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One key of a section: its default as written in TOML, how a value is checked, and why."""
+
+    name: str
+    default: object
+    parse: Callable[[object], object]
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Section:
+    """A table of fixed keys that builds one frozen dataclass; ``check`` relates keys to each other."""
+
+    name: str
+    build: Callable[..., object]
+    options: tuple[_Option, ...]
+    check: Callable[[Mapping[str, Any]], Iterator[tuple[str, str]]] = lambda values: iter(())
+
+
+@dataclass(frozen=True)
+class _NamedTable:
+    """A table of names the user picks, each mapped to an entry that holds a unique integer key."""
+
+    name: str
+    parse_entry: Callable[[str, object], object]
+    key_of: Callable[[Any], int]
+    reason: str
+
+
+_LEVELS = {"zlib": (1, 9), "zstd": (1, 22)}
+
+
+def _check_storage(values: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    codec, level = values["compression"], values["compression_level"]
+    if level == 0:
+        return
+    if codec == "none":
+        yield "compression_level", f"must be 0 when storage.compression is none (got {level})"
+        return
+    low, high = _LEVELS[codec]
+    if not low <= level <= high:
+        yield "compression_level", f"must be 0 (the codec's default) or from {low} to {high} for {codec} (got {level})"
+
+
+_SCHEMA: tuple[_Section | _NamedTable, ...] = (
+    _Section("storage", StorageConfig, (
+        _Option("folder", "", _folder,
+                "Empty means $STATE_DIRECTORY (set by systemd's StateDirectory=, so the service uses "
+                "/var/lib/dicomfs), else $XDG_DATA_HOME/dicomfs, else ~/.local/share/dicomfs."),
+        _Option("compression", "none", _one_of("none", "zlib", "zstd"),
+                "DICOM pixels often compress only to ~0.8 of their size and compression costs CPU on "
+                "every read; opt in when disk matters more than CPU."),
+        _Option("compression_level", 0, _integer(0, 22),
+                "0 is the codec's own default (zlib 6, zstd 3); otherwise zlib 1-9, zstd 1-22."),
+        _Option("block_size", 131072, _power_of_two(16 << 10, 4 << 20),
+                "Compressed blobs are stored in independent blocks of this size (a power of two from "
+                "16 KiB to 4 MiB) so a 128 KiB read, the kernel's FUSE read size, decompresses one block."),
+        _Option("max_size", 0, _size(0),
+                "Recycle the oldest unprotected patient above this total size (0: no limit), as Orthanc's "
+                "MaximumStorageSize; off by default because deleting data must be a choice."),
+        _Option("max_patients", 0, _integer(0),
+                "Recycle the oldest unprotected patient above this many patients (0: no limit), as "
+                "Orthanc's MaximumPatientCount; off by default because deleting data must be a choice."),
+        _Option("overwrite_instances", False, _boolean,
+                "An instance received again with other bytes keeps the stored copy (Orthanc's "
+                "OverwriteInstances default), so a stray resend cannot replace a reviewed image."),
+    ), _check_storage),
+    _Section("ingest", IngestConfig, (
+        _Option("batch_files", 128, _integer(1),
+                "Files are committed in groups, one sync per batch instead of one per file; a batch "
+                "closes at this many files."),
+        _Option("batch_bytes", "64 MiB", _size(1),
+                "A batch also closes at this many bytes; senders wait while twice this much is queued, "
+                "which bounds the memory ingest holds."),
+        _Option("batch_delay_ms", 20, _integer(0, 10_000),
+                "How long a lone upload waits for company before it commits (up to 10 s: longer looks "
+                "like a hang to a client waiting for its answer)."),
+        _Option("threads", 4, _integer(1),
+                "Threads that compress the blobs of a batch in parallel (none are started when "
+                "storage.compression is none)."),
+        _Option("workers", 0, _integer(0),
+                "Processes that parse and write the files of a bulk ingest (64 files or more); 0 "
+                "means one per CPU: parsing is CPU-bound and one process tops out near 2,500 files/s."),
+    )),
+    _Section("log", LogConfig, (
+        _Option("level", "info", _one_of("debug", "info", "warning", "error"),
+                "info tells what was stored and rejected without the per-block detail of debug."),
+        _Option("file", "", _text,
+                "Empty logs to stderr, which the journal collects under systemd."),
+    )),
+    _NamedTable("metadata", _metadata_entry, int,
+                "User metadata names mapped to keys from 1024 to 65535 (keys below are dicomfs's own); "
+                "each key is used once and no name may clash with a core metadata name."),
+    _NamedTable("attachments", _attachment_entry, lambda attachment: attachment.key,
+                "Attachment names mapped to a key from 1024 to 65535 or to { key = K, mime = \"type/sub\" } "
+                "(mime defaults to application/octet-stream); each key is used once."),
+)
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """The effective configuration, the file it was read from, and the source of every value."""
+
+    config: Config
+    path: Path | None
+    sources: Mapping[str, str]
+
+    def describe(self) -> list[tuple[str, object, str]]:
+        """Every key as ``(dotted key, effective value, source)``, in schema order.
+
+        Tables of user names are one row each, their value a plain dict, so the rows print as JSON.
+        """
+        rows: list[tuple[str, object, str]] = []
+        for part in _SCHEMA:
+            value = getattr(self.config, part.name)
+            if isinstance(part, _NamedTable):
+                plain = {name: dataclasses.asdict(entry) if isinstance(entry, AttachmentType) else entry
+                         for name, entry in value.items()}
+                rows.append((part.name, plain, self.sources[part.name]))
+            else:
+                for option in part.options:
+                    key = f"{part.name}.{option.name}"
+                    rows.append((key, getattr(value, option.name), self.sources[key]))
+        return rows
+
+
+def default_store_folder() -> Path:
+    """The store folder used when ``storage.folder`` is empty.
+
+    Returns
+    -------
+    Path
+        ``$STATE_DIRECTORY`` when set (systemd's ``StateDirectory=dicomfs`` sets it, so the system
+        service uses ``/var/lib/dicomfs``), else ``$XDG_DATA_HOME/dicomfs``, else
+        ``~/.local/share/dicomfs``.
+    """
+    state = os.environ.get("STATE_DIRECTORY", "")
+    if state:
+        # systemd joins several StateDirectory= entries with ':'; ours is the first.
+        return Path(state.split(":")[0])
+    data_home = os.environ.get("XDG_DATA_HOME", "")
+    if data_home and Path(data_home).is_absolute():  # the XDG spec says to ignore relative paths
+        return Path(data_home) / "dicomfs"
+    return Path.home() / ".local" / "share" / "dicomfs"
+
+
+def load_config(path: Path | None = None, *, store_folder: Path | None = None) -> LoadedConfig:
+    """Find, read and check the configuration.
+
+    Parameters
+    ----------
+    path : Path, optional
+        The file given with ``--config``; without it the lookup order of the module docstring applies.
+    store_folder : Path, optional
+        The folder given with ``--store``; it overrides ``storage.folder`` with source ``command line``.
+
+    Returns
+    -------
+    LoadedConfig
+        The effective configuration, the file read (if any) and the source of every value.
+
+    Raises
+    ------
+    ConfigError
+        When a named file is missing, a file cannot be read or is not TOML, or a key is unknown or
+        its value wrong; the message names the file, the dotted key and the reason.
+    """
+    found = _find_file(path)
+    raw = _read(found) if found is not None else {}
+    origin = str(found) if found is not None else DEFAULT_SOURCE
+    sources: dict[str, str] = {}
+    sections: dict[str, Any] = {}
+    known = [part.name for part in _SCHEMA]
+    for name in raw:
+        if name not in known:
+            raise ConfigError(f"{origin}: {name}: unknown section{_did_you_mean(name, known)}")
+    for part in _SCHEMA:
+        table = raw.get(part.name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{origin}: {part.name}: must be a table (got {table!r})")
+        source = origin if part.name in raw else DEFAULT_SOURCE
+        if isinstance(part, _NamedTable):
+            sections[part.name] = _load_named_table(part, table, source)
+            sources[part.name] = source
+        else:
+            sections[part.name] = _load_section(part, table, origin, sources)
+    config = Config(**sections)
+    if store_folder is not None:
+        config = dataclasses.replace(config, storage=dataclasses.replace(config.storage, folder=store_folder))
+        sources["storage.folder"] = COMMAND_LINE_SOURCE
+    return LoadedConfig(config, found, sources)
+
+
+def _find_file(explicit: Path | None) -> Path | None:
+    if explicit is not None:
+        if not explicit.exists():
+            raise ConfigError(f"{explicit}: no such configuration file (given with --config)")
+        return explicit
+    from_env = os.environ.get("DICOMFS_CONFIG", "")
+    if from_env:
+        if not Path(from_env).exists():
+            raise ConfigError(f"{from_env}: no such configuration file (named by $DICOMFS_CONFIG)")
+        return Path(from_env)
+    config_home = os.environ.get("XDG_CONFIG_HOME", "")
+    if not (config_home and Path(config_home).is_absolute()):  # the XDG spec says to ignore relative paths
+        config_home = str(Path.home() / ".config")
+    for candidate in (Path(config_home) / "dicomfs" / "dicomfs.toml", _SYSTEM_FILE):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the configuration file ({error.strerror})") from error
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from error
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f" (known: {', '.join(known)}{hint})"
+
+
+def _load_section(section: _Section, table: dict[str, Any], origin: str, sources: dict[str, str]) -> object:
+    names = [option.name for option in section.options]
+    for name in table:
+        if name not in names:
+            raise ConfigError(f"{origin}: {section.name}.{name}: unknown key{_did_you_mean(name, names)}")
+    values: dict[str, Any] = {}
+    for option in section.options:
+        key = f"{section.name}.{option.name}"
+        source = origin if option.name in table else DEFAULT_SOURCE
+        try:
+            values[option.name] = option.parse(table.get(option.name, option.default))
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {key}: {error}") from None
+        sources[key] = source
+    for name, reason in section.check(values):
+        key = f"{section.name}.{name}"
+        raise ConfigError(f"{sources[key]}: {key}: {reason}")
+    return section.build(**values)
+
+
+def _load_named_table(table: _NamedTable, entries: dict[str, Any], source: str) -> Mapping[str, object]:
+    loaded: dict[str, object] = {}
+    owners: dict[int, str] = {}
+    for name, value in entries.items():
+        key = f"{table.name}.{name}"
+        try:
+            entry = table.parse_entry(name, value)
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {key}: {error}") from None
+        number = table.key_of(entry)
+        if number in owners:
+            raise ConfigError(f"{source}: {key}: key {number} is already used by {table.name}.{owners[number]}")
+        owners[number] = name
+        loaded[name] = entry
+    return loaded
