@@ -1,0 +1,317 @@
+"""Group commit: many instances per write transaction, every acknowledged instance durable.
+
+Callers (the ingest command's reader loop, FUSE and WebDAV upload handlers) parse a file and
+``submit`` it; one committer thread per store takes what is queued, up to ``batch_files`` files or
+``batch_bytes`` bytes, waiting at most ``batch_delay_ms`` for company, and for the whole batch:
+
+1. in one transaction, decides what each file is (new, already stored, a replacement) and records
+   the blob names it is about to write as *pending* (see ``owners``);
+2. writes the blobs, compressed or not, with no fsync;
+3. makes them all durable with one ``syncfs``;
+4. in a second transaction indexes them, recycles if limits require, clears their pending marks
+   and records the blobs that became garbage as pending;
+5. deletes the garbage blobs, and only then acknowledges every file of the batch.
+
+A kill between any two steps leaves blobs that are pending for a dead owner, and ``recover``
+removes them; nothing acknowledged is ever lost, because acknowledgement comes after step 4.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import mmap
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dicomfs.errors import StoreFullError
+from dicomfs.store.blobs import BlobStore, sync_filesystem
+from dicomfs.store.dicomparse import DicomHeader
+from dicomfs.store.ids import ResourceId, resource_ids
+from dicomfs.store.index import CachedIndex, Index, Txn
+from dicomfs.store.mutations import Limits, NewInstance, TxnChanges, add_instance, make_room
+from dicomfs.store.owners import Owner
+from dicomfs.store.records import Instance
+
+__all__ = ["ALREADY_STORED", "Candidate", "GroupCommitter", "IngestResult", "REJECTED", "REPLACED", "SKIPPED",
+           "STORED", "Submission", "WriteSettings", "settle_if_stored"]
+
+STORED, ALREADY_STORED, REPLACED, REJECTED, SKIPPED = "stored", "already_stored", "replaced", "rejected", "skipped"
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What became of one offered file. ``status`` is one of the five constants above."""
+
+    path: str
+    status: str
+    reason: str = ""
+    ids: tuple[str, str, str, str] | None = None
+    size: int = 0
+
+    def as_json(self) -> dict[str, object]:
+        """The stable ``--json`` form: path, status, reason, size, and the four ids (or nulls)."""
+        patient, study, series, instance = self.ids or (None, None, None, None)
+        return {"path": self.path, "status": self.status, "reason": self.reason, "size": self.size,
+                "patient": patient, "study": study, "series": series, "instance": instance}
+
+
+@dataclass(frozen=True)
+class WriteSettings:
+    """How the committer writes: codec, batching and recycling, from the configuration."""
+
+    codec: str = "none"
+    level: int = 0
+    block_size: int = 131072
+    overwrite: bool = False
+    limits: Limits = Limits()
+    batch_files: int = 128
+    batch_bytes: int = 64 << 20
+    batch_delay: float = 0.02
+    threads: int = 4
+    workers: int = 0
+    """Processes for bulk ingest; 0 means one per CPU."""
+
+
+@dataclass
+class Candidate:
+    """A parsed file on its way into the index: who it is, and where its blob is (once written)."""
+
+    label: str
+    header: DicomHeader
+    ids: tuple[ResourceId, ResourceId, ResourceId, ResourceId]
+    sha256: str
+    size: int
+    origin: str
+    remote: str
+    blob: str = ""
+    stored_size: int = 0
+    outcome: str = ""
+    reason: str = ""
+
+    @classmethod
+    def of(cls, label: str, header: DicomHeader, data: bytes | mmap.mmap, origin: str, remote: str) -> "Candidate":
+        """Identify a parsed file: its four resource ids and the SHA-256 of its bytes."""
+        h = header
+        ids = resource_ids(h.text("PatientID"), h.text("StudyInstanceUID"), h.text("SeriesInstanceUID"),
+                           h.text("SOPInstanceUID"))
+        return cls(label, header, ids, hashlib.sha256(data).hexdigest(), len(data), origin, remote)  # type: ignore[arg-type]
+
+    def result(self) -> IngestResult:
+        return IngestResult(self.label, self.outcome, self.reason, self.ids, self.size)
+
+
+def settle_if_stored(candidate: Candidate, stored_sha: str | None, overwrite: bool) -> bool:
+    """Whether a stored copy (of SHA-256 ``stored_sha``) settles the candidate: same bytes, or other
+    bytes that the configuration says to keep. Sets the candidate's outcome when it does."""
+    if stored_sha is None or (stored_sha != candidate.sha256 and overwrite):
+        return False
+    candidate.outcome = ALREADY_STORED
+    if stored_sha != candidate.sha256:
+        candidate.reason = ("kept the stored copy: same SOPInstanceUID with other bytes "
+                            "(storage.overwrite_instances = false)")
+    return True
+
+
+@dataclass
+class Submission:
+    """A candidate waiting for the committer thread; it owns the open source until resolved."""
+
+    candidate: Candidate
+    data: bytes | mmap.mmap
+    source_fd: int | None
+    closer: contextlib.ExitStack
+    future: "Future[IngestResult]" = field(default_factory=Future)
+
+    @property
+    def size(self) -> int:
+        return self.candidate.size
+
+
+class GroupCommitter:
+    """The single writer thread of one open store."""
+
+    def __init__(self, index: Index, blobs: BlobStore, owner: Owner, store_folder: Path, settings: WriteSettings) -> None:
+        self.index, self.blobs, self.owner, self.settings = index, blobs, owner, settings
+        self.store_folder = store_folder
+        self._queue: "queue.Queue[Submission | None]" = queue.Queue()
+        self._queued_bytes = 0
+        self._room = threading.Condition()
+        self._released: list[str] = []
+        self._pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="dicomfs-compress") if settings.codec != "none" else None
+        self._thread = threading.Thread(target=self._run, name="dicomfs-committer", daemon=True)
+        self._thread.start()
+
+    def submit(self, submission: Submission) -> "Future[IngestResult]":
+        """Queue a parsed file; blocks while twice a batch's bytes are already waiting."""
+        with self._room:
+            while self._queued_bytes > 2 * self.settings.batch_bytes:
+                self._room.wait()
+            self._queued_bytes += submission.size
+        self._queue.put(submission)
+        return submission.future
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the thread and clear this owner's released marks."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._pool is not None:
+            self._pool.shutdown()
+        if self._released:
+            with self.index.write() as txn:
+                self._forget_released(txn)
+
+    def release_later(self, blobs: list[str]) -> None:
+        """Blobs another operation of this process deleted; their pending marks go in a later commit."""
+        self._released.extend(blobs)
+
+    def _forget_released(self, txn: Txn) -> None:
+        for blob in self._released:
+            self.index.remove_pending(txn, self.owner.token, blob)
+        self._released.clear()
+
+    # -- the thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            batch_bytes = first.size
+            deadline = time.monotonic() + self.settings.batch_delay
+            while len(batch) < self.settings.batch_files and batch_bytes < self.settings.batch_bytes:
+                try:
+                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0)) if self._queue.empty() else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+                batch_bytes += item.size
+            try:
+                self._commit(batch)
+            except BaseException as error:  # the batch fails as a whole; each caller hears why
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+            finally:
+                for item in batch:
+                    item.closer.close()
+                with self._room:
+                    self._queued_bytes -= batch_bytes
+                    self._room.notify_all()
+
+    def _commit(self, batch: list[Submission]) -> None:
+        to_write = self._plan(batch)
+        if to_write:
+            self._write_blobs(to_write)
+            sync_filesystem(self.store_folder)
+        self.finish(self.index_batch([item.candidate for item in batch]))
+        for item in batch:
+            item.future.set_result(item.candidate.result())
+
+    def _plan(self, batch: list[Submission]) -> list[Submission]:
+        """Step 1: decide each file's fate; mark the blobs about to be written as pending."""
+        to_write: list[Submission] = []
+        seen: dict[str, Candidate] = {}
+        with self.index.write() as txn:
+            self._forget_released(txn)
+            for item in batch:
+                candidate = item.candidate
+                earlier = seen.get(candidate.ids[3])
+                existing = self.index.get(txn, candidate.ids[3])
+                stored_sha = earlier.sha256 if earlier is not None else (existing.sha256 if isinstance(existing, Instance) else None)
+                if self.already_stored(candidate, stored_sha):
+                    continue
+                candidate.blob = self.blobs.new_name()
+                self.index.add_pending(txn, self.owner.token, candidate.blob)
+                seen[candidate.ids[3]] = candidate
+                to_write.append(item)
+        return to_write
+
+    def already_stored(self, candidate: Candidate, stored_sha: str | None) -> bool:
+        return settle_if_stored(candidate, stored_sha, self.settings.overwrite)
+
+    def _write_blobs(self, items: list[Submission]) -> None:
+        """Step 2: write the blobs; compression runs on the pool (zlib and zstd release the GIL)."""
+        s = self.settings
+
+        def write(item: Submission) -> None:
+            c = item.candidate
+            c.stored_size = self.blobs.write(
+                c.blob, item.data, codec=s.codec, level=s.level, block_size=s.block_size,
+                header_length=c.header.header_length, source_fd=item.source_fd,
+            )
+
+        if self._pool is None:
+            for item in items:
+                write(item)
+        else:
+            list(self._pool.map(write, items))
+
+    def reserve_names(self, count: int) -> list[str]:
+        """Blob names marked pending in one commit, for workers to write into later."""
+        names = [self.blobs.new_name() for _ in range(count)]
+        with self.index.write() as txn:
+            self._forget_released(txn)
+            for name in names:
+                self.index.add_pending(txn, self.owner.token, name)
+        return names
+
+    def forget_names(self, names: list[str]) -> None:
+        """Reserved names that were never written: their pending marks go."""
+        with self.index.write() as txn:
+            for name in names:
+                self.index.remove_pending(txn, self.owner.token, name)
+
+    def index_batch(self, candidates: list[Candidate], *, unused_names: list[str] = []) -> list[str]:  # noqa: B006
+        """Step 4: index candidates whose blobs are durable; returns the blobs that became garbage.
+
+        Candidates without a blob were settled before writing and are left as they are;
+        ``unused_names`` are reserved names nobody wrote, whose pending marks go in the same commit.
+        """
+        changes = TxnChanges()
+        index = CachedIndex(self.index)
+        with self.index.write() as txn:
+            self._forget_released(txn)
+            for name in unused_names:
+                index.remove_pending(txn, self.owner.token, name)
+            for item in candidates:
+                if not item.blob:
+                    continue
+                index.remove_pending(txn, self.owner.token, item.blob)
+                existing = index.get(txn, item.ids[3])
+                replacing = existing if isinstance(existing, Instance) else None
+                if replacing is not None and self.already_stored(item, replacing.sha256):
+                    changes.garbage.append(item.blob)  # another writer stored it meanwhile
+                    continue
+                try:
+                    growth = item.size - (replacing.size if replacing else 0)
+                    make_room(index, txn, self.settings.limits, growth, item.ids[0], changes)  # type: ignore[arg-type]
+                except StoreFullError as error:
+                    item.outcome, item.reason = REJECTED, str(error)
+                    changes.garbage.append(item.blob)
+                    continue
+                add_instance(index, txn, NewInstance(  # type: ignore[arg-type]
+                    item.header, item.ids, item.sha256, item.size, item.stored_size, item.blob,
+                    self.settings.codec, item.origin, item.remote), changes, replacing)
+                item.outcome = REPLACED if replacing else STORED
+            for blob in changes.garbage:
+                index.add_pending(txn, self.owner.token, blob)
+            if changes.log:
+                index.log_changes(txn, changes.log)
+            index.flush(txn)
+        return changes.garbage
+
+    def finish(self, garbage: list[str]) -> None:
+        """Step 5: delete the blobs a durable commit made garbage; their marks go next commit."""
+        for blob in garbage:
+            self.blobs.remove(blob)
+        self._released.extend(garbage)

@@ -1,0 +1,343 @@
+"""The LMDB index: its tables, key layouts and the small operations everything else builds on.
+
+Tables (LMDB named databases) and their keys::
+
+    resources  id(20)                          -> record row (see records)
+    children   parent id(20) + child id(20)    -> b""     ordered children per parent
+    dates      StudyDate(8, blank = unknown) + study id(20) -> b""   by-date browsing
+    uids       UID + NUL + level(1) + id(20)   -> b""     find resources by a DICOM UID
+    recycling  seq(8 BE) + patient id(20)      -> b""     oldest unprotected patient first
+    metadata   id(20) + key(2 BE)              -> UTF-8 value            (user metadata)
+    attachments id(20) + key(2 BE)             -> msgpack [blob, codec, size, stored, sha256, mime]
+    counters   name                            -> u64 (patients, studies, series, instances,
+                                                  size, stored_size, attachment_bytes, change, seq)
+    pending    owner(16) + blob name           -> b""     blobs an operation may leave behind
+    changes    change number(8 BE)             -> msgpack [[op, level, id], ...]
+
+Every write goes through one LMDB write transaction, so counts and links never disagree even with
+several processes writing (LMDB serialises writers across processes). The ``change`` counter goes
+up with every commit that changes resources: other processes poll it to notice new data.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import lmdb
+import msgpack
+
+from dicomfs.store.ids import ROOT_KEY, Level, ResourceId, id_from_key, key_from_id
+from dicomfs.store.records import Record, decode_record, encode_record
+
+__all__ = ["COUNTER_NAMES", "CachedIndex", "Index", "Txn"]
+
+Txn = lmdb.Transaction
+_U64 = struct.Struct(">Q")
+_TABLES = ("resources", "children", "dates", "uids", "recycling", "metadata", "attachments", "counters",
+           "pending", "changes", "properties", "jobs")
+COUNTER_NAMES = ("patients", "studies", "series", "instances", "size", "stored_size", "attachment_bytes")
+_LEVEL_COUNTER = {Level.PATIENT: "patients", Level.STUDY: "studies", Level.SERIES: "series",
+                  Level.INSTANCE: "instances"}
+_CHANGES_KEPT = 100_000
+"""Change-log entries kept: enough for a mount that was busy for a while to catch up exactly."""
+_MAP_SIZE = 1 << 40
+"""Address space, not disk: 1 TiB lets the index grow without ever resizing (a resize forces
+every other process to reopen)."""
+
+
+class Index:
+    """An open LMDB environment with its tables."""
+
+    def __init__(self, folder: Path, *, readonly: bool = False) -> None:
+        folder.mkdir(parents=True, exist_ok=True) if not readonly else None
+        self.env = lmdb.open(
+            str(folder),
+            map_size=_MAP_SIZE,
+            max_dbs=len(_TABLES) + 4,
+            max_readers=1024,
+            readonly=readonly,
+            readahead=False,  # random access over a large index: readahead only evicts useful pages
+            meminit=False,
+            lock=True,
+        )
+        self.readonly = readonly
+        # Opened without an explicit transaction: py-lmdb then commits the one it makes, which keeps
+        # the handles valid in a read-only environment too (an aborted read txn would void them).
+        self.db = {name: self.env.open_db(name.encode(), create=not readonly) for name in _TABLES}
+
+    def close(self) -> None:
+        self.env.close()
+
+    def read(self) -> lmdb.Transaction:
+        """A read transaction (a consistent snapshot); use it in a ``with`` block and keep it short."""
+        return self.env.begin(buffers=False)
+
+    def write(self) -> lmdb.Transaction:
+        """The write transaction; LMDB lets one writer at a time in, across processes."""
+        return self.env.begin(write=True)
+
+    # -- resources -------------------------------------------------------------------------------
+
+    def get(self, txn: Txn, resource_id: str) -> Record | None:
+        key = key_from_id(resource_id)
+        row = txn.get(key, db=self.db["resources"])
+        return None if row is None else decode_record(key, row)
+
+    def put(self, txn: Txn, record: Record) -> None:
+        txn.put(key_from_id(record.id), encode_record(record), db=self.db["resources"])
+
+    def delete_record(self, txn: Txn, record: Record) -> None:
+        txn.delete(key_from_id(record.id), db=self.db["resources"])
+
+    def link(self, txn: Txn, parent: str | None, child: str) -> None:
+        txn.put(_parent_key(parent) + key_from_id(child), b"", db=self.db["children"])
+
+    def unlink(self, txn: Txn, parent: str | None, child: str) -> None:
+        txn.delete(_parent_key(parent) + key_from_id(child), db=self.db["children"])
+
+    def child_ids(self, txn: Txn, parent: str | None) -> Iterator[ResourceId]:
+        """Ids of the children of ``parent`` (``None``: every patient), in key order."""
+        prefix = _parent_key(parent)
+        cursor = txn.cursor(db=self.db["children"])
+        if not cursor.set_range(prefix):
+            return
+        for key in cursor.iternext(keys=True, values=False):
+            if not key.startswith(prefix):
+                return
+            yield id_from_key(key[20:])
+
+    def children(self, txn: Txn, parent: str | None) -> Iterator[Record]:
+        """The records of the children of ``parent``."""
+        resources = self.db["resources"]
+        for child in self.child_ids(txn, parent):
+            key = key_from_id(child)
+            row = txn.get(key, db=resources)
+            if row is not None:
+                yield decode_record(key, row)
+
+    def all_records(self, txn: Txn) -> Iterator[Record]:
+        """Every record in the index (for ``check``)."""
+        for key, row in txn.cursor(db=self.db["resources"]):
+            yield decode_record(key, row)
+
+    # -- secondary indexes -----------------------------------------------------------------------
+
+    def add_uid(self, txn: Txn, uid: str, level: Level, resource_id: str) -> None:
+        txn.put(_uid_key(uid, level, resource_id), b"", db=self.db["uids"])
+
+    def remove_uid(self, txn: Txn, uid: str, level: Level, resource_id: str) -> None:
+        txn.delete(_uid_key(uid, level, resource_id), db=self.db["uids"])
+
+    def find_uid(self, txn: Txn, uid: str) -> list[tuple[Level, ResourceId]]:
+        """Resources whose DICOM UID (study, series or SOP instance) is ``uid``."""
+        prefix = uid.encode("ascii", "replace") + b"\0"
+        cursor = txn.cursor(db=self.db["uids"])
+        found: list[tuple[Level, ResourceId]] = []
+        if cursor.set_range(prefix):
+            for key in cursor.iternext(keys=True, values=False):
+                if not key.startswith(prefix):
+                    break
+                found.append((Level(key[len(prefix)]), id_from_key(key[len(prefix) + 1 :])))
+        return found
+
+    def add_date(self, txn: Txn, date: str, study_id: str) -> None:
+        txn.put(_date_key(date) + key_from_id(study_id), b"", db=self.db["dates"])
+
+    def remove_date(self, txn: Txn, date: str, study_id: str) -> None:
+        txn.delete(_date_key(date) + key_from_id(study_id), db=self.db["dates"])
+
+    def studies_by_date(self, txn: Txn, prefix: str = "") -> Iterator[tuple[str, ResourceId]]:
+        """(StudyDate, study id) in date order, for dates starting with ``prefix``; unknown dates
+        (not eight digits) come first, as a blank date."""
+        encoded = prefix.encode("ascii", "replace")
+        cursor = txn.cursor(db=self.db["dates"])
+        if not cursor.set_range(encoded):
+            return
+        for key in cursor.iternext(keys=True, values=False):
+            if not key.startswith(encoded):
+                return
+            yield key[:8].decode("ascii").strip(), id_from_key(key[8:])
+
+    def add_recycling(self, txn: Txn, seq: int, patient_id: str) -> None:
+        txn.put(_U64.pack(seq) + key_from_id(patient_id), b"", db=self.db["recycling"])
+
+    def remove_recycling(self, txn: Txn, seq: int, patient_id: str) -> None:
+        txn.delete(_U64.pack(seq) + key_from_id(patient_id), db=self.db["recycling"])
+
+    def recycling_order(self, txn: Txn) -> Iterator[ResourceId]:
+        """Unprotected patients, the one stored longest ago first."""
+        for key in txn.cursor(db=self.db["recycling"]).iternext(keys=True, values=False):
+            yield id_from_key(key[8:])
+
+    # -- counters and the change log -------------------------------------------------------------
+
+    def counter(self, txn: Txn, name: str) -> int:
+        value = txn.get(name.encode(), db=self.db["counters"])
+        return 0 if value is None else int(_U64.unpack(value)[0])
+
+    def add_to_counter(self, txn: Txn, name: str, delta: int) -> int:
+        value = self.counter(txn, name) + delta
+        txn.put(name.encode(), _U64.pack(max(value, 0)), db=self.db["counters"])
+        return value
+
+    def set_counter(self, txn: Txn, name: str, value: int) -> None:
+        txn.put(name.encode(), _U64.pack(value), db=self.db["counters"])
+
+    def count_level(self, txn: Txn, level: Level, delta: int) -> None:
+        self.add_to_counter(txn, _LEVEL_COUNTER[level], delta)
+
+    def log_changes(self, txn: Txn, changes: list[tuple[str, int, str]]) -> int:
+        """Record one commit's changes (``op`` is ``+``, ``-`` or ``~``); returns its number."""
+        number = self.add_to_counter(txn, "change", 1)
+        txn.put(_U64.pack(number), msgpack.packb(_condense(changes)), db=self.db["changes"])
+        if number > _CHANGES_KEPT:
+            txn.delete(_U64.pack(number - _CHANGES_KEPT), db=self.db["changes"])
+        return number
+
+    def changes_since(self, txn: Txn, number: int) -> Iterator[tuple[int, list[tuple[str, int, str]]]]:
+        """Commits after ``number``, oldest first, as (change number, changes)."""
+        cursor = txn.cursor(db=self.db["changes"])
+        if cursor.set_range(_U64.pack(number + 1)):
+            for key, value in cursor:
+                yield _U64.unpack(key)[0], [tuple(c) for c in msgpack.unpackb(value)]
+
+    # -- pending blobs ---------------------------------------------------------------------------
+
+    def add_pending(self, txn: Txn, owner: bytes, blob: str) -> None:
+        txn.put(owner + blob.encode(), b"", db=self.db["pending"])
+
+    def remove_pending(self, txn: Txn, owner: bytes, blob: str) -> None:
+        txn.delete(owner + blob.encode(), db=self.db["pending"])
+
+    def pending(self, txn: Txn) -> Iterator[tuple[bytes, str]]:
+        """Every (owner, blob) an operation announced and has not finished with."""
+        for key in txn.cursor(db=self.db["pending"]).iternext(keys=True, values=False):
+            yield key[:16], key[16:].decode()
+
+    # -- metadata and attachments ----------------------------------------------------------------
+
+    def metadata(self, txn: Txn, resource_id: str) -> dict[int, str]:
+        return {k: v.decode() for k, v in self._items(txn, "metadata", resource_id)}
+
+    def put_metadata(self, txn: Txn, resource_id: str, key: int, value: str) -> None:
+        txn.put(key_from_id(resource_id) + key.to_bytes(2, "big"), value.encode(), db=self.db["metadata"])
+
+    def delete_metadata(self, txn: Txn, resource_id: str, key: int) -> bool:
+        return bool(txn.delete(key_from_id(resource_id) + key.to_bytes(2, "big"), db=self.db["metadata"]))
+
+    def attachments(self, txn: Txn, resource_id: str) -> dict[int, list[object]]:
+        return {k: msgpack.unpackb(v) for k, v in self._items(txn, "attachments", resource_id)}
+
+    def put_attachment(self, txn: Txn, resource_id: str, key: int, entry: list[object]) -> None:
+        txn.put(key_from_id(resource_id) + key.to_bytes(2, "big"), msgpack.packb(entry), db=self.db["attachments"])
+
+    def delete_attachment(self, txn: Txn, resource_id: str, key: int) -> None:
+        txn.delete(key_from_id(resource_id) + key.to_bytes(2, "big"), db=self.db["attachments"])
+
+    def _items(self, txn: Txn, table: str, resource_id: str) -> Iterator[tuple[int, bytes]]:
+        prefix = key_from_id(resource_id)
+        cursor = txn.cursor(db=self.db[table])
+        if cursor.set_range(prefix):
+            for key, value in cursor:
+                if not key.startswith(prefix):
+                    return
+                yield int.from_bytes(key[20:22], "big"), value
+
+    def all_attachment_blobs(self, txn: Txn) -> Iterator[tuple[ResourceId, int, list[object]]]:
+        """Every attachment (for ``check``): (resource id, key, entry)."""
+        for key, value in txn.cursor(db=self.db["attachments"]):
+            yield id_from_key(key[:20]), int.from_bytes(key[20:22], "big"), msgpack.unpackb(value)
+
+
+def _parent_key(parent: str | None) -> bytes:
+    return ROOT_KEY if parent is None else key_from_id(parent)
+
+
+def _uid_key(uid: str, level: Level, resource_id: str) -> bytes:
+    return uid.encode("ascii", "replace") + b"\0" + bytes([int(level)]) + key_from_id(resource_id)
+
+
+def _date_key(date: str) -> bytes:
+    """Eight ASCII digits, or eight blanks for a missing or malformed date (sorted first)."""
+    return date.encode("ascii") if len(date) == 8 and date.isdigit() else b" " * 8
+
+
+class CachedIndex:
+    """The Index seen through one write transaction, with records and counters kept in memory.
+
+    A batch of instances of one series would otherwise read, decode, encode and write the same
+    patient, study and series records once per instance; here they are written once, at
+    ``flush``. Everything that is not a record or a counter goes straight to the index.
+    """
+
+    def __init__(self, index: Index) -> None:
+        self._index = index
+        self._records: dict[str, Record | None] = {}
+        self._dirty: set[str] = set()
+        self._counters: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._index, name)
+
+    def get(self, txn: Txn, resource_id: str) -> Record | None:
+        if resource_id not in self._records:
+            self._records[resource_id] = self._index.get(txn, resource_id)
+        return self._records[resource_id]
+
+    def put(self, txn: Txn, record: Record) -> None:
+        self._records[record.id] = record
+        self._dirty.add(record.id)
+
+    def delete_record(self, txn: Txn, record: Record) -> None:
+        self._records[record.id] = None
+        self._dirty.add(record.id)
+
+    def counter(self, txn: Txn, name: str) -> int:
+        if name not in self._counters:
+            self._counters[name] = self._index.counter(txn, name)
+        return self._counters[name]
+
+    def add_to_counter(self, txn: Txn, name: str, delta: int) -> int:
+        value = max(self.counter(txn, name) + delta, 0)
+        self._counters[name] = value
+        return value
+
+    def set_counter(self, txn: Txn, name: str, value: int) -> None:
+        self._counters[name] = value
+
+    def count_level(self, txn: Txn, level: Level, delta: int) -> None:
+        self.add_to_counter(txn, _LEVEL_COUNTER[level], delta)
+
+    def log_changes(self, txn: Txn, changes: list[tuple[str, int, str]]) -> int:
+        number = self.add_to_counter(txn, "change", 1)
+        txn.put(_U64.pack(number), msgpack.packb(_condense(changes)), db=self._index.db["changes"])
+        if number > _CHANGES_KEPT:
+            txn.delete(_U64.pack(number - _CHANGES_KEPT), db=self._index.db["changes"])
+        return number
+
+    def flush(self, txn: Txn) -> None:
+        """Write the changed records and counters into the transaction (call before commit)."""
+        resources = self._index.db["resources"]
+        for resource_id in self._dirty:
+            record = self._records[resource_id]
+            if record is None:
+                txn.delete(key_from_id(resource_id), db=resources)
+            else:
+                txn.put(key_from_id(resource_id), encode_record(record), db=resources)
+        for name, value in self._counters.items():
+            self._index.set_counter(txn, name, value)
+        self._dirty.clear()
+
+
+def _condense(changes: list[tuple[str, int, str]]) -> list[tuple[str, int, str]]:
+    """One entry per resource: creation or removal wins over an update."""
+    kept: dict[str, tuple[str, int, str]] = {}
+    for op, level, resource_id in changes:
+        previous = kept.get(resource_id)
+        if previous is None or previous[0] == "~":
+            kept[resource_id] = (op, level, resource_id)
+        elif previous[0] == "+" and op == "-":
+            kept[resource_id] = (op, level, resource_id)
+    return list(kept.values())

@@ -1,0 +1,442 @@
+"""The store: one folder holding an LMDB index and the blob files, behind one synchronous API.
+
+Layout of a store folder::
+
+    dicomfs-store.json   marks the folder as a store (format version, creation time)
+    index/               LMDB environment (see ``index``)
+    blobs/ab/<name>      instance and attachment bytes (see ``blobs``)
+    owners/              one lock file per process writing now (see ``owners``)
+    quarantine/          what ``check --repair`` set aside: never deleted by dicomfs
+
+Several processes (the mount, the WebDAV bridge, the CLI) may open one store at once: LMDB
+serialises writers and gives readers snapshots. All methods block; async front ends call them
+from worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from concurrent.futures import Future
+from typing import Iterable, Iterator, Mapping
+
+from dicomfs.errors import (
+    AmbiguousError,
+    NotFoundError,
+    ReadOnlyError,
+    RejectedFileError,
+    StoreError,
+    StoreNotFoundError,
+)
+from dicomfs.store.blobs import BlobReader, BlobStore, sync_filesystem
+from dicomfs.store.bulk import ingest_in_workers
+from dicomfs.store.committer import (
+    REJECTED,
+    SKIPPED,
+    Candidate,
+    GroupCommitter,
+    IngestResult,
+    Submission,
+    WriteSettings,
+)
+from dicomfs.store.dicomparse import parse_header
+from dicomfs.store.ids import Level, ResourceId, looks_like_id, resource_ids
+from dicomfs.store.index import COUNTER_NAMES, Index
+from dicomfs.store.metadata import core_metadata, user_key
+from dicomfs.store.mutations import TxnChanges, remove_resource, set_protected
+from dicomfs.store.owners import Owner, recover
+from dicomfs.store.records import Patient, Record
+from dicomfs.store.sources import Source, iter_sources
+
+__all__ = ["Attachment", "Store", "StoreStats"]
+
+_MARKER = "dicomfs-store.json"
+_BULK_MIN_FILES = 64
+"""Below this many files, starting worker processes (~0.3 s) costs more than it saves."""
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """Counts and bytes of the whole store."""
+
+    patients: int
+    studies: int
+    series: int
+    instances: int
+    size: int
+    stored_size: int
+    attachment_bytes: int
+    change: int
+
+    @property
+    def compression_ratio(self) -> float:
+        """Original bytes per byte on disk (1.0 for an uncompressed or empty store)."""
+        return self.size / self.stored_size if self.stored_size else 1.0
+
+    def as_json(self) -> dict[str, object]:
+        return {"patients": self.patients, "studies": self.studies, "series": self.series,
+                "instances": self.instances, "bytes": self.size, "stored_bytes": self.stored_size,
+                "attachment_bytes": self.attachment_bytes, "compression_ratio": round(self.compression_ratio, 4),
+                "change": self.change}
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A user attachment of a resource."""
+
+    name: str
+    key: int
+    mime: str
+    size: int
+    stored_size: int
+    sha256: str
+    blob: str
+    codec: str
+
+
+class Store:
+    """An open store. Use ``Store.open`` (or ``Store.create``) in a ``with`` block."""
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        readonly: bool = False,
+        settings: WriteSettings = WriteSettings(),
+        metadata_names: Mapping[str, int] | None = None,
+        attachment_types: Mapping[str, tuple[int, str]] | None = None,
+    ) -> None:
+        if not (folder / _MARKER).exists():
+            raise StoreNotFoundError(f"no dicomfs store at {folder} (create one with `dicomfs init`)")
+        self.folder = folder
+        self.readonly = readonly
+        self.settings = settings
+        self.metadata_names = dict(metadata_names or {})
+        self.attachment_types = dict(attachment_types or {})
+        self.index = Index(folder / "index", readonly=readonly)
+        self.blobs = BlobStore(folder / "blobs")
+        self._owner: Owner | None = None
+        self._committer: GroupCommitter | None = None
+        if not readonly:
+            self._owner = Owner(folder / "owners")
+            recover(self.index, self.blobs, folder / "owners")
+            self._committer = GroupCommitter(self.index, self.blobs, self._owner, folder, settings)
+
+    @classmethod
+    def create(cls, folder: Path, **options: object) -> "Store":
+        """Create a store in ``folder`` (which may exist, empty or already a store) and open it."""
+        folder.mkdir(parents=True, exist_ok=True)
+        marker = folder / _MARKER
+        if not marker.exists():
+            if any(p.name != "lost+found" for p in folder.iterdir()):
+                raise StoreError(f"{folder} is not empty and is not a dicomfs store: refusing to use it")
+            for sub in ("index", "blobs", "owners", "quarantine"):
+                (folder / sub).mkdir(exist_ok=True)
+            BlobStore(folder / "blobs").create_folders()
+            temporary = folder / (_MARKER + ".tmp")
+            temporary.write_text(json.dumps({"format": _FORMAT, "created": time.time()}) + "\n")
+            temporary.rename(marker)
+            sync_filesystem(folder)
+        return cls(folder, **options)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        if self._committer is not None:
+            self._committer.close()
+            self._committer = None
+        if self._owner is not None:
+            self._owner.release()
+            self._owner = None
+        self.index.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def find(self, resource_id: str) -> Record | None:
+        """The record of ``resource_id``, or None."""
+        with self.index.read() as txn:
+            return self.index.get(txn, resource_id)
+
+    def get(self, resource_id: str) -> Record:
+        """The record of ``resource_id``; NotFoundError when there is none."""
+        record = self.find(resource_id)
+        if record is None:
+            raise NotFoundError(f"no resource with id {resource_id}")
+        return record
+
+    def children(self, resource_id: str | None = None) -> list[Record]:
+        """The children of a resource (``None``: all patients), in index order."""
+        with self.index.read() as txn:
+            return list(self.index.children(txn, resource_id))
+
+    def ancestors(self, record: Record) -> list[Record]:
+        """The parents of ``record``, patient first."""
+        chain: list[Record] = []
+        with self.index.read() as txn:
+            parent = record.parent
+            while parent is not None:
+                found = self.index.get(txn, parent)
+                if found is None:
+                    break
+                chain.insert(0, found)
+                parent = found.parent
+        return chain
+
+    def walk(self, level: Level, parent: str | None = None) -> Iterator[Record]:
+        """Every resource of ``level``, under ``parent`` when given, depth first."""
+        with self.index.read() as txn:
+            starts = [self.index.get(txn, parent)] if parent else list(self.index.children(txn, None))
+            stack = [r for r in starts if r is not None]
+            stack.reverse()
+            while stack:
+                record = stack.pop()
+                if record.level == level:
+                    yield record
+                elif record.level < level:
+                    below = list(self.index.children(txn, record.id))
+                    stack.extend(reversed(below))
+
+    def resolve(self, selector: str) -> list[Record]:
+        """Resources named by a selector: a resource id, a DICOM UID, or a PatientID."""
+        selector = selector.strip()
+        with self.index.read() as txn:
+            if looks_like_id(selector):
+                record = self.index.get(txn, selector)
+                if record is not None:
+                    return [record]
+            found = [self.index.get(txn, rid) for _, rid in self.index.find_uid(txn, selector)]
+            if not found:
+                found = [self.index.get(txn, resource_ids(selector, "", "", "")[0])]
+        records = [r for r in found if r is not None]
+        if not records:
+            raise NotFoundError(f"nothing in the store matches {selector!r} (not an id, a UID or a PatientID)")
+        return records
+
+    def resolve_one(self, selector: str) -> Record:
+        """The single resource a selector names; AmbiguousError if it names several."""
+        records = self.resolve(selector)
+        if len(records) > 1:
+            ids = ", ".join(f"{r.level.label} {r.id}" for r in records)
+            raise AmbiguousError(f"{selector!r} matches {len(records)} resources ({ids}): use an id")
+        return records[0]
+
+    def stats(self) -> StoreStats:
+        with self.index.read() as txn:
+            values = {name: self.index.counter(txn, name) for name in (*COUNTER_NAMES, "change")}
+        return StoreStats(**values)
+
+    def change_number(self) -> int:
+        """Goes up with every commit that changes resources (other processes' too)."""
+        with self.index.read() as txn:
+            return self.index.counter(txn, "change")
+
+    def open_instance(self, resource_id: str) -> BlobReader:
+        """A reader of an instance's original bytes."""
+        record = self.get(resource_id)
+        if record.level != Level.INSTANCE:
+            raise NotFoundError(f"{resource_id} is a {record.level.label}, not an instance")
+        return self.blobs.open(record.blob, record.codec, record.size)  # type: ignore[union-attr]
+
+    # -- ingest --------------------------------------------------------------------------------
+
+    def ingest(self, paths: Iterable[Path], *, origin: str = "cli", remote: str = "") -> Iterator[IngestResult]:
+        """Ingest files, folders, zips and DICOMDIRs; yield one result per file, in order.
+
+        A result is yielded only once the instance is durable (or was judged not to need storing).
+        """
+        return self.ingest_sources(iter_sources(list(paths)), origin=origin, remote=remote)
+
+    def ingest_sources(self, sources: Iterable[Source], *, origin: str = "cli", remote: str = "") -> Iterator[IngestResult]:
+        """Ingest sources already listed (see ``sources.iter_sources``); results as for ``ingest``.
+
+        Many files go through worker processes (see ``bulk``); a few, through the committer thread.
+        """
+        committer = self._writer()
+        sources = list(sources)
+        workers = self.settings.workers or os.cpu_count() or 1
+        if workers > 1 and len(sources) >= _BULK_MIN_FILES:
+            yield from ingest_in_workers(committer, self.folder, self.settings, sources,
+                                         origin=origin, remote=remote, workers=workers)
+            return
+        waiting: list[Future[IngestResult] | IngestResult] = []
+        for source in sources:
+            waiting.append(self._offer(committer, source, origin, remote))
+            while waiting and (isinstance(waiting[0], IngestResult) or waiting[0].done()):
+                head = waiting.pop(0)
+                yield head if isinstance(head, IngestResult) else head.result()
+        for head in waiting:
+            yield head if isinstance(head, IngestResult) else head.result()
+
+    def ingest_file(self, path: Path, *, label: str | None = None, origin: str = "cli", remote: str = "") -> IngestResult:
+        """Ingest one file and wait until it is durable (for upload handlers)."""
+        result = self._offer(self._writer(), Source(label or str(path), path), origin, remote)
+        return result if isinstance(result, IngestResult) else result.result()
+
+    def _offer(self, committer: GroupCommitter, source: Source, origin: str, remote: str) -> "Future[IngestResult] | IngestResult":
+        closer = contextlib.ExitStack()
+        try:
+            data, fd = closer.enter_context(source.open())
+            header = parse_header(data)
+            if header.is_dicomdir:
+                closer.close()
+                return IngestResult(source.label, SKIPPED, "DICOMDIR: read as an index of the files beside it, not stored")
+            candidate = Candidate.of(source.label, header, data, origin, remote)
+            return committer.submit(Submission(candidate, data, fd, closer))
+        except RejectedFileError as error:
+            closer.close()
+            return IngestResult(source.label, REJECTED, str(error))
+        except OSError as error:
+            closer.close()
+            return IngestResult(source.label, REJECTED, f"unreadable: {error.strerror or error}")
+        except BaseException:
+            closer.close()
+            raise
+
+    def _writer(self) -> GroupCommitter:
+        if self._committer is None:
+            raise ReadOnlyError(f"the store at {self.folder} is open read-only")
+        return self._committer
+
+    # -- changes -------------------------------------------------------------------------------
+
+    def delete(self, resource_id: str) -> int:
+        """Delete a resource and everything below it; returns the number of instances removed."""
+        self.get(resource_id)
+        with self._changing() as (txn, changes):
+            return remove_resource(self.index, txn, resource_id, changes)
+
+    def set_protected(self, resource_id: str, protected: bool) -> Patient:
+        """Protect a patient from recycling (or lift the protection)."""
+        with self._changing() as (txn, changes):
+            record = self.index.get(txn, resource_id)
+            if not isinstance(record, Patient):
+                raise NotFoundError(f"{resource_id} is not a patient: only patients can be protected")
+            return set_protected(self.index, txn, record, protected, changes)
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[tuple[object, TxnChanges]]:
+        """A write transaction whose garbage blobs are deleted once it is durable."""
+        committer = self._writer()
+        changes = TxnChanges()
+        with self.index.write() as txn:
+            yield txn, changes
+            assert self._owner is not None
+            for blob in changes.garbage:
+                self.index.add_pending(txn, self._owner.token, blob)
+            if changes.log:
+                self.index.log_changes(txn, changes.log)
+        for blob in changes.garbage:
+            self.blobs.remove(blob)
+        committer.release_later(changes.garbage)
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    def metadata(self, resource_id: str) -> dict[str, str]:
+        """Core metadata, then user metadata by configured name (or key number when unnamed)."""
+        record = self.get(resource_id)
+        names = {key: name for name, key in self.metadata_names.items()}
+        with self.index.read() as txn:
+            user = self.index.metadata(txn, resource_id)
+        values = core_metadata(record)
+        values.update({names.get(key, str(key)): value for key, value in sorted(user.items())})
+        return values
+
+    def set_metadata(self, resource_id: str, name: str, value: str) -> None:
+        key = user_key(self.metadata_names, name)
+        if len(value.encode()) > 4096:
+            raise StoreError("metadata values are limited to 4 KiB: store larger data as an attachment")
+        with self._changing() as (txn, changes):
+            record = self._existing(txn, resource_id)
+            self.index.put_metadata(txn, resource_id, key, value)
+            changes.note("~", record)
+
+    def delete_metadata(self, resource_id: str, name: str) -> None:
+        key = user_key(self.metadata_names, name)
+        with self._changing() as (txn, changes):
+            record = self._existing(txn, resource_id)
+            if not self.index.delete_metadata(txn, resource_id, key):
+                raise NotFoundError(f"{resource_id} has no metadata {name!r}")
+            changes.note("~", record)
+
+    # -- attachments ---------------------------------------------------------------------------
+
+    def attachments(self, resource_id: str) -> list[Attachment]:
+        self.get(resource_id)
+        names = {key: name for name, (key, _) in self.attachment_types.items()}
+        with self.index.read() as txn:
+            entries = self.index.attachments(txn, resource_id)
+        return [Attachment(names.get(key, str(key)), key, str(e[5]), int(e[2]), int(e[3]), str(e[4]),  # type: ignore[call-overload]
+                           str(e[0]), str(e[1])) for key, e in sorted(entries.items())]
+
+    def attachment(self, resource_id: str, name: str) -> Attachment:
+        key = self._attachment_key(name)
+        for attachment in self.attachments(resource_id):
+            if attachment.key == key:
+                return attachment
+        raise NotFoundError(f"{resource_id} has no attachment {name!r}")
+
+    def open_attachment(self, resource_id: str, name: str) -> BlobReader:
+        attachment = self.attachment(resource_id, name)
+        return self.blobs.open(attachment.blob, attachment.codec, attachment.size)
+
+    def put_attachment(self, resource_id: str, name: str, source: Path, mime: str | None = None) -> Attachment:
+        """Store the file ``source`` as attachment ``name``, replacing any previous one."""
+        key = self._attachment_key(name)
+        configured_mime = next((m for k, m in self.attachment_types.values() if k == key), "application/octet-stream")
+        committer = self._writer()
+        assert self._owner is not None
+        blob = self.blobs.new_name()
+        with self.index.write() as txn:
+            self._existing(txn, resource_id)
+            self.index.add_pending(txn, self._owner.token, blob)
+        with Source(str(source), source).open() as (data, fd):
+            digest = hashlib.sha256(data).hexdigest()
+            codec = self.settings.codec
+            stored = self.blobs.write(blob, data, codec=codec, level=self.settings.level,
+                                      block_size=self.settings.block_size, source_fd=fd)
+            size = len(data)
+        sync_filesystem(self.folder)
+        entry: list[object] = [blob, codec, size, stored, digest, mime or configured_mime]
+        with self._changing() as (txn, changes):
+            record = self._existing(txn, resource_id)
+            previous = self.index.attachments(txn, resource_id).get(key)
+            if previous is not None:
+                changes.garbage.append(str(previous[0]))
+                self.index.add_to_counter(txn, "attachment_bytes", -int(previous[3]))  # type: ignore[call-overload]
+            self.index.put_attachment(txn, resource_id, key, entry)
+            self.index.add_to_counter(txn, "attachment_bytes", stored)
+            self.index.remove_pending(txn, self._owner.token, blob)
+            changes.note("~", record)
+        del committer
+        return self.attachment(resource_id, name)
+
+    def delete_attachment(self, resource_id: str, name: str) -> None:
+        key = self._attachment_key(name)
+        with self._changing() as (txn, changes):
+            record = self._existing(txn, resource_id)
+            entry = self.index.attachments(txn, resource_id).get(key)
+            if entry is None:
+                raise NotFoundError(f"{resource_id} has no attachment {name!r}")
+            self.index.delete_attachment(txn, resource_id, key)
+            self.index.add_to_counter(txn, "attachment_bytes", -int(entry[3]))  # type: ignore[call-overload]
+            changes.garbage.append(str(entry[0]))
+            changes.note("~", record)
+
+    def _attachment_key(self, name: str) -> int:
+        return user_key({n: k for n, (k, _) in self.attachment_types.items()}, name, what="attachment")
+
+    def _existing(self, txn: object, resource_id: str) -> Record:
+        record = self.index.get(txn, resource_id)  # type: ignore[arg-type]
+        if record is None:
+            raise NotFoundError(f"no resource with id {resource_id}")
+        return record
