@@ -1,0 +1,395 @@
+"""The ``dicomfs`` command.
+
+Every subcommand prints one clear line on error (no traceback unless ``--debug``) and exits 1;
+``--json`` output keys are stable because scripts and the other front ends read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from dicomfs import __version__
+from dicomfs.config import Config, LoadedConfig, load_config
+from dicomfs.errors import DicomfsError, NotFoundError
+from dicomfs.store.check import check_store
+from dicomfs.store.committer import REJECTED, WriteSettings
+from dicomfs.store.ids import Level
+from dicomfs.store.mutations import Limits
+from dicomfs.store.records import Record
+from dicomfs.store.sources import iter_sources
+from dicomfs.store.store import Store
+
+__all__ = ["main", "open_store", "write_settings"]
+
+log = logging.getLogger("dicomfs")
+
+
+def write_settings(config: Config) -> WriteSettings:
+    """The store's write settings from the configuration."""
+    s, i = config.storage, config.ingest
+    return WriteSettings(
+        codec=s.compression, level=s.compression_level, block_size=s.block_size,
+        overwrite=s.overwrite_instances, limits=Limits(s.max_size, s.max_patients),
+        batch_files=i.batch_files, batch_bytes=i.batch_bytes, batch_delay=i.batch_delay_ms / 1000,
+        threads=i.threads, workers=i.workers,
+    )
+
+
+def open_store(loaded: LoadedConfig, *, readonly: bool = False, create: bool = False) -> Store:
+    """Open (or create) the configured store."""
+    config = loaded.config
+    options: dict[str, Any] = dict(
+        readonly=readonly, settings=write_settings(config), metadata_names=config.metadata,
+        attachment_types={name: (a.key, a.mime) for name, a in config.attachments.items()},
+    )
+    if create:
+        return Store.create(config.storage.folder, **options)
+    return Store(config.storage.folder, **options)
+
+
+# -- subcommands ----------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    with open_store(loaded, create=True) as store:
+        print(f"store ready at {store.folder}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from tqdm import tqdm
+
+    paths = [Path(p) for p in args.paths]
+    for path in paths:
+        if not path.exists():
+            raise NotFoundError(f"{path}: no such file or folder")
+    sources = list(iter_sources(paths))
+    counts: Counter[str] = Counter()
+    rejected: list[tuple[str, str]] = []
+    total_bytes = 0
+    started = time.monotonic()
+    bar = tqdm(total=len(sources), unit="file", disable=True if (args.json or args.quiet) else None,
+               file=sys.stderr, dynamic_ncols=True)
+    with open_store(loaded) as store:
+        for result in store.ingest_sources(sources, origin="cli"):
+            counts[result.status] += 1
+            total_bytes += result.size
+            if result.status == REJECTED:
+                rejected.append((result.path, result.reason))
+            if args.json:
+                # flushed per line: a reader may act on each acknowledgement as it comes
+                print(json.dumps(result.as_json(), ensure_ascii=False), flush=True)
+            bar.update(1)
+    bar.close()
+    elapsed = time.monotonic() - started
+    if not args.json and not args.quiet:
+        _print_ingest_summary(counts, rejected, total_bytes, elapsed)
+    elif args.quiet and rejected:
+        for path, reason in rejected:
+            print(f"rejected {path}: {reason}", file=sys.stderr)
+    return 1 if rejected else 0
+
+
+def _print_ingest_summary(counts: Counter[str], rejected: list[tuple[str, str]], size: int, elapsed: float) -> None:
+    files = sum(counts.values())
+    rows = [(status, counts[status]) for status in ("stored", "replaced", "already_stored", "skipped", "rejected")]
+    width = max(len(s) for s, _ in rows)
+    for status, count in rows:
+        print(f"{status.replace('_', ' '):<{width}}  {count:>8}")
+    rate = files / elapsed if elapsed > 0 else 0.0
+    print(f"{'total':<{width}}  {files:>8}  ({_human(size)} in {elapsed:.1f} s, {rate:.0f} files/s)")
+    for path, reason in rejected:
+        print(f"rejected: {path}: {reason}")
+
+
+def cmd_ls(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    try:
+        level = Level.parse(args.level)
+    except ValueError as error:
+        raise DicomfsError(str(error)) from None
+    filters = [_parse_filter(f) for f in args.where]
+    with open_store(loaded, readonly=True) as store:
+        parent = store.resolve_one(args.parent).id if args.parent else None
+        records = [r for r in store.walk(level, parent) if all(_matches(r, k, g) for k, g in filters)]
+        for record in records:
+            print(json.dumps(_record_json(record), ensure_ascii=False) if args.json else _record_line(record))
+    return 0
+
+
+def _parse_filter(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise DicomfsError(f"--where wants FIELD=GLOB (got {text!r})")
+    key, glob = text.split("=", 1)
+    return key.strip(), glob
+
+
+def _matches(record: Record, key: str, glob: str) -> bool:
+    fields = _record_json(record)
+    if key not in fields:
+        known = ", ".join(sorted(fields))
+        raise DicomfsError(f"unknown field {key!r} for {record.level.label} (fields: {known})")
+    return fnmatch.fnmatchcase(str(fields[key]), glob)
+
+
+def _record_json(record: Record) -> dict[str, object]:
+    from dataclasses import asdict
+
+    fields = asdict(record)
+    fields["level"] = record.level.label
+    return fields
+
+
+def _record_line(record: Record) -> str:
+    """One readable line per record: id, then the fields a person recognises."""
+    from dicomfs.store.records import Instance, Patient, Series, Study
+
+    if isinstance(record, Patient):
+        text = f"{record.patient_id} - {record.patient_name}  ({record.studies} studies, {record.instances} instances"
+        text += ", protected)" if record.protected else ")"
+    elif isinstance(record, Study):
+        text = f"{record.date or '-'} - {record.description}  ({record.series} series, {record.instances} instances)"
+    elif isinstance(record, Series):
+        text = f"{record.modality} - {record.description}  (#{record.number}, {record.instances} instances)"
+    else:
+        assert isinstance(record, Instance)
+        text = f"{record.number if record.number is not None else '-'} - {record.sop_uid}  ({_human(record.size)})"
+    return f"{record.id}  {text}"
+
+
+def cmd_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    with open_store(loaded, readonly=True) as store:
+        record = store.resolve_one(args.selector)
+        shown = _record_json(record)
+        shown["metadata"] = store.metadata(record.id)
+        shown["attachments"] = [a.name for a in store.attachments(record.id)]
+        shown["children"] = [c.id for c in store.children(record.id)] if record.level != Level.INSTANCE else []
+    if args.json:
+        print(json.dumps(shown, ensure_ascii=False, indent=1))
+    else:
+        width = max(len(k) for k in shown)
+        for key, value in shown.items():
+            if key == "children":
+                value = f"{len(value)} ({', '.join(value[:3])}{', ...' if len(value) > 3 else ''})"  # type: ignore[arg-type]
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    with open_store(loaded) as store:
+        for selector in args.selectors:
+            record = store.resolve_one(selector)
+            removed = store.delete(record.id)
+            print(f"deleted {record.level.label} {record.id} ({removed} instances)")
+    return 0
+
+
+def cmd_protect(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    with open_store(loaded) as store:
+        for selector in args.selectors:
+            record = store.resolve_one(selector)
+            store.set_protected(record.id, args.command == "protect")
+            print(f"{'protected' if args.command == 'protect' else 'unprotected'} patient {record.id}")
+    return 0
+
+
+def cmd_meta(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    with open_store(loaded, readonly=args.action == "get") as store:
+        record = store.resolve_one(args.selector)
+        if args.action == "get":
+            values = store.metadata(record.id)
+            if args.name:
+                if args.name not in values:
+                    raise NotFoundError(f"{record.id} has no metadata {args.name!r}")
+                print(values[args.name])
+            else:
+                for name, value in values.items():
+                    print(f"{name}={value}")
+        elif args.action == "set":
+            store.set_metadata(record.id, args.name, args.value)
+        else:
+            store.delete_metadata(record.id, args.name)
+    return 0
+
+
+def cmd_attach(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    with open_store(loaded, readonly=args.action in ("get", "ls")) as store:
+        record = store.resolve_one(args.selector)
+        if args.action == "ls":
+            for a in store.attachments(record.id):
+                print(f"{a.name}\t{a.mime}\t{a.size}")
+        elif args.action == "put":
+            store.put_attachment(record.id, args.name, Path(args.file), args.mime)
+        elif args.action == "get":
+            with store.open_attachment(record.id, args.name) as reader:
+                out = open(args.output, "wb") if args.output else sys.stdout.buffer
+                try:
+                    for chunk in reader.iter_chunks():
+                        out.write(chunk)
+                finally:
+                    if args.output:
+                        out.close()
+        else:
+            store.delete_attachment(record.id, args.name)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    with open_store(loaded, readonly=True) as store:
+        stats = store.stats()
+    if args.json:
+        print(json.dumps(stats.as_json()))
+        return 0
+    for name in ("patients", "studies", "series", "instances"):
+        print(f"{name:<18} {getattr(stats, name):>12}")
+    print(f"{'bytes':<18} {stats.size:>12}  ({_human(stats.size)})")
+    print(f"{'bytes on disk':<18} {stats.stored_size:>12}  ({_human(stats.stored_size)})")
+    print(f"{'compression ratio':<18} {stats.compression_ratio:>12.3f}")
+    print(f"{'attachment bytes':<18} {stats.attachment_bytes:>12}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    # Opened writable: opening first finishes what killed writers left pending (as a journal replay).
+    with open_store(loaded) as store:
+        report = check_store(store, repair=args.repair, verify_hashes=not args.no_hash)
+        if args.repair and report.repairs:
+            after = check_store(store, verify_hashes=not args.no_hash)
+            report.problems = after.problems
+    if args.json:
+        print(json.dumps(report.as_json()))
+    else:
+        for problem in report.problems:
+            print(f"problem: {problem}")
+        for repair in report.repairs:
+            print(f"repaired: {repair}")
+        state = "clean" if report.clean else f"{len(report.problems)} problem(s)"
+        print(f"{state}: {report.records} records, {report.blobs} blobs checked in {report.seconds:.1f} s")
+    return 0 if report.clean else 1
+
+
+def cmd_config(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    rows = loaded.describe()
+    width = max(len(key) for key, _, _ in rows)
+    print(f"# configuration file: {loaded.path or 'none (built-in defaults)'}")
+    for key, value, source in rows:
+        print(f"{key:<{width}} = {json.dumps(value, default=str, ensure_ascii=False):<30} # {source}")
+    return 0
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+# -- argument parsing -----------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicomfs", description="A DICOM archive you can mount.")
+    parser.add_argument("--store", metavar="DIR", help="the store folder (default: storage.folder)")
+    parser.add_argument("--config", metavar="FILE", help="configuration file (default: see docs/configuration.md)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"dicomfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(handler=handler)
+        return command
+
+    add("init", cmd_init, "create the store folder")
+    p = add("ingest", cmd_ingest, "store DICOM files, folders, zips and DICOMDIRs")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--json", action="store_true", help="one JSON object per file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary; rejections on stderr")
+    p = add("ls", cmd_ls, "list patients, studies, series or instances")
+    p.add_argument("level", nargs="?", default="patients", help="patients (default), studies, series or instances")
+    p.add_argument("--parent", metavar="SELECTOR", help="only below this resource (id, UID or PatientID)")
+    p.add_argument("--where", action="append", default=[], metavar="FIELD=GLOB",
+                   help="keep records whose field matches, e.g. modality=CT or description='*CHEST*'")
+    p.add_argument("--json", action="store_true")
+    p = add("show", cmd_show, "show one resource with its metadata")
+    p.add_argument("selector", help="a resource id, a DICOM UID or a PatientID")
+    p.add_argument("--json", action="store_true")
+    p = add("rm", cmd_rm, "delete resources and everything below them")
+    p.add_argument("selectors", nargs="+", metavar="SELECTOR")
+    for name, text in (("protect", "protect patients from recycling"), ("unprotect", "let patients be recycled again")):
+        p = add(name, cmd_protect, text)
+        p.add_argument("selectors", nargs="+", metavar="SELECTOR")
+    p = add("meta", cmd_meta, "read core and user metadata, set or remove user metadata")
+    meta = p.add_subparsers(dest="action", required=True)
+    g = meta.add_parser("get")
+    g.add_argument("selector")
+    g.add_argument("name", nargs="?")
+    g = meta.add_parser("set")
+    g.add_argument("selector")
+    g.add_argument("name")
+    g.add_argument("value")
+    g = meta.add_parser("rm")
+    g.add_argument("selector")
+    g.add_argument("name")
+    p = add("attach", cmd_attach, "user attachments: put, get, rm, ls")
+    attach = p.add_subparsers(dest="action", required=True)
+    g = attach.add_parser("put")
+    g.add_argument("selector")
+    g.add_argument("name")
+    g.add_argument("file")
+    g.add_argument("--mime")
+    g = attach.add_parser("get")
+    g.add_argument("selector")
+    g.add_argument("name")
+    g.add_argument("-o", "--output")
+    g = attach.add_parser("rm")
+    g.add_argument("selector")
+    g.add_argument("name")
+    g = attach.add_parser("ls")
+    g.add_argument("selector")
+    p = add("stats", cmd_stats, "counts, bytes and compression ratio")
+    p.add_argument("--json", action="store_true")
+    p = add("check", cmd_check, "verify the index against the blobs (exit 0 only when clean)")
+    p.add_argument("--repair", action="store_true", help="fix what can be fixed; orphans go to quarantine/")
+    p.add_argument("--no-hash", action="store_true", help="skip SHA-256 verification of blob contents")
+    p.add_argument("--json", action="store_true")
+    add("config", cmd_config, "print the effective configuration and where each value came from")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        loaded = load_config(Path(args.config) if args.config else None,
+                             store_folder=Path(args.store) if args.store else None)
+        return int(args.handler(args, loaded))
+    except DicomfsError as error:
+        if args.debug:
+            raise
+        print(f"dicomfs: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # output piped into `head`: not an error worth a line
+        return 0
+    except OSError as error:  # a folder that cannot be read or written, a full disk, ...
+        if args.debug:
+            raise
+        print(f"dicomfs: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dicomfs: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
