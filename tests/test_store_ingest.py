@@ -1,0 +1,220 @@
+"""Ingest into a real store on disk: counts, verdicts, duplicates, read-back, zips and DICOMDIRs."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import pydicom
+import pytest
+
+from dicomfs.samples import Corpus, make_instance, write_instance
+from dicomfs.store.blockformat import block_bounds
+from dicomfs.store.check import check_store
+from dicomfs.store.store import Store
+
+
+def _statuses(results: list) -> Counter[str]:  # type: ignore[type-arg]
+    return Counter(r.status for r in results)
+
+
+def test_store_ingest_counts_match_the_corpus(open_store: Callable[..., Store], small_corpus: Corpus) -> None:
+    store = open_store()
+    results = list(store.ingest([small_corpus.root]))
+    stats = store.stats()
+    assert (stats.patients, stats.studies, stats.series) == (small_corpus.patients, small_corpus.studies, small_corpus.series)
+    assert stats.instances == len({f.sop_uid for f in small_corpus.files if f.valid})
+    rejected = {Path(r.path).name: r.reason for r in results if r.status == "rejected"}
+    assert set(rejected) == {f.path.name for f in small_corpus.files if not f.valid}
+    assert all(reason for reason in rejected.values())
+    assert check_store(store).clean
+
+
+def test_store_ingest_reasons_name_the_problem(open_store: Callable[..., Store], small_corpus: Corpus) -> None:
+    store = open_store()
+    reasons = {Path(r.path).name: r.reason for r in store.ingest([small_corpus.root / "bad"])}
+    assert "empty" in reasons["empty.dcm"]
+    assert "not DICOM" in reasons["notes.txt"]
+    assert "truncated" in reasons["truncated-header.dcm"]
+    assert "truncated" in reasons["truncated-pixel-data.dcm"]
+    assert "no SOPInstanceUID" in reasons["no-sop-instance-uid.dcm"]
+    assert "not DICOM" in reasons["garbage-after-preamble.dcm"]
+    assert store.stats().instances == 0
+
+
+@pytest.mark.parametrize("codec", ["none", "zlib", "zstd"])
+def test_store_ingest_reads_back_byte_identical(open_store: Callable[..., Store], small_corpus: Corpus,
+                                                large_corpus: Corpus, codec: str) -> None:
+    store = open_store(codec=codec, block_size=16384)
+    results = [r for r in store.ingest([small_corpus.root, large_corpus.root]) if r.status == "stored"]
+    assert results
+    for result in results:
+        original = Path(result.path).read_bytes()
+        with store.open_instance(result.ids[3]) as reader:
+            assert b"".join(reader.iter_chunks(50_000)) == original
+            for offset in (0, 1, 16383, 16384, len(original) // 2, len(original) - 3):
+                assert reader.read(offset, 131072) == original[offset : offset + 131072]
+    assert check_store(store).clean
+
+
+def test_store_compressed_reads_touch_only_the_blocks_they_need(open_store: Callable[..., Store], large_corpus: Corpus) -> None:
+    store = open_store(codec="zstd", block_size=131072)
+    result = next(r for r in store.ingest([large_corpus.root / "large"]) if r.status == "stored")
+    record = store.get(result.ids[3])
+    table = store.blobs.table(record.blob, store.open_instance(record.id).fd)  # type: ignore[union-attr]
+    assert len(table.raw_starts) > 2
+    assert record.header_length in table.raw_starts  # the header is its own block
+    assert len(table.blocks_for(record.header_length + 5 * 131072 // 2, 131072)) <= 2
+    assert len(table.blocks_for(0, record.header_length)) == 1
+
+
+def test_store_block_bounds_split_at_the_header() -> None:
+    assert block_bounds(1000, 300, 256) == [0, 256, 300, 556, 812]
+    assert block_bounds(100, 0, 256) == [0]
+    assert block_bounds(0, 0, 256) == [0]
+
+
+def test_store_ingest_same_file_twice_is_already_stored(open_store: Callable[..., Store], small_corpus: Corpus) -> None:
+    store = open_store()
+    first = _statuses(list(store.ingest([small_corpus.root])))
+    second = _statuses(list(store.ingest([small_corpus.root])))
+    assert second["stored"] == 0
+    assert second["already_stored"] == first["stored"] + first["already_stored"]
+
+
+def _conflicting_pair(folder: Path) -> tuple[Path, Path]:
+    ids = dict(patient_id="P9", patient_name="X^Y", study_uid="1.9", series_uid="1.9.1", sop_uid="1.9.1.1")
+    first, second = folder / "a.dcm", folder / "b.dcm"
+    folder.mkdir()
+    write_instance(first, make_instance(**ids, seed=1))
+    write_instance(second, make_instance(**ids, seed=2))
+    assert first.read_bytes() != second.read_bytes()
+    return first, second
+
+
+def test_store_conflicting_bytes_are_kept_by_default(open_store: Callable[..., Store], tmp_path: Path) -> None:
+    first, second = _conflicting_pair(tmp_path / "pair")
+    store = open_store()
+    assert next(store.ingest([first])).status == "stored"
+    result = next(store.ingest([second]))
+    assert result.status == "already_stored" and "other bytes" in result.reason
+    with store.open_instance(result.ids[3]) as reader:
+        assert b"".join(reader.iter_chunks()) == first.read_bytes()
+
+
+def test_store_conflicting_bytes_replace_when_overwrite_is_on(open_store: Callable[..., Store], tmp_path: Path) -> None:
+    first, second = _conflicting_pair(tmp_path / "pair")
+    store = open_store(overwrite=True)
+    store_first = next(store.ingest([first]))
+    result = next(store.ingest([second]))
+    assert result.status == "replaced"
+    assert store.stats().instances == 1
+    assert store.stats().size == second.stat().st_size
+    with store.open_instance(result.ids[3]) as reader:
+        assert b"".join(reader.iter_chunks()) == second.read_bytes()
+    assert store_first.ids == result.ids
+    assert check_store(store).clean
+
+
+def test_store_ingest_reads_zip_members(open_store: Callable[..., Store], small_corpus: Corpus, tmp_path: Path) -> None:
+    archive = tmp_path / "batch.zip"
+    valid = [f for f in small_corpus.files if f.valid][:5]
+    with zipfile.ZipFile(archive, "w") as out:
+        for sample in valid:
+            out.write(sample.path, f"CD/{sample.path.name}-{sample.sop_uid[-6:]}")
+        out.writestr("__MACOSX/._junk", b"junk")
+        out.writestr("CD/.DS_Store", b"junk")
+    store = open_store()
+    results = list(store.ingest([archive]))
+    assert len(results) == 5
+    assert all(r.path.startswith(f"{archive}:CD/") for r in results)
+    assert store.stats().instances == len({f.sop_uid for f in valid})
+
+
+def test_store_ingest_ignores_os_junk_quietly(open_store: Callable[..., Store], tmp_path: Path, small_corpus: Corpus) -> None:
+    folder = tmp_path / "usb"
+    folder.mkdir()
+    for name in (".DS_Store", "._IM0001.dcm", "Thumbs.db", "desktop.ini"):
+        (folder / name).write_bytes(b"clutter")
+    sample = next(f for f in small_corpus.files if f.valid)
+    (folder / "IM0001.dcm").write_bytes(sample.path.read_bytes())
+    results = list(open_store().ingest([folder]))
+    assert [(Path(r.path).name, r.status) for r in results] == [("IM0001.dcm", "stored")]
+
+
+def test_store_ingest_reads_a_dicomdir_as_an_index(open_store: Callable[..., Store], tmp_path: Path) -> None:
+    from pydicom.fileset import FileSet
+
+    cd = tmp_path / "cd"
+    fileset = FileSet()
+    for n in range(3):
+        fileset.add(make_instance(patient_id="CD1", patient_name="CD^ONE", study_uid="1.5", series_uid="1.5.1",
+                                  sop_uid=f"1.5.1.{n + 1}", instance_number=n + 1, StudyTime="101500",
+                                  StudyID="1"))
+    fileset.write(cd)
+    fileset._stage["t"].cleanup()  # pydicom leaves its staging folder to a finalizer (a ResourceWarning)
+    store = open_store()
+    results = list(store.ingest([cd / "DICOMDIR"]))
+    statuses = Counter(r.status for r in results)
+    assert statuses == {"skipped": 1, "stored": 3}
+    skipped = next(r for r in results if r.status == "skipped")
+    assert "DICOMDIR" in skipped.reason
+    assert Counter(r.status for r in store.ingest([cd])) == {"skipped": 1, "already_stored": 3}
+
+
+def test_store_ids_follow_the_dicom_identifiers(open_store: Callable[..., Store], small_corpus: Corpus) -> None:
+    store = open_store()
+    result = next(r for r in store.ingest([small_corpus.root]) if r.status == "stored")
+    sample = next(f for f in small_corpus.files if str(f.path) == result.path)
+    expected = hashlib.sha1(sample.patient_id.encode()).hexdigest()
+    assert result.ids[0].replace("-", "") == expected
+    assert store.resolve_one(sample.sop_uid).id == result.ids[3]
+    assert store.resolve_one(sample.series_uid).id == result.ids[2]
+    assert store.resolve(sample.patient_id)[0].id == result.ids[0]
+
+
+def test_store_two_stores_give_the_same_ids(tmp_path: Path, small_corpus: Corpus) -> None:
+    ids = []
+    for name in ("one", "two"):
+        with Store.create(tmp_path / name) as store:
+            ids.append(sorted(r.ids for r in store.ingest([small_corpus.root]) if r.ids))
+    assert ids[0] == ids[1]
+
+
+def test_store_readonly_refuses_ingest(tmp_path: Path, small_corpus: Corpus) -> None:
+    from dicomfs.errors import ReadOnlyError
+
+    Store.create(tmp_path / "s").close()
+    with Store(tmp_path / "s", readonly=True) as store:
+        with pytest.raises(ReadOnlyError):
+            list(store.ingest([small_corpus.root]))
+
+
+def test_store_change_number_grows_with_each_commit(open_store: Callable[..., Store], small_corpus: Corpus) -> None:
+    store = open_store()
+    before = store.change_number()
+    list(store.ingest([small_corpus.root]))
+    assert store.change_number() > before
+
+
+def test_store_instance_records_keep_the_main_tags(open_store: Callable[..., Store], tmp_path: Path) -> None:
+    path = tmp_path / "one.dcm"
+    write_instance(path, make_instance(patient_id="P5", patient_name="ROE^RICHARD", study_uid="1.7", series_uid="1.7.1",
+                                       sop_uid="1.7.1.9", modality="MR", study_date="20230405",
+                                       study_description="MR KNEE", series_description="T1 SAG", series_number=3,
+                                       instance_number=9))
+    store = open_store()
+    result = next(store.ingest([path], origin="webdav", remote="alice"))
+    patient, study, series, instance = (store.get(i) for i in result.ids)
+    assert (patient.patient_id, patient.patient_name) == ("P5", "ROE^RICHARD")  # type: ignore[union-attr]
+    assert (study.date, study.description) == ("20230405", "MR KNEE")  # type: ignore[union-attr]
+    assert (series.modality, series.description, series.number) == ("MR", "T1 SAG", 3)  # type: ignore[union-attr]
+    assert (instance.number, instance.size) == (9, path.stat().st_size)  # type: ignore[union-attr]
+    meta = store.metadata(instance.id)
+    assert meta["Origin"] == "webdav" and meta["RemoteUser"] == "alice"
+    assert meta["SopClassUid"] == pydicom.dcmread(path).SOPClassUID
+    assert meta["IndexInSeries"] == "9"
+    assert "LastUpdate" in store.metadata(series.id)
