@@ -55,7 +55,8 @@ def _ingest_until_killed(store: Path, corpus: Path, delay: float) -> list[dict[s
     time.sleep(delay)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    reader.join()
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "something the killed ingest started still holds its stdout"
     assert child.stdout is not None
     child.stdout.close()
     return acknowledged

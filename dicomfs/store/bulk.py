@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import multiprocessing
+import os
 import signal
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -88,11 +89,18 @@ class _Worker:
 _worker: _Worker | None = None
 
 
-def _start_worker(folder: str, settings: WriteSettings) -> None:
+def _start_worker(parent: int, folder: str, settings: WriteSettings) -> None:
     global _worker
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # Results travel through the pool's pipes; holding the parent's stdout would keep a reader of
+    # the command's output (a script, a test) waiting after the command itself has ended.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
     _worker = _Worker(Path(folder), settings)
 
 
@@ -112,7 +120,7 @@ def ingest_in_workers(
     pending_sources = iter(sources)
     window = max(2 * workers, settings.batch_files // _TASKS_PER_CALL * 2)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(str(folder), settings)) as pool:
+                             initargs=(os.getpid(), str(folder), settings)) as pool:
 
         def refill() -> None:
             while len(in_flight) < window:
@@ -137,7 +145,7 @@ def ingest_in_workers(
             for (outcome, used), name in zip(future.result(), blob_names):
                 batch.append(outcome)
                 if used:
-                    batch_bytes += outcome.size  # type: ignore[union-attr]
+                    batch_bytes += outcome.size
                 else:
                     unused.append(name)
             if len(batch) >= settings.batch_files or batch_bytes >= settings.batch_bytes or not in_flight:
