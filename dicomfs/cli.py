@@ -65,7 +65,7 @@ def cmd_init(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type information
 
     paths = [Path(p) for p in args.paths]
     for path in paths:
@@ -93,8 +93,8 @@ def cmd_ingest(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     if not args.json and not args.quiet:
         _print_ingest_summary(counts, rejected, total_bytes, elapsed)
     elif args.quiet and rejected:
-        for path, reason in rejected:
-            print(f"rejected {path}: {reason}", file=sys.stderr)
+        for label, reason in rejected:
+            print(f"rejected {label}: {reason}", file=sys.stderr)
     return 1 if rejected else 0
 
 
@@ -170,14 +170,15 @@ def cmd_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         shown = _record_json(record)
         shown["metadata"] = store.metadata(record.id)
         shown["attachments"] = [a.name for a in store.attachments(record.id)]
-        shown["children"] = [c.id for c in store.children(record.id)] if record.level != Level.INSTANCE else []
+        children = [c.id for c in store.children(record.id)] if record.level != Level.INSTANCE else []
+        shown["children"] = children
     if args.json:
         print(json.dumps(shown, ensure_ascii=False, indent=1))
     else:
         width = max(len(k) for k in shown)
         for key, value in shown.items():
             if key == "children":
-                value = f"{len(value)} ({', '.join(value[:3])}{', ...' if len(value) > 3 else ''})"  # type: ignore[arg-type]
+                value = f"{len(children)} ({', '.join(children[:3])}{', ...' if len(children) > 3 else ''})"
             print(f"{key:<{width}}  {value}")
     return 0
 

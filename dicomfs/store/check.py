@@ -25,7 +25,7 @@ from pathlib import Path
 from dicomfs.store.ids import Level, ResourceId
 from dicomfs.store.index import COUNTER_NAMES, Index, Txn
 from dicomfs.store.mutations import TxnChanges, remove_resource
-from dicomfs.store.records import Instance, Patient, Record, Series, Study
+from dicomfs.store.records import Instance, Patient, Record, Series, Study, replace_record
 from dicomfs.store.store import Store
 
 __all__ = ["CheckReport", "check_store"]
@@ -87,9 +87,9 @@ def _check_tree(index: Index, txn: Txn, records: dict[ResourceId, Record], repor
             report.problems.append(f"link {parent or 'root'} -> {dangling} joins no record")
     for record in records.values():
         expected = _recount(record, children)
-        actual = {name: getattr(record, name) for name in expected}
-        if actual != expected:
-            report.problems.append(f"{record.level.label} {record.id}: counts {actual} but recount gives {expected}")
+        recorded = {name: getattr(record, name) for name in expected}
+        if recorded != expected:
+            report.problems.append(f"{record.level.label} {record.id}: counts {recorded} but recount gives {expected}")
     totals = _totals(records)
     for name in COUNTER_NAMES:
         if name == "attachment_bytes":
@@ -126,7 +126,7 @@ def _descendants(record: Record, children: dict[str | None, list[Record]]) -> li
 
 
 def _totals(records: dict[ResourceId, Record]) -> dict[str, int]:
-    by_level = defaultdict(int)
+    by_level: defaultdict[Level, int] = defaultdict(int)
     for record in records.values():
         by_level[record.level] += 1
     instances = [r for r in records.values() if isinstance(r, Instance)]
@@ -178,12 +178,11 @@ def _check_attachments(store: Store, txn: Txn, records: dict[ResourceId, Record]
     referenced: set[str] = set()
     total = 0
     for resource_id, key, entry in store.index.all_attachment_blobs(txn):
-        blob, codec, size, stored, digest = str(entry[0]), str(entry[1]), int(entry[2]), int(entry[3]), str(entry[4])  # type: ignore[call-overload]
-        referenced.add(blob)
-        total += stored
+        referenced.add(entry.blob)
+        total += entry.stored_size
         if resource_id not in records:
             report.problems.append(f"attachment {key} belongs to a resource that does not exist: {resource_id}")
-        problem = _blob_problem(store, blob, codec, size, stored, digest, True)
+        problem = _blob_problem(store, entry.blob, entry.codec, entry.size, entry.stored_size, entry.sha256, True)
         if problem:
             report.problems.append(f"attachment {key} of {resource_id}: {problem}")
     if store.index.counter(txn, "attachment_bytes") != total:
@@ -253,7 +252,7 @@ def _rebuild(index: Index, txn: Txn, report: CheckReport) -> None:
     for record in records.values():
         expected = _recount(record, children)
         if any(getattr(record, k) != v for k, v in expected.items()):
-            index.put(txn, dataclasses.replace(record, **expected))  # type: ignore[arg-type]
+            index.put(txn, replace_record(record, **expected))
             report.repairs.append(f"recounted {record.level.label} {record.id}")
         uid = _uid_of(record)
         if uid is not None:

@@ -22,8 +22,9 @@ up with every commit that changes resources: other processes poll it to notice n
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator, TypeAlias
 
 import lmdb
 import msgpack
@@ -31,9 +32,14 @@ import msgpack
 from dicomfs.store.ids import ROOT_KEY, Level, ResourceId, id_from_key, key_from_id
 from dicomfs.store.records import Record, decode_record, encode_record
 
-__all__ = ["COUNTER_NAMES", "CachedIndex", "Index", "Txn"]
+__all__ = ["COUNTER_NAMES", "AttachmentEntry", "CachedIndex", "Index", "Txn"]
 
-Txn = lmdb.Transaction
+if TYPE_CHECKING:
+    # Every transaction here is opened with buffers=False, so keys and values are bytes. py-lmdb's
+    # stubs make Transaction generic over that; the runtime class cannot be subscripted.
+    Txn: TypeAlias = lmdb.Transaction[bytes]
+else:
+    Txn = lmdb.Transaction
 _U64 = struct.Struct(">Q")
 _TABLES = ("resources", "children", "dates", "uids", "recycling", "metadata", "attachments", "counters",
            "pending", "changes", "properties", "jobs")
@@ -45,6 +51,26 @@ _CHANGES_KEPT = 100_000
 _MAP_SIZE = 1 << 40
 """Address space, not disk: 1 TiB lets the index grow without ever resizing (a resize forces
 every other process to reopen)."""
+
+
+@dataclass(frozen=True)
+class AttachmentEntry:
+    """Where an attachment's bytes are; stored as the msgpack row ``[blob, codec, size, stored_size,
+    sha256, mime]``."""
+
+    blob: str
+    codec: str
+    size: int
+    stored_size: int
+    sha256: str
+    mime: str
+
+    def to_row(self) -> list[object]:
+        return [self.blob, self.codec, self.size, self.stored_size, self.sha256, self.mime]
+
+    @classmethod
+    def from_row(cls, row: list[Any]) -> AttachmentEntry:
+        return cls(str(row[0]), str(row[1]), int(row[2]), int(row[3]), str(row[4]), str(row[5]))
 
 
 class Index:
@@ -70,11 +96,11 @@ class Index:
     def close(self) -> None:
         self.env.close()
 
-    def read(self) -> lmdb.Transaction:
+    def read(self) -> Txn:
         """A read transaction (a consistent snapshot); use it in a ``with`` block and keep it short."""
         return self.env.begin(buffers=False)
 
-    def write(self) -> lmdb.Transaction:
+    def write(self) -> Txn:
         """The write transaction; LMDB lets one writer at a time in, across processes."""
         return self.env.begin(write=True)
 
@@ -227,11 +253,11 @@ class Index:
     def delete_metadata(self, txn: Txn, resource_id: str, key: int) -> bool:
         return bool(txn.delete(key_from_id(resource_id) + key.to_bytes(2, "big"), db=self.db["metadata"]))
 
-    def attachments(self, txn: Txn, resource_id: str) -> dict[int, list[object]]:
-        return {k: msgpack.unpackb(v) for k, v in self._items(txn, "attachments", resource_id)}
+    def attachments(self, txn: Txn, resource_id: str) -> dict[int, AttachmentEntry]:
+        return {k: AttachmentEntry.from_row(msgpack.unpackb(v)) for k, v in self._items(txn, "attachments", resource_id)}
 
-    def put_attachment(self, txn: Txn, resource_id: str, key: int, entry: list[object]) -> None:
-        txn.put(key_from_id(resource_id) + key.to_bytes(2, "big"), msgpack.packb(entry), db=self.db["attachments"])
+    def put_attachment(self, txn: Txn, resource_id: str, key: int, entry: AttachmentEntry) -> None:
+        txn.put(key_from_id(resource_id) + key.to_bytes(2, "big"), msgpack.packb(entry.to_row()), db=self.db["attachments"])
 
     def delete_attachment(self, txn: Txn, resource_id: str, key: int) -> None:
         txn.delete(key_from_id(resource_id) + key.to_bytes(2, "big"), db=self.db["attachments"])
@@ -245,10 +271,10 @@ class Index:
                     return
                 yield int.from_bytes(key[20:22], "big"), value
 
-    def all_attachment_blobs(self, txn: Txn) -> Iterator[tuple[ResourceId, int, list[object]]]:
+    def all_attachment_blobs(self, txn: Txn) -> Iterator[tuple[ResourceId, int, AttachmentEntry]]:
         """Every attachment (for ``check``): (resource id, key, entry)."""
         for key, value in txn.cursor(db=self.db["attachments"]):
-            yield id_from_key(key[:20]), int.from_bytes(key[20:22], "big"), msgpack.unpackb(value)
+            yield id_from_key(key[:20]), int.from_bytes(key[20:22], "big"), AttachmentEntry.from_row(msgpack.unpackb(value))
 
 
 def _parent_key(parent: str | None) -> bytes:
@@ -278,7 +304,8 @@ class CachedIndex:
         self._dirty: set[str] = set()
         self._counters: dict[str, int] = {}
 
-    def __getattr__(self, name: str) -> object:
+    def __getattr__(self, name: str) -> Any:
+        # Any: mypy cannot follow the delegation to the Index's other methods.
         return getattr(self._index, name)
 
     def get(self, txn: Txn, resource_id: str) -> Record | None:

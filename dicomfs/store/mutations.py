@@ -16,7 +16,7 @@ from dicomfs.errors import StoreFullError
 from dicomfs.store.dicomparse import DicomHeader
 from dicomfs.store.ids import Level, ResourceId
 from dicomfs.store.index import Index, Txn
-from dicomfs.store.records import Instance, Patient, Record, Series, Study
+from dicomfs.store.records import Instance, Patient, Record, Series, Study, replace_record
 
 __all__ = ["Limits", "NewInstance", "TxnChanges", "add_instance", "make_room", "remove_resource", "set_protected"]
 
@@ -161,7 +161,7 @@ def _grow(
                 index.remove_recycling(txn, record.recycle_seq, record.id)
                 index.add_recycling(txn, seq, record.id)
             updates["recycle_seq"] = seq
-        index.put(txn, dataclasses.replace(record, **updates))  # type: ignore[arg-type]
+        index.put(txn, replace_record(record, **updates))
         changes.note("~", record)
     index.add_to_counter(txn, "size", size)
     index.add_to_counter(txn, "stored_size", stored)
@@ -207,7 +207,7 @@ def _remove_instance(index: Index, txn: Txn, record: Instance, changes: TxnChang
             updates["series"] = parent.series - 1
         if isinstance(parent, Patient) and study_gone:
             updates["studies"] = parent.studies - 1
-        updated = dataclasses.replace(parent, **updates)  # type: ignore[arg-type]
+        updated = replace_record(parent, **updates)
         if updated.instances == 0:
             _remove_empty(index, txn, updated, changes)
             series_gone = series_gone or isinstance(updated, Series)
@@ -240,8 +240,8 @@ def _drop_extras(index: Index, txn: Txn, resource_id: str, changes: TxnChanges) 
         index.delete_metadata(txn, resource_id, key)
     for key, entry in list(index.attachments(txn, resource_id).items()):
         index.delete_attachment(txn, resource_id, key)
-        index.add_to_counter(txn, "attachment_bytes", -int(entry[3]))  # type: ignore[call-overload]
-        changes.garbage.append(str(entry[0]))
+        index.add_to_counter(txn, "attachment_bytes", -entry.stored_size)
+        changes.garbage.append(entry.blob)
 
 
 def make_room(index: Index, txn: Txn, limits: Limits, incoming: int, patient_key: str, changes: TxnChanges) -> None:

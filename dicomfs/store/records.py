@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import ClassVar, TypeVar, Union
 
 import msgpack
 
 from dicomfs.store.ids import Level, ResourceId, id_from_key
 
-__all__ = ["Instance", "Patient", "Record", "Series", "Study", "decode_record", "encode_record"]
+__all__ = ["Instance", "Patient", "Record", "Series", "Study", "decode_record", "encode_record", "replace_record"]
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,14 @@ class Instance:
 
 
 Record = Union[Patient, Study, Series, Instance]
-_CLASSES: dict[int, type[Record]] = {cls.level: cls for cls in (Patient, Study, Series, Instance)}  # type: ignore[misc]
+_CLASSES: dict[int, type[Record]] = {cls.level: cls for cls in (Patient, Study, Series, Instance)}
+_R = TypeVar("_R", bound=Record)
+
+
+def replace_record(record: _R, **changes: object) -> _R:
+    """``dataclasses.replace`` for fields named at run time (counts and sizes shared by several levels)."""
+    # mypy checks replace's keywords against the fields of each class; a dict of names it cannot.
+    return dataclasses.replace(record, **changes)  # type: ignore[arg-type]
 
 
 def encode_record(record: Record) -> bytes:

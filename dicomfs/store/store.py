@@ -46,11 +46,11 @@ from dicomfs.store.committer import (
 )
 from dicomfs.store.dicomparse import parse_header
 from dicomfs.store.ids import Level, ResourceId, looks_like_id, resource_ids
-from dicomfs.store.index import COUNTER_NAMES, Index
+from dicomfs.store.index import COUNTER_NAMES, AttachmentEntry, Index, Txn
 from dicomfs.store.metadata import core_metadata, user_key
 from dicomfs.store.mutations import TxnChanges, remove_resource, set_protected
 from dicomfs.store.owners import Owner, recover
-from dicomfs.store.records import Patient, Record
+from dicomfs.store.records import Instance, Patient, Record
 from dicomfs.store.sources import Source, iter_sources
 
 __all__ = ["Attachment", "Store", "StoreStats"]
@@ -243,9 +243,9 @@ class Store:
     def open_instance(self, resource_id: str) -> BlobReader:
         """A reader of an instance's original bytes."""
         record = self.get(resource_id)
-        if record.level != Level.INSTANCE:
+        if not isinstance(record, Instance):
             raise NotFoundError(f"{resource_id} is a {record.level.label}, not an instance")
-        return self.blobs.open(record.blob, record.codec, record.size)  # type: ignore[union-attr]
+        return self.blobs.open(record.blob, record.codec, record.size)
 
     # -- ingest --------------------------------------------------------------------------------
 
@@ -324,7 +324,7 @@ class Store:
             return set_protected(self.index, txn, record, protected, changes)
 
     @contextlib.contextmanager
-    def _changing(self) -> Iterator[tuple[object, TxnChanges]]:
+    def _changing(self) -> Iterator[tuple[Txn, TxnChanges]]:
         """A write transaction whose garbage blobs are deleted once it is durable."""
         committer = self._writer()
         changes = TxnChanges()
@@ -375,8 +375,8 @@ class Store:
         names = {key: name for name, (key, _) in self.attachment_types.items()}
         with self.index.read() as txn:
             entries = self.index.attachments(txn, resource_id)
-        return [Attachment(names.get(key, str(key)), key, str(e[5]), int(e[2]), int(e[3]), str(e[4]),  # type: ignore[call-overload]
-                           str(e[0]), str(e[1])) for key, e in sorted(entries.items())]
+        return [Attachment(names.get(key, str(key)), key, e.mime, e.size, e.stored_size, e.sha256, e.blob, e.codec)
+                for key, e in sorted(entries.items())]
 
     def attachment(self, resource_id: str, name: str) -> Attachment:
         key = self._attachment_key(name)
@@ -406,13 +406,13 @@ class Store:
                                       block_size=self.settings.block_size, source_fd=fd)
             size = len(data)
         sync_filesystem(self.folder)
-        entry: list[object] = [blob, codec, size, stored, digest, mime or configured_mime]
+        entry = AttachmentEntry(blob, codec, size, stored, digest, mime or configured_mime)
         with self._changing() as (txn, changes):
             record = self._existing(txn, resource_id)
             previous = self.index.attachments(txn, resource_id).get(key)
             if previous is not None:
-                changes.garbage.append(str(previous[0]))
-                self.index.add_to_counter(txn, "attachment_bytes", -int(previous[3]))  # type: ignore[call-overload]
+                changes.garbage.append(previous.blob)
+                self.index.add_to_counter(txn, "attachment_bytes", -previous.stored_size)
             self.index.put_attachment(txn, resource_id, key, entry)
             self.index.add_to_counter(txn, "attachment_bytes", stored)
             self.index.remove_pending(txn, self._owner.token, blob)
@@ -428,15 +428,15 @@ class Store:
             if entry is None:
                 raise NotFoundError(f"{resource_id} has no attachment {name!r}")
             self.index.delete_attachment(txn, resource_id, key)
-            self.index.add_to_counter(txn, "attachment_bytes", -int(entry[3]))  # type: ignore[call-overload]
-            changes.garbage.append(str(entry[0]))
+            self.index.add_to_counter(txn, "attachment_bytes", -entry.stored_size)
+            changes.garbage.append(entry.blob)
             changes.note("~", record)
 
     def _attachment_key(self, name: str) -> int:
         return user_key({n: k for n, (k, _) in self.attachment_types.items()}, name, what="attachment")
 
-    def _existing(self, txn: object, resource_id: str) -> Record:
-        record = self.index.get(txn, resource_id)  # type: ignore[arg-type]
+    def _existing(self, txn: Txn, resource_id: str) -> Record:
+        record = self.index.get(txn, resource_id)
         if record is None:
             raise NotFoundError(f"no resource with id {resource_id}")
         return record
