@@ -11,7 +11,9 @@ with the real command line, ``dicomfs --store S --config C.toml ingest DIR --qui
 reference is the same files copied by one Python process with open/read/write/fsync/close per
 file into a fresh folder on the same disk. The page cache is warmed with the sources before
 every measurement, so both sides read from memory and the difference is what each does with
-the bytes. Peak RSS is the summed RSS of the ingest process and its worker processes, sampled
+the bytes. Nothing is deleted until the end: for a minute or more after a folder of 10,000 files
+is removed, ext4 makes every new file skip the freed inodes (``recently_deleted`` in a kernel
+profile), which would tax whichever run came after a clean-up. Peak RSS is the summed RSS of the ingest process and its worker processes, sampled
 every 50 ms (or the parent's ``ru_maxrss`` if larger); store bytes are
 allocated blocks (like ``du``). MB means 10^6 bytes.
 
@@ -172,7 +174,6 @@ def copy_with_fsync(set_name: str, corpus: Corpus, target: Path) -> Run:
             os.close(fd)
     seconds = time.perf_counter() - started
     run = Run("copy+fsync", set_name, len(corpus.files), source_bytes, seconds, store_bytes=disk_usage(target))
-    shutil.rmtree(target)
     report_progress(run)
     return run
 
@@ -246,7 +247,6 @@ def ingest(command: list[str], config: Path, set_name: str, corpus: Corpus, stor
               # ru_maxrss (KiB on Linux) is one process's peak; ingest workers add their own
               peak_rss_mb=max(usage.ru_maxrss * 1024, tree_peak) / 1e6,
               store_bytes=disk_usage(store), exit_status=child.returncode)
-    shutil.rmtree(store)
     report_progress(run)
     return run
 

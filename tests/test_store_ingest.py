@@ -218,3 +218,23 @@ def test_store_instance_records_keep_the_main_tags(open_store: Callable[..., Sto
     assert meta["SopClassUid"] == pydicom.dcmread(path).SOPClassUID
     assert meta["IndexInSeries"] == "9"
     assert "LastUpdate" in store.metadata(series.id)
+
+
+@pytest.mark.parametrize("extra_files", [0, 80])  # 80 more files: the worker-process path
+def test_store_ingest_finds_a_zip_by_its_content(open_store: Callable[..., Store], small_corpus: Corpus,
+                                                  tmp_path: Path, extra_files: int) -> None:
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    valid = [f for f in small_corpus.files if f.valid][:4]
+    with zipfile.ZipFile(folder / "export.bin", "w") as out:
+        for n, sample in enumerate(valid):
+            out.write(sample.path, f"{n}.dcm")
+    for n in range(extra_files):
+        (folder / f"note{n}.txt").write_text("not DICOM")
+    store = open_store()
+    results = list(store.ingest([folder]))
+    archive_results = [r for r in results if r.path.startswith(f"{folder / 'export.bin'}:")]
+    assert len(archive_results) == 4
+    assert {r.status for r in archive_results} <= {"stored", "already_stored"}
+    assert store.stats().instances == len({f.sop_uid for f in valid})
+    assert len(results) == 4 + extra_files

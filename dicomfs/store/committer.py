@@ -33,14 +33,15 @@ from dicomfs.store.blobs import BlobStore, sync_filesystem
 from dicomfs.store.dicomparse import DicomHeader
 from dicomfs.store.ids import ResourceId, resource_ids
 from dicomfs.store.index import CachedIndex, Index, Txn
-from dicomfs.store.mutations import Limits, NewInstance, TxnChanges, add_instance, make_room
+from dicomfs.store.mutations import Limits, NewInstance, TxnChanges, add_instance, apply_growth, make_room
 from dicomfs.store.owners import Owner
 from dicomfs.store.records import Instance
 
-__all__ = ["ALREADY_STORED", "Candidate", "GroupCommitter", "IngestResult", "REJECTED", "REPLACED", "SKIPPED",
+__all__ = ["ALREADY_STORED", "DICOMDIR_REASON", "Candidate", "GroupCommitter", "IngestResult", "REJECTED", "REPLACED", "SKIPPED",
            "STORED", "Submission", "WriteSettings", "settle_if_stored"]
 
 STORED, ALREADY_STORED, REPLACED, REJECTED, SKIPPED = "stored", "already_stored", "replaced", "rejected", "skipped"
+DICOMDIR_REASON = "DICOMDIR: read as an index of the files beside it, not stored"
 
 
 @dataclass(frozen=True)
@@ -303,6 +304,7 @@ class GroupCommitter:
                     item.header, item.ids, item.sha256, item.size, item.stored_size, item.blob,
                     self.settings.codec, item.origin, item.remote), changes, replacing)
                 item.outcome = REPLACED if replacing else STORED
+            apply_growth(index, txn, changes)  # type: ignore[arg-type]
             for blob in changes.garbage:
                 index.add_pending(txn, self.owner.token, blob)
             if changes.log:

@@ -20,8 +20,6 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Union
 
-from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.valuerep import PersonName
 
 from dicomfs.errors import MissingIdentifierError, NotDicomError, TruncatedError
 
@@ -70,7 +68,15 @@ _WANTED: dict[int, tuple[str, str]] = {
     0x00280011: ("Columns", "us"),
     0x00280100: ("BitsAllocated", "us"),
 }
-_LAST_WANTED = max(_WANTED)
+_KEPT = frozenset(_WANTED) | {_SPECIFIC_CHARACTER_SET}
+_SHORT_VRS = frozenset(vr.encode() for vr in (
+    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "PN", "SH", "SL", "SS", "ST",
+    "TM", "UI", "UL", "US"))
+_EXPLICIT_HEADER = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length
+_IMPLICIT_HEADER = struct.Struct("<HH0sI")  # group, element, no VR (b""), 32-bit length
+_U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
+_META_KEPT = frozenset({0x0002, 0x0003, 0x0010})  # MediaStorageSOPClass/InstanceUID, TransferSyntaxUID
 
 
 @dataclass(frozen=True)
@@ -194,24 +200,24 @@ def _read_file_meta(view: Buffer, position: int) -> tuple[dict[int, str], int]:
     """Read group 0002 (always explicit VR little endian); return its text values and the end."""
     values: dict[int, str] = {}
     size = len(view)
+    unpack_header = _EXPLICIT_HEADER.unpack_from
     while position + 8 <= size:
-        group, element = struct.unpack_from("<HH", view, position)
+        group, element, vr, length = unpack_header(view, position)
         if group != 0x0002:
             break
-        vr = bytes(view[position + 4 : position + 6])
-        if not vr.isalpha():
-            raise NotDicomError("not DICOM: the file meta information is damaged")
         if vr in _LONG_VRS:
             if position + 12 > size:
                 raise TruncatedError("truncated: the file ends inside the file meta information")
-            (length,) = struct.unpack_from("<I", view, position + 8)
+            length = _U32.unpack_from(view, position + 8)[0]
             start = position + 12
-        else:
-            (length,) = struct.unpack_from("<H", view, position + 6)
+        elif vr in _SHORT_VRS:
             start = position + 8
+        else:
+            raise NotDicomError("not DICOM: the file meta information is damaged")
         if length == _UNDEFINED or start + length > size:
             raise TruncatedError("truncated: the file ends inside the file meta information")
-        values[(group << 16) | element] = bytes(view[start : start + length]).rstrip(b"\x00 ").decode("ascii", "replace")
+        if element in _META_KEPT:
+            values[(group << 16) | element] = bytes(view[start : start + length]).rstrip(b"\x00 ").decode("ascii", "replace")
         position = start + length
     if not values:
         raise NotDicomError("not DICOM: 'DICM' marker present but no file meta information follows")
@@ -219,32 +225,48 @@ def _read_file_meta(view: Buffer, position: int) -> tuple[dict[int, str], int]:
 
 
 def _walk_dataset(view: Buffer, position: int, *, explicit: bool) -> tuple[dict[str, object], int, bool]:
-    """Step over top-level elements up to Pixel Data; return (wanted tags, pixel offset, found)."""
+    """Step over top-level elements up to Pixel Data; return (wanted tags, pixel offset, found).
+
+    This loop is ingest's hottest code: one precompiled unpack per element header, set lookups
+    for the VR and the tag, and a slice only for the ~25 values the index keeps.
+    """
     size = len(view)
     raw: dict[int, bytes] = {}
+    unpack_header = _EXPLICIT_HEADER.unpack_from if explicit else _IMPLICIT_HEADER.unpack_from
+    unpack_u32 = _U32.unpack_from
     try:
         while position < size:
             if position + 8 > size:
                 raise _Cut("an element header", position)
-            group, element = struct.unpack_from("<HH", view, position)
+            group, element, vr, length = unpack_header(view, position)
             tag = (group << 16) | element
             if tag in _PIXEL_TAGS:
-                return _decode_wanted(raw, explicit), position, True
-            length, start, vr = _element_header(view, position, explicit)
+                return _decode_wanted(raw), position, True
+            if not explicit:
+                start = position + 8
+            elif vr in _SHORT_VRS:
+                start = position + 8
+            elif vr in _LONG_VRS:
+                if position + 12 > size:
+                    raise _Cut("an element header", position)
+                length = unpack_u32(view, position + 8)[0]
+                start = position + 12
+            else:
+                length, start, vr = _element_header(view, position, explicit)
             if length == _UNDEFINED:
                 position = _skip_undefined(view, start, explicit and vr != b"UN")
                 continue
             end = start + length
             if end > size:
                 raise _Cut(f"element ({group:04X},{element:04X})", position)
-            if tag in _WANTED or tag == _SPECIFIC_CHARACTER_SET:
+            if tag in _KEPT:
                 raw[tag] = bytes(view[start:end])
             position = end
     except _Cut as cut:
         raise TruncatedError(f"truncated: the file ends inside {cut.what} at byte {cut.offset}") from None
     except struct.error:
         raise TruncatedError("truncated: the file ends inside the dataset") from None
-    return _decode_wanted(raw, explicit), size, False
+    return _decode_wanted(raw), size, False
 
 
 def _element_header(view: Buffer, position: int, explicit: bool) -> tuple[int, int, bytes]:
@@ -327,37 +349,45 @@ def _check_pixel_data(view: Buffer, offset: int, explicit: bool) -> None:
         raise TruncatedError(f"truncated: pixel data holds {present} of its {length} bytes")
 
 
-def _decode_wanted(raw: dict[int, bytes], explicit: bool) -> dict[str, object]:
-    """Decode the raw values of the wanted tags, honouring SpecificCharacterSet for text."""
-    del explicit  # every wanted tag has a fixed VR, so the encoding does not change decoding
+def _decode_wanted(raw: dict[int, bytes]) -> dict[str, object]:
+    """Decode the raw values of the wanted tags, honouring SpecificCharacterSet for text.
+
+    Every wanted tag has a fixed VR, so explicit and implicit encodings decode alike.
+    """
     charset_raw = raw.pop(_SPECIFIC_CHARACTER_SET, b"")
-    terms = [t.strip() for t in charset_raw.decode("ascii", "replace").split("\\")] if charset_raw else []
-    encodings = convert_encodings(terms) if terms and terms != ["ISO_IR 6"] else None
+    terms = tuple(t.strip() for t in charset_raw.decode("ascii", "replace").split("\\")) if charset_raw else ()
     decoded: dict[str, object] = {}
     for tag, value in raw.items():
         keyword, kind = _WANTED[tag]
-        if kind == "us":
-            decoded[keyword] = struct.unpack_from("<H", value)[0] if len(value) >= 2 else None
+        if kind == "str" or kind == "pn":
+            text = value.rstrip(b" \x00")
+            # the common case, inline: plain ASCII (ISO 2022 escapes are 7-bit but not plain)
+            decoded[keyword] = text.decode("ascii") if text.isascii() and 27 not in text else _decode_text(text, terms, kind == "pn")
         elif kind == "uid":
             decoded[keyword] = value.rstrip(b"\x00 ").decode("ascii", "replace").strip()
-        elif kind == "int":
-            text = value.decode("ascii", "replace").strip(" \x00")
-            try:
-                decoded[keyword] = int(text.split("\\")[0]) if text else None
-            except ValueError:
-                decoded[keyword] = None
+        elif kind == "us":
+            decoded[keyword] = _U16.unpack_from(value)[0] if len(value) >= 2 else None
         else:
-            decoded[keyword] = _decode_text(value, encodings, kind == "pn")
+            number = value.strip(b" \x00").split(b"\\")[0]
+            decoded[keyword] = int(number) if number.isdigit() or (number[:1] in (b"-", b"+") and number[1:].isdigit()) else None
     return decoded
 
 
-def _decode_text(value: bytes, encodings: list[str] | None, person_name: bool) -> str:
-    """Decode a text value: trailing padding stripped, leading spaces kept (they are data)."""
+def _decode_text(value: bytes, charset_terms: tuple[str, ...], person_name: bool) -> str:
+    """Decode a text value: trailing padding stripped, leading spaces kept (they are data).
+
+    pydicom's charset code is imported only here, for non-ASCII text: importing pydicom costs
+    ~0.5 s (it brings numpy), paid by every command and every ingest worker otherwise.
+    """
     value = value.rstrip(b" \x00")
     if value.isascii() and b"\x1b" not in value:  # ISO 2022 escapes are 7-bit but not ASCII text
         return value.decode("ascii")
-    if encodings is None:
+    if not charset_terms or charset_terms == ("ISO_IR 6",):
         return value.decode("utf-8", "replace")  # no charset declared, but UTF-8 is the common case
+    from pydicom.charset import convert_encodings, decode_bytes
+    from pydicom.valuerep import PersonName
+
+    encodings = convert_encodings(list(charset_terms))
     if person_name:
         return str(PersonName(value, encodings))  # decodes each component group on its own
     return decode_bytes(value, encodings, {0x5C})

@@ -15,6 +15,7 @@ The index keys use the 20 raw bytes; people and JSON see the dashed text form.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import re
 from typing import NewType
@@ -73,6 +74,7 @@ def resource_ids(patient_id: str, study_uid: str, series_uid: str, sop_uid: str)
     )
 
 
+@functools.lru_cache(maxsize=4096)  # ancestors' ids recur for every instance of a batch
 def key_from_id(resource_id: str) -> bytes:
     """The 20-byte index key of a text id."""
     return bytes.fromhex(resource_id.replace("-", ""))

@@ -18,7 +18,7 @@ from dicomfs.store.ids import Level, ResourceId
 from dicomfs.store.index import Index, Txn
 from dicomfs.store.records import Instance, Patient, Record, Series, Study, replace_record
 
-__all__ = ["Limits", "NewInstance", "TxnChanges", "add_instance", "make_room", "remove_resource", "set_protected"]
+__all__ = ["Limits", "NewInstance", "TxnChanges", "add_instance", "apply_growth", "make_room", "remove_resource", "set_protected"]
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,24 @@ class NewInstance:
 
 
 @dataclass
+class _Growth:
+    """Instances and bytes an ancestor gained in this transaction, not yet in its record."""
+
+    instances: int = 0
+    size: int = 0
+    stored_size: int = 0
+    last_update: float = 0.0
+    received: bool = False
+
+
+@dataclass
 class TxnChanges:
-    """What one transaction changed: the change log entries and the blobs it made garbage."""
+    """What one transaction changed: the change log entries, the blobs it made garbage, and the
+    ancestors' growth still to apply (``apply_growth`` must run before the commit)."""
 
     log: list[tuple[str, int, str]] = field(default_factory=list)
     garbage: list[str] = field(default_factory=list)
+    growth: dict[str, _Growth] = field(default_factory=dict)
 
     def note(self, op: str, record: Record) -> None:
         self.log.append((op, int(record.level), record.id))
@@ -144,18 +157,34 @@ def _grow(
     index: Index, txn: Txn, ancestors: tuple[ResourceId, ...], instances: int, size: int, stored: int,
     now: float, changes: TxnChanges,
 ) -> None:
-    """Add to the instance count and sizes of the patient, study and series; mark them updated.
-
-    A patient that receives an instance becomes the most recent in the recycling order.
-    """
+    """Note that the patient, study and series gained instances and bytes (see ``apply_growth``)."""
     for key in ancestors:
+        growth = changes.growth.pop(key, None) or _Growth()
+        growth.instances += instances
+        growth.size += size
+        growth.stored_size += stored
+        growth.last_update = now
+        growth.received |= instances > 0
+        changes.growth[key] = growth  # re-inserted: the dict keeps the order of the last touch
+    index.add_to_counter(txn, "size", size)
+    index.add_to_counter(txn, "stored_size", stored)
+
+
+def apply_growth(index: Index, txn: Txn, changes: TxnChanges) -> None:
+    """Write the growth noted since the last call into the ancestors' records, once each.
+
+    A batch of instances of one series would otherwise rewrite the same three records per
+    instance. Patients that received an instance become the most recent in the recycling order,
+    in the order they last received one.
+    """
+    for key, growth in changes.growth.items():
         record = index.get(txn, key)
         assert record is not None and not isinstance(record, Instance)
         updates: dict[str, object] = dict(
-            instances=record.instances + instances, size=record.size + size,
-            stored_size=record.stored_size + stored, last_update=now,
+            instances=record.instances + growth.instances, size=record.size + growth.size,
+            stored_size=record.stored_size + growth.stored_size, last_update=growth.last_update,
         )
-        if isinstance(record, Patient) and instances > 0:
+        if isinstance(record, Patient) and growth.received:
             seq = index.add_to_counter(txn, "seq", 1)
             if not record.protected:
                 index.remove_recycling(txn, record.recycle_seq, record.id)
@@ -163,8 +192,7 @@ def _grow(
             updates["recycle_seq"] = seq
         index.put(txn, replace_record(record, **updates))
         changes.note("~", record)
-    index.add_to_counter(txn, "size", size)
-    index.add_to_counter(txn, "stored_size", stored)
+    changes.growth.clear()
 
 
 def remove_resource(index: Index, txn: Txn, resource_id: str, changes: TxnChanges) -> int:
@@ -252,6 +280,7 @@ def make_room(index: Index, txn: Txn, limits: Limits, incoming: int, patient_key
     """
     if not limits.max_size and not limits.max_patients:
         return
+    apply_growth(index, txn, changes)  # victims' sizes must be exact
     new_patient = index.get(txn, patient_key) is None
     excess_bytes = index.counter(txn, "size") + incoming - limits.max_size if limits.max_size else 0
     excess_patients = index.counter(txn, "patients") + int(new_patient) - limits.max_patients if limits.max_patients else 0

@@ -146,10 +146,16 @@ def replace_record(record: _R, **changes: object) -> _R:
     return dataclasses.replace(record, **changes)  # type: ignore[arg-type]
 
 
+_ROW_FIELDS: dict[int, tuple[str, ...]] = {
+    cls.level: tuple(f.name for f in dataclasses.fields(cls) if f.name != "id") for cls in (Patient, Study, Series, Instance)
+}
+"""Field names of each level's row, in order (dataclasses.fields is slow on a hot path)."""
+
+
 def encode_record(record: Record) -> bytes:
     """The stored row: level, then every field but the id."""
-    values = [getattr(record, f.name) for f in dataclasses.fields(record) if f.name != "id"]
-    return msgpack.packb([int(record.level), *values], use_bin_type=True)  # type: ignore[no-any-return]
+    names = _ROW_FIELDS[record.level]
+    return msgpack.packb([int(record.level), *[getattr(record, name) for name in names]], use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def decode_record(key: bytes, row: bytes) -> Record:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-__all__ = ["Source", "is_os_junk", "iter_sources"]
+__all__ = ["Source", "archive_members", "is_archive", "is_os_junk", "iter_sources"]
 
 _JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db", ".localized"}
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -74,41 +74,49 @@ def _read_all(fd: int, size: int) -> bytes:
 
 
 def iter_sources(paths: list[Path]) -> Iterator[Source]:
-    """Every candidate file under ``paths`` (files, folders, zips, DICOMDIRs), in a stable order."""
+    """Every candidate file under ``paths`` (files, folders, zips, DICOMDIRs), in a stable order.
+
+    Listing must stay cheap, since it runs before any file is parsed: paths stay strings, and
+    only names ending in ``.zip`` are opened to look for an archive. A zip by any other name is
+    found when it is parsed (see ``is_archive``) and expanded then.
+    """
     for path in paths:
         if path.is_dir():
-            for folder, dirnames, filenames in os.walk(path):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    file_path = Path(folder) / name
-                    if not is_os_junk(name):
-                        yield from _expand(file_path, str(file_path))
+            yield from _walk(str(path))
         elif path.name.upper() == "DICOMDIR" and path.is_file():
             yield Source(str(path), path)
             yield from _dicomdir_members(path)
         elif not is_os_junk(path.name):
-            yield from _expand(path, str(path))
+            yield from _file(str(path))
 
 
-def _expand(path: Path, label: str) -> Iterator[Source]:
-    if _is_zip(path):
-        with zipfile.ZipFile(path) as archive:
-            members = [info.filename for info in archive.infolist() if not info.is_dir()]
-        for member in sorted(members):
-            if not is_os_junk(member):
-                yield Source(f"{label}:{member}", path, member)
+def _walk(folder: str) -> Iterator[Source]:
+    with os.scandir(folder) as scan:
+        entries = sorted(scan, key=lambda entry: entry.name)
+    for entry in entries:
+        if entry.is_dir():
+            yield from _walk(entry.path)
+        elif entry.is_file() and not is_os_junk(entry.name):
+            yield from _file(entry.path)
+
+
+def _file(path: str) -> Iterator[Source]:
+    if path.lower().endswith(".zip") and zipfile.is_zipfile(path):
+        yield from archive_members(path)
     else:
-        yield Source(label, path)
+        yield Source(path, Path(path))
 
 
-def _is_zip(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            if handle.read(4) != _ZIP_MAGIC:
-                return False
-    except OSError:
-        return False
-    return zipfile.is_zipfile(path)
+def is_archive(data: bytes | mmap.mmap, source: Source) -> bool:
+    """Whether content that is not DICOM is a zip archive on disk, whose members to ingest."""
+    return not source.member and data[:4] == _ZIP_MAGIC and zipfile.is_zipfile(source.path)
+
+
+def archive_members(path: str | Path) -> list[Source]:
+    """The files of a zip archive, OS clutter left out, in name order."""
+    with zipfile.ZipFile(path) as archive:
+        members = [info.filename for info in archive.infolist() if not info.is_dir()]
+    return [Source(f"{path}:{member}", Path(path), member) for member in sorted(members) if not is_os_junk(member)]
 
 
 def _dicomdir_members(dicomdir: Path) -> Iterator[Source]:

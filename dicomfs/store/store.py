@@ -27,6 +27,7 @@ from typing import Iterable, Iterator, Mapping
 
 from dicomfs.errors import (
     AmbiguousError,
+    NotDicomError,
     NotFoundError,
     ReadOnlyError,
     RejectedFileError,
@@ -36,6 +37,7 @@ from dicomfs.errors import (
 from dicomfs.store.blobs import BlobReader, BlobStore, sync_filesystem
 from dicomfs.store.bulk import ingest_in_workers
 from dicomfs.store.committer import (
+    DICOMDIR_REASON,
     REJECTED,
     SKIPPED,
     Candidate,
@@ -51,7 +53,7 @@ from dicomfs.store.metadata import core_metadata, user_key
 from dicomfs.store.mutations import TxnChanges, remove_resource, set_protected
 from dicomfs.store.owners import Owner, recover
 from dicomfs.store.records import Instance, Patient, Record
-from dicomfs.store.sources import Source, iter_sources
+from dicomfs.store.sources import Source, archive_members, is_archive, iter_sources
 
 __all__ = ["Attachment", "Store", "StoreStats"]
 
@@ -270,34 +272,43 @@ class Store:
             return
         waiting: list[Future[IngestResult] | IngestResult] = []
         for source in sources:
-            waiting.append(self._offer(committer, source, origin, remote))
+            waiting.extend(self._offer(committer, source, origin, remote))
             while waiting and (isinstance(waiting[0], IngestResult) or waiting[0].done()):
                 head = waiting.pop(0)
                 yield head if isinstance(head, IngestResult) else head.result()
         for head in waiting:
             yield head if isinstance(head, IngestResult) else head.result()
 
-    def ingest_file(self, path: Path, *, label: str | None = None, origin: str = "cli", remote: str = "") -> IngestResult:
-        """Ingest one file and wait until it is durable (for upload handlers)."""
-        result = self._offer(self._writer(), Source(label or str(path), path), origin, remote)
-        return result if isinstance(result, IngestResult) else result.result()
+    def ingest_file(self, path: Path, *, label: str | None = None, origin: str = "cli", remote: str = "") -> list[IngestResult]:
+        """Ingest one file and wait until it is durable (for upload handlers).
 
-    def _offer(self, committer: GroupCommitter, source: Source, origin: str, remote: str) -> "Future[IngestResult] | IngestResult":
+        One result per DICOM file it holds: a zip archive holds several.
+        """
+        pending = self._offer(self._writer(), Source(label or str(path), path), origin, remote)
+        return [p if isinstance(p, IngestResult) else p.result() for p in pending]
+
+    def _offer(self, committer: GroupCommitter, source: Source, origin: str, remote: str) -> "list[Future[IngestResult] | IngestResult]":
         closer = contextlib.ExitStack()
         try:
             data, fd = closer.enter_context(source.open())
-            header = parse_header(data)
+            try:
+                header = parse_header(data)
+            except NotDicomError:
+                if not is_archive(data, source):
+                    raise
+                closer.close()
+                return [p for member in archive_members(source.path) for p in self._offer(committer, member, origin, remote)]
             if header.is_dicomdir:
                 closer.close()
-                return IngestResult(source.label, SKIPPED, "DICOMDIR: read as an index of the files beside it, not stored")
+                return [IngestResult(source.label, SKIPPED, DICOMDIR_REASON)]
             candidate = Candidate.of(source.label, header, data, origin, remote)
-            return committer.submit(Submission(candidate, data, fd, closer))
+            return [committer.submit(Submission(candidate, data, fd, closer))]
         except RejectedFileError as error:
             closer.close()
-            return IngestResult(source.label, REJECTED, str(error))
+            return [IngestResult(source.label, REJECTED, str(error))]
         except OSError as error:
             closer.close()
-            return IngestResult(source.label, REJECTED, f"unreadable: {error.strerror or error}")
+            return [IngestResult(source.label, REJECTED, f"unreadable: {error.strerror or error}")]
         except BaseException:
             closer.close()
             raise
