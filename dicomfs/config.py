@@ -313,7 +313,8 @@ _SCHEMA: tuple[_Section | _NamedTable, ...] = (
                 "DICOM pixels often compress only to ~0.8 of their size and compression costs CPU on "
                 "every read; opt in when disk matters more than CPU."),
         _Option("compression_level", 0, _integer(0, 22),
-                "0 is the codec's own default (zlib 6, zstd 3); otherwise zlib 1-9, zstd 1-22."),
+                "0 picks dicomfs's default: zlib 1 (zlib 6 measured 5.6x slower, 8 MB/s a core, for 4% "
+                "fewer bytes on DICOM pixels), zstd 3; otherwise zlib 1-9, zstd 1-22."),
         _Option("block_size", 131072, _power_of_two(16 << 10, 4 << 20),
                 "Compressed blobs are stored in independent blocks of this size (a power of two from "
                 "16 KiB to 4 MiB) so a 128 KiB read, the kernel's FUSE read size, decompresses one block."),

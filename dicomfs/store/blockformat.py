@@ -66,7 +66,7 @@ def _zstd_decompress(data: bytes, raw_length: int) -> bytes:
 
 
 def _zlib_compress(data: bytes | memoryview, level: int) -> bytes:
-    return zlib.compress(data, level or 6)
+    return zlib.compress(data, level or 1)  # 0: dicomfs's default, see storage.compression_level
 
 
 def _zlib_decompress(data: bytes, raw_length: int) -> bytes:
