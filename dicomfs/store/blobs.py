@@ -11,7 +11,6 @@ other operation. Writing does not fsync: the caller makes a whole batch durable 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -32,9 +31,14 @@ from dicomfs.store.blockformat import (
     parse_trailer,
 )
 
-__all__ = ["BlobReader", "BlobStore", "sync_filesystem"]
+__all__ = ["BlobReader", "BlobStore", "is_disk_full", "sync_filesystem"]
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def is_disk_full(error: OSError) -> bool:
+    """Whether a write failed because the store's disk (or the user's quota) is full."""
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library already loaded (find_library runs ldconfig)
 _COPY_CHUNK = 8 << 20
 _KERNEL_COPY_MIN = 1 << 20
 """Below this, one write() of bytes already in memory beats a copy_file_range round trip."""

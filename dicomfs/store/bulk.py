@@ -15,7 +15,6 @@ so no orphaned worker writes a blob after recovery has run.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import multiprocessing
 import os
 import signal
@@ -25,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Union
 
-from dicomfs.errors import NotDicomError, RejectedFileError
+from dicomfs.errors import NotDicomError, RejectedFileError, StoreFullError
 from dicomfs.store.blobs import BlobStore, sync_filesystem
+from dicomfs.store.committer import store_write_failure
 from dicomfs.store.committer import (
     DICOMDIR_REASON,
     REJECTED,
@@ -99,11 +99,14 @@ class _Worker:
                 if settle_if_stored(candidate, stored_sha, self.settings.overwrite):
                     return candidate, False
                 s = self.settings
+                try:
+                    candidate.stored_size = self.blobs.write(
+                        task.blob, data, codec=s.codec, level=s.level, block_size=s.block_size,
+                        header_length=header.header_length, source_fd=fd,
+                    )
+                except OSError as error:  # the store's disk, not the source: say so
+                    return IngestResult(source.label, REJECTED, store_write_failure(error, self.blobs.root)), False
                 candidate.blob = task.blob
-                candidate.stored_size = self.blobs.write(
-                    task.blob, data, codec=s.codec, level=s.level, block_size=s.block_size,
-                    header_length=header.header_length, source_fd=fd,
-                )
                 return candidate, True
         except OSError as error:
             return IngestResult(source.label, REJECTED, f"unreadable: {error.strerror or error}"), False
@@ -114,7 +117,7 @@ _worker: _Worker | None = None
 
 def _start_worker(parent: int, folder: str, settings: WriteSettings) -> None:
     global _worker
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the line above took effect
         os._exit(1)
@@ -145,6 +148,7 @@ def ingest_in_workers(
 
     def next_source() -> Source | None:
         return archives.popleft() if archives else next(listed, None)
+    full: list[StoreFullError] = []
     batch_files = settings.batch_files * _BATCH_FACTOR
     # Two batches in flight: the workers keep parsing while the parent syncs and indexes one.
     window = max(2 * workers, 2 * batch_files // _TASKS_PER_CALL)
@@ -152,14 +156,17 @@ def ingest_in_workers(
                              initargs=(os.getpid(), str(folder), settings)) as pool:
 
         def refill() -> None:
-            while len(in_flight) < window:
+            while len(in_flight) < window and not full:
                 tasks: list[_Task] = []
-                while (source := next_source()) is not None:
+                while len(tasks) < _TASKS_PER_CALL and (source := next_source()) is not None:
                     if not names:
-                        names.extend(committer.reserve_names(_NAMES_RESERVED))
+                        try:
+                            names.extend(committer.reserve_names(_NAMES_RESERVED))
+                        except StoreFullError as error:  # not even names fit: the rest is refused
+                            full.append(error)
+                            archives.appendleft(source)
+                            break
                     tasks.append(_Task(source, names.pop(), origin, remote))
-                    if len(tasks) == _TASKS_PER_CALL:
-                        break
                 if not tasks:
                     return
                 in_flight.append((pool.submit(_prepare_all, tasks), [t.blob for t in tasks]))
@@ -187,6 +194,9 @@ def ingest_in_workers(
                 batch, unused, batch_bytes = [], [], 0
     if names:
         committer.forget_names(names)
+    if full:
+        while (source := next_source()) is not None:
+            yield IngestResult(source.label, REJECTED, str(full[0]))
 
 
 def _commit(committer: GroupCommitter, folder: Path, batch: list[Candidate | IngestResult], unused: list[str]) -> Iterator[IngestResult]:

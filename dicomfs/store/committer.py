@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dicomfs.errors import StoreFullError
-from dicomfs.store.blobs import BlobStore, sync_filesystem
+from dicomfs.store.blobs import BlobStore, is_disk_full, sync_filesystem
 from dicomfs.store.dicomparse import DicomHeader
 from dicomfs.store.ids import ResourceId, resource_ids
 from dicomfs.store.index import CachedIndex, Index, Txn
@@ -38,7 +38,7 @@ from dicomfs.store.owners import Owner
 from dicomfs.store.records import Instance
 
 __all__ = ["ALREADY_STORED", "DICOMDIR_REASON", "Candidate", "GroupCommitter", "IngestResult", "REJECTED", "REPLACED", "SKIPPED",
-           "STORED", "Submission", "WriteSettings", "settle_if_stored"]
+           "STORED", "Submission", "WriteSettings", "settle_if_stored", "store_write_failure"]
 
 STORED, ALREADY_STORED, REPLACED, REJECTED, SKIPPED = "stored", "already_stored", "replaced", "rejected", "skipped"
 DICOMDIR_REASON = "DICOMDIR: read as an index of the files beside it, not stored"
@@ -106,6 +106,13 @@ class Candidate:
         return IngestResult(self.label, self.outcome, self.reason, self.ids, self.size)
 
 
+def store_write_failure(error: OSError, folder: Path) -> str:
+    """The reason a person reads when a blob could not be written into the store."""
+    if is_disk_full(error):
+        return f"storage full: no space left on the store's disk ({folder})"
+    return f"could not write to the store ({folder}): {error.strerror or error}"
+
+
 def settle_if_stored(candidate: Candidate, stored_sha: str | None, overwrite: bool) -> bool:
     """Whether a stored copy (of SHA-256 ``stored_sha``) settles the candidate: same bytes, or other
     bytes that the configuration says to keep. Sets the candidate's outcome when it does."""
@@ -163,8 +170,11 @@ class GroupCommitter:
         if self._pool is not None:
             self._pool.shutdown()
         if self._released:
-            with self.index.write() as txn:
-                self._forget_released(txn)
+            try:
+                with self.index.write() as txn:
+                    self._forget_released(txn)
+            except StoreFullError:
+                pass  # the blobs are gone; recovery clears their marks once this owner has left
 
     def release_later(self, blobs: list[str]) -> None:
         """Blobs another operation of this process deleted; their pending marks go in a later commit."""
@@ -210,7 +220,13 @@ class GroupCommitter:
                     self._room.notify_all()
 
     def _commit(self, batch: list[Submission]) -> None:
-        to_write = self._plan(batch)
+        try:
+            to_write = self._plan(batch)
+        except StoreFullError as error:  # not even the pending marks fit: nothing was written
+            for item in batch:
+                item.candidate.outcome, item.candidate.reason = REJECTED, str(error)
+                item.future.set_result(item.candidate.result())
+            return
         if to_write:
             self._write_blobs(to_write)
             sync_filesystem(self.store_folder)
@@ -246,10 +262,15 @@ class GroupCommitter:
 
         def write(item: Submission) -> None:
             c = item.candidate
-            c.stored_size = self.blobs.write(
-                c.blob, item.data, codec=s.codec, level=s.level, block_size=s.block_size,
-                header_length=c.header.header_length, source_fd=item.source_fd,
-            )
+            try:
+                c.stored_size = self.blobs.write(
+                    c.blob, item.data, codec=s.codec, level=s.level, block_size=s.block_size,
+                    header_length=c.header.header_length, source_fd=item.source_fd,
+                )
+            except OSError as error:  # nothing was left behind; the name's pending mark goes later
+                c.outcome, c.reason = REJECTED, store_write_failure(error, self.blobs.root)
+                self._released.append(c.blob)
+                c.blob = ""
 
         if self._pool is None:
             for item in items:
@@ -267,10 +288,14 @@ class GroupCommitter:
         return names
 
     def forget_names(self, names: list[str]) -> None:
-        """Reserved names that were never written: their pending marks go."""
-        with self.index.write() as txn:
-            for name in names:
-                self.index.remove_pending(txn, self.owner.token, name)
+        """Reserved names that were never written: their pending marks go (now, or with a later
+        commit if the index is full)."""
+        try:
+            with self.index.write() as txn:
+                for name in names:
+                    self.index.remove_pending(txn, self.owner.token, name)
+        except StoreFullError:
+            self._released.extend(names)
 
     def index_batch(self, candidates: list[Candidate], *, unused_names: list[str] = []) -> list[str]:  # noqa: B006
         """Step 4: index candidates whose blobs are durable; returns the blobs that became garbage.
@@ -280,37 +305,50 @@ class GroupCommitter:
         """
         changes = TxnChanges()
         index = CachedIndex(self.index)
-        with self.index.write() as txn:
-            self._forget_released(txn)
-            for name in unused_names:
-                index.remove_pending(txn, self.owner.token, name)
-            for item in candidates:
-                if not item.blob:
-                    continue
-                index.remove_pending(txn, self.owner.token, item.blob)
-                existing = index.get(txn, item.ids[3])
-                replacing = existing if isinstance(existing, Instance) else None
-                if replacing is not None and self.already_stored(item, replacing.sha256):
-                    changes.garbage.append(item.blob)  # another writer stored it meanwhile
-                    continue
-                try:
-                    growth = item.size - (replacing.size if replacing else 0)
-                    make_room(index, txn, self.settings.limits, growth, item.ids[0], changes)  # type: ignore[arg-type]
-                except StoreFullError as error:
-                    item.outcome, item.reason = REJECTED, str(error)
-                    changes.garbage.append(item.blob)
-                    continue
-                add_instance(index, txn, NewInstance(  # type: ignore[arg-type]
-                    item.header, item.ids, item.sha256, item.size, item.stored_size, item.blob,
-                    self.settings.codec, item.origin, item.remote), changes, replacing)
-                item.outcome = REPLACED if replacing else STORED
-            apply_growth(index, txn, changes)  # type: ignore[arg-type]
-            for blob in changes.garbage:
-                index.add_pending(txn, self.owner.token, blob)
-            if changes.log:
-                index.log_changes(txn, changes.log)
-            index.flush(txn)
+        try:
+            with self.index.write() as txn:
+                self._forget_released(txn)
+                for name in unused_names:
+                    index.remove_pending(txn, self.owner.token, name)
+                self._index_candidates(index, txn, candidates, changes)
+        except StoreFullError as error:
+            # Nothing of the batch reached the index: its files are rejected and their blobs freed
+            # (their pending marks, and the unused names', go with the next commit that succeeds).
+            garbage = [c.blob for c in candidates if c.blob]
+            for candidate in candidates:
+                if candidate.blob:
+                    candidate.outcome, candidate.reason, candidate.blob = REJECTED, str(error), ""
+            self._released.extend(unused_names)
+            return garbage
         return changes.garbage
+
+    def _index_candidates(self, index: CachedIndex, txn: Txn, candidates: list[Candidate], changes: TxnChanges) -> None:
+        for item in candidates:
+            if not item.blob:
+                continue
+            index.remove_pending(txn, self.owner.token, item.blob)
+            existing = index.get(txn, item.ids[3])
+            replacing = existing if isinstance(existing, Instance) else None
+            if replacing is not None and self.already_stored(item, replacing.sha256):
+                changes.garbage.append(item.blob)  # another writer stored it meanwhile
+                continue
+            try:
+                growth = item.size - (replacing.size if replacing else 0)
+                make_room(index, txn, self.settings.limits, growth, item.ids[0], changes)  # type: ignore[arg-type]
+            except StoreFullError as error:
+                item.outcome, item.reason = REJECTED, str(error)
+                changes.garbage.append(item.blob)
+                continue
+            add_instance(index, txn, NewInstance(  # type: ignore[arg-type]
+                item.header, item.ids, item.sha256, item.size, item.stored_size, item.blob,
+                self.settings.codec, item.origin, item.remote), changes, replacing)
+            item.outcome = REPLACED if replacing else STORED
+        apply_growth(index, txn, changes)  # type: ignore[arg-type]
+        for blob in changes.garbage:
+            index.add_pending(txn, self.owner.token, blob)
+        if changes.log:
+            index.log_changes(txn, changes.log)
+        index.flush(txn)
 
     def finish(self, garbage: list[str]) -> None:
         """Step 5: delete the blobs a durable commit made garbage; their marks go next commit."""

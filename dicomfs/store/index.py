@@ -21,6 +21,8 @@ up with every commit that changes resources: other processes poll it to notice n
 
 from __future__ import annotations
 
+import contextlib
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator, TypeAlias
 import lmdb
 import msgpack
 
+from dicomfs.errors import StoreError, StoreFullError
 from dicomfs.store.ids import ROOT_KEY, Level, ResourceId, id_from_key, key_from_id
 from dicomfs.store.records import Record, decode_record, encode_record
 
@@ -48,6 +51,8 @@ _LEVEL_COUNTER = {Level.PATIENT: "patients", Level.STUDY: "studies", Level.SERIE
                   Level.INSTANCE: "instances"}
 _CHANGES_KEPT = 100_000
 """Change-log entries kept: enough for a mount that was busy for a while to catch up exactly."""
+_NEARLY_FULL = 4 << 20
+"""Free bytes under which a failed commit is taken for a full disk (a commit writes a few MiB)."""
 _MAP_SIZE = 1 << 40
 """Address space, not disk: 1 TiB lets the index grow without ever resizing (a resize forces
 every other process to reopen)."""
@@ -89,6 +94,7 @@ class Index:
             lock=True,
         )
         self.readonly = readonly
+        self.folder = folder
         # Opened without an explicit transaction: py-lmdb then commits the one it makes, which keeps
         # the handles valid in a read-only environment too (an aborted read txn would void them).
         self.db = {name: self.env.open_db(name.encode(), create=not readonly) for name in _TABLES}
@@ -100,9 +106,30 @@ class Index:
         """A read transaction (a consistent snapshot); use it in a ``with`` block and keep it short."""
         return self.env.begin(buffers=False)
 
-    def write(self) -> Txn:
-        """The write transaction; LMDB lets one writer at a time in, across processes."""
-        return self.env.begin(write=True)
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Txn]:
+        """The write transaction; LMDB lets one writer at a time in, across processes.
+
+        Committed when the block ends normally, aborted on an exception. A commit that fails
+        because the disk is full raises StoreFullError, any other failure StoreError.
+        """
+        txn = self.env.begin(write=True)
+        try:
+            yield txn
+        except BaseException:
+            txn.abort()
+            raise
+        try:
+            txn.commit()
+        except lmdb.Error as error:
+            if isinstance(error, lmdb.MapFullError) or "No space left" in str(error) or self._disk_nearly_full():
+                raise StoreFullError(f"storage full: no space left for the index in {self.folder}") from None
+            raise StoreError(f"the index in {self.folder} could not be written: {error}") from None
+
+    def _disk_nearly_full(self) -> bool:
+        """LMDB reports a short write on a full disk as EIO; free space tells the two apart."""
+        stats = os.statvfs(self.folder)
+        return stats.f_bavail * stats.f_frsize < _NEARLY_FULL
 
     # -- resources -------------------------------------------------------------------------------
 

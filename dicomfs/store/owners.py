@@ -14,6 +14,7 @@ import os
 import secrets
 from pathlib import Path
 
+from dicomfs.errors import StoreFullError
 from dicomfs.store.blobs import BlobStore
 from dicomfs.store.index import Index
 
@@ -63,9 +64,12 @@ def recover(index: Index, blobs: BlobStore, owners_folder: Path) -> int:
         return 0
     for _, blob in leftovers:
         blobs.remove(blob)
-    with index.write() as txn:
-        for owner, blob in leftovers:
-            index.remove_pending(txn, owner, blob)
+    try:
+        with index.write() as txn:
+            for owner, blob in leftovers:
+                index.remove_pending(txn, owner, blob)
+    except StoreFullError:
+        return 0  # the blobs are gone; their marks go at a later open, once the index has room
     _remove_stale_locks(owners_folder)
     return len(leftovers)
 

@@ -148,13 +148,15 @@ class Store:
         return cls(folder, **options)  # type: ignore[arg-type]
 
     def close(self) -> None:
-        if self._committer is not None:
-            self._committer.close()
-            self._committer = None
-        if self._owner is not None:
-            self._owner.release()
-            self._owner = None
-        self.index.close()
+        try:
+            if self._committer is not None:
+                self._committer.close()
+                self._committer = None
+        finally:
+            if self._owner is not None:
+                self._owner.release()
+                self._owner = None
+            self.index.close()
 
     def __enter__(self) -> "Store":
         return self
