@@ -14,7 +14,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from dicomfs import __version__
 from dicomfs.config import Config, LoadedConfig, load_config
@@ -24,7 +24,7 @@ from dicomfs.store.committer import REJECTED, WriteSettings
 from dicomfs.store.ids import Level
 from dicomfs.store.mutations import Limits
 from dicomfs.store.records import Record
-from dicomfs.store.sources import iter_sources
+from dicomfs.store.sources import Source, iter_sources
 from dicomfs.store.store import Store
 
 __all__ = ["main", "open_store", "write_settings"]
@@ -71,13 +71,15 @@ def cmd_ingest(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     for path in paths:
         if not path.exists():
             raise NotFoundError(f"{path}: no such file or folder")
-    sources = list(iter_sources(paths))
     counts: Counter[str] = Counter()
     rejected: list[tuple[str, str]] = []
     total_bytes = 0
     started = time.monotonic()
-    bar = tqdm(total=len(sources), unit="file", disable=True if (args.json or args.quiet) else None,
-               file=sys.stderr, dynamic_ncols=True)
+    show_bar = not (args.json or args.quiet) and sys.stderr.isatty()
+    # Only a progress bar needs the count up front; otherwise listing overlaps with ingesting.
+    sources: Iterable[Source] = list(iter_sources(paths)) if show_bar else iter_sources(paths)
+    bar = tqdm(total=len(sources) if isinstance(sources, list) else None, unit="file",
+               disable=not show_bar, file=sys.stderr, dynamic_ncols=True)
     with open_store(loaded) as store:
         for result in store.ingest_sources(sources, origin="cli"):
             counts[result.status] += 1
