@@ -100,7 +100,7 @@ class Candidate:
         h = header
         ids = resource_ids(h.text("PatientID"), h.text("StudyInstanceUID"), h.text("SeriesInstanceUID"),
                            h.text("SOPInstanceUID"))
-        return cls(label, header, ids, hashlib.sha256(data).hexdigest(), len(data), origin, remote)  # type: ignore[arg-type]
+        return cls(label, header, ids, hashlib.sha256(data).hexdigest(), len(data), origin, remote)
 
     def result(self) -> IngestResult:
         return IngestResult(self.label, self.outcome, self.reason, self.ids, self.size)

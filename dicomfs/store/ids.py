@@ -64,14 +64,16 @@ def _hash(*parts: str) -> ResourceId:
     return ResourceId("-".join(digest[i : i + 8] for i in range(0, 40, 8)))
 
 
-def resource_ids(patient_id: str, study_uid: str, series_uid: str, sop_uid: str) -> tuple[ResourceId, ...]:
+def resource_ids(
+    patient_id: str, study_uid: str, series_uid: str, sop_uid: str
+) -> tuple[ResourceId, ResourceId, ResourceId, ResourceId]:
     """The ids of an instance and its ancestors: (patient, study, series, instance)."""
-    return (
-        _hash(patient_id),
-        _hash(patient_id, study_uid),
-        _hash(patient_id, study_uid, series_uid),
-        _hash(patient_id, study_uid, series_uid, sop_uid),
-    )
+    return (*_ancestor_ids(patient_id, study_uid, series_uid), _hash(patient_id, study_uid, series_uid, sop_uid))
+
+
+@functools.lru_cache(maxsize=1024)  # every instance of a series shares them
+def _ancestor_ids(patient_id: str, study_uid: str, series_uid: str) -> tuple[ResourceId, ResourceId, ResourceId]:
+    return _hash(patient_id), _hash(patient_id, study_uid), _hash(patient_id, study_uid, series_uid)
 
 
 @functools.lru_cache(maxsize=4096)  # ancestors' ids recur for every instance of a batch
