@@ -121,9 +121,21 @@ def cmd_ls(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     with open_store(loaded, readonly=True) as store:
         parent = store.resolve_one(args.parent).id if args.parent else None
         records = [r for r in store.walk(level, parent) if all(_matches(r, k, g) for k, g in filters)]
-        for record in records:
+        for record in sorted(records, key=_natural_order):
             print(json.dumps(_record_json(record), ensure_ascii=False) if args.json else _record_line(record))
     return 0
+
+
+def _natural_order(record: Record) -> tuple[object, ...]:
+    """The order a person expects: by PatientID, study date, series and instance number."""
+    from dicomfs.store.records import Instance, Patient, Series, Study
+
+    if isinstance(record, Patient):
+        return (record.patient_id, record.id)
+    if isinstance(record, Study):
+        return (record.parent, record.date, record.time, record.id)
+    assert isinstance(record, (Series, Instance))
+    return (record.parent, record.number is None, record.number or 0, record.id)
 
 
 def _parse_filter(text: str) -> tuple[str, str]:
