@@ -34,9 +34,9 @@ def crash_corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     return corpus
 
 
-def _ingest_until_killed(store: Path, corpus: Path, delay: float) -> list[dict[str, object]]:
+def _ingest_until_killed(store: Path, corpus: Path, delay: float, config: Path) -> list[dict[str, object]]:
     """Run an ingest; kill it ``delay`` seconds after its first acknowledgement; return what it acked."""
-    env = {**os.environ, "DICOMFS_CONFIG": os.devnull}
+    env = {**os.environ, "DICOMFS_CONFIG": str(config)}
     child = subprocess.Popen([*dicomfs_command(), "--store", str(store), "ingest", "--json", str(corpus)],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     acknowledged: list[dict[str, object]] = []
@@ -62,24 +62,31 @@ def _ingest_until_killed(store: Path, corpus: Path, delay: float) -> list[dict[s
     return acknowledged
 
 
-def test_crash_sigkill_loses_nothing_acknowledged(tmp_path: Path, crash_corpus: Corpus) -> None:
+@pytest.mark.parametrize("workers", [0, 1])  # worker processes, and the committer thread uploads use
+def test_crash_sigkill_loses_nothing_acknowledged(tmp_path: Path, crash_corpus: Corpus, workers: int) -> None:
     store = tmp_path / "store"
-    assert run_cli("init", store=store).returncode == 0
-    chooser = random.Random(2026)
+    config = tmp_path / "dicomfs.toml"
+    config.write_text(f"[ingest]\nworkers = {workers}\nbatch_files = 32\n")
+    assert run_cli("init", store=store, config=config).returncode == 0
+    chooser = random.Random(2026 + workers)
     acknowledged: dict[str, str] = {}
+    per_round: list[int] = []
     for _ in range(5):
-        for result in _ingest_until_killed(store, crash_corpus.root, chooser.uniform(0.0, 0.4)):
+        acked = _ingest_until_killed(store, crash_corpus.root, chooser.uniform(0.0, 0.4), config)
+        per_round.append(len(acked))
+        for result in acked:
             if result["status"] in ("stored", "already_stored"):
                 acknowledged[str(result["instance"])] = str(result["path"])
-        checked = run_cli("check", store=store)
+        checked = run_cli("check", store=store, config=config)
         assert checked.returncode == 0, checked.stdout + checked.stderr
         _assert_present_and_intact(store, acknowledged)
     assert acknowledged, "no kill came after an acknowledgement: the test proved nothing"
-    finished = run_cli("ingest", "--quiet", str(crash_corpus.root), store=store)
+    assert min(per_round) < 2000, f"no kill interrupted an ingest (acknowledged per round: {per_round})"
+    finished = run_cli("ingest", "--quiet", str(crash_corpus.root), store=store, config=config)
     assert finished.returncode == 0, finished.stderr
-    stats = json.loads(run_cli("stats", "--json", store=store).stdout)
+    stats = json.loads(run_cli("stats", "--json", store=store, config=config).stdout)
     assert stats["instances"] == 2000
-    assert run_cli("check", store=store).returncode == 0
+    assert run_cli("check", store=store, config=config).returncode == 0
 
 
 def _assert_present_and_intact(store: Path, acknowledged: dict[str, str]) -> None:
