@@ -26,6 +26,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Sequence
 from pathlib import Path
 
 from dicomfs.errors import StoreFullError
@@ -297,7 +298,7 @@ class GroupCommitter:
         except StoreFullError:
             self._released.extend(names)
 
-    def index_batch(self, candidates: list[Candidate], *, unused_names: list[str] = []) -> list[str]:  # noqa: B006
+    def index_batch(self, candidates: list[Candidate], *, unused_names: Sequence[str] = ()) -> list[str]:
         """Step 4: index candidates whose blobs are durable; returns the blobs that became garbage.
 
         Candidates without a blob were settled before writing and are left as they are;

@@ -424,7 +424,7 @@ class Store:
         """Store the file ``source`` as attachment ``name``, replacing any previous one."""
         key = self._attachment_key(name)
         configured_mime = next((m for k, m in self.attachment_types.values() if k == key), "application/octet-stream")
-        committer = self._writer()
+        self._writer()  # refuses when read-only
         assert self._owner is not None
         blob = self.blobs.new_name()
         with self.index.write() as txn:
@@ -448,7 +448,6 @@ class Store:
             self.index.add_to_counter(txn, "attachment_bytes", stored)
             self.index.remove_pending(txn, self._owner.token, blob)
             changes.note("~", record)
-        del committer
         return self.attachment(resource_id, name)
 
     def delete_attachment(self, resource_id: str, name: str) -> None:
