@@ -20,7 +20,6 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from dicomfs.store.ids import Level, ResourceId
 from dicomfs.store.index import COUNTER_NAMES, Index, Txn
@@ -37,6 +36,8 @@ class CheckReport:
 
     problems: list[str] = field(default_factory=list)
     repairs: list[str] = field(default_factory=list)
+    broken_instances: list[str] = field(default_factory=list)
+    """Instances whose blob is missing or damaged: what repair takes out of the index."""
     records: int = 0
     blobs: int = 0
     seconds: float = 0.0
@@ -171,6 +172,7 @@ def _check_instance_blobs(store: Store, records: dict[ResourceId, Record], repor
         problem = _blob_problem(store, record.blob, record.codec, record.size, record.stored_size, record.sha256, verify)
         if problem:
             report.problems.append(f"instance {record.id}: {problem}")
+            report.broken_instances.append(record.id)
     return referenced
 
 
@@ -217,10 +219,9 @@ def _repair(store: Store, orphans: list[str], report: CheckReport) -> None:
     for blob in orphans:
         os.replace(store.blobs.path(blob), quarantine / blob)
         report.repairs.append(f"moved orphan blob {blob} to {quarantine}")
-    damaged = [p.split(":")[0].split()[1] for p in report.problems if p.startswith("instance ") and "blob" in p]
     changes = TxnChanges()
     with store.index.write() as txn:
-        for resource_id in damaged:
+        for resource_id in report.broken_instances:
             record = store.index.get(txn, resource_id)
             if not isinstance(record, Instance):
                 continue
