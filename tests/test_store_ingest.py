@@ -238,3 +238,36 @@ def test_store_ingest_finds_a_zip_by_its_content(open_store: Callable[..., Store
     assert {r.status for r in archive_results} <= {"stored", "already_stored"}
     assert store.stats().instances == len({f.sop_uid for f in valid})
     assert len(results) == 4 + extra_files
+
+
+def test_store_ingest_file_gives_one_result_per_file_it_holds(open_store: Callable[..., Store], small_corpus: Corpus,
+                                                             tmp_path: Path) -> None:
+    store = open_store()
+    valid = [f for f in small_corpus.files if f.valid][:3]
+    [single] = store.ingest_file(valid[0].path, label="uploads/IM1.dcm", origin="fuse", remote="alice")
+    assert (single.status, single.path) == ("stored", "uploads/IM1.dcm")
+    assert store.metadata(single.ids[3])["RemoteUser"] == "alice"  # type: ignore[index]
+    archive = tmp_path / "upload.bin"
+    with zipfile.ZipFile(archive, "w") as out:
+        for n, sample in enumerate(valid):
+            out.write(sample.path, f"{n}.dcm")
+    statuses = sorted(r.status for r in store.ingest_file(archive, origin="fuse"))
+    assert statuses == ["already_stored", "stored", "stored"]
+    [rejected] = store.ingest_file(small_corpus.root / "bad" / "notes.txt")
+    assert rejected.status == "rejected" and "not DICOM" in rejected.reason
+
+
+def test_store_change_log_names_what_each_commit_changed(open_store: Callable[..., Store], small_corpus: Corpus) -> None:
+    store = open_store()
+    sample = next(f for f in small_corpus.files if f.valid)
+    before = store.change_number()
+    [result] = store.ingest_file(sample.path)
+    assert result.ids is not None
+    with store.index.read() as txn:
+        logged = [entry for _, entries in store.index.changes_since(txn, before) for entry in entries]
+    assert {(op, rid) for op, _, rid in logged} >= {("+", rid) for rid in result.ids}
+    after_ingest = store.change_number()
+    store.delete(result.ids[0])
+    with store.index.read() as txn:
+        logged = [entry for _, entries in store.index.changes_since(txn, after_ingest) for entry in entries]
+    assert {(op, rid) for op, _, rid in logged} == {("-", rid) for rid in result.ids}
