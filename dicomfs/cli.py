@@ -19,8 +19,9 @@ from typing import Any, Callable, Iterable, Sequence
 from dicomfs import __version__
 from dicomfs.config import Config, LoadedConfig, load_config
 from dicomfs.errors import DicomfsError, NotFoundError
+from dicomfs.store.candidates import REJECTED
 from dicomfs.store.check import check_store
-from dicomfs.store.committer import REJECTED, WriteSettings
+from dicomfs.store.committer import WriteSettings
 from dicomfs.store.ids import Level
 from dicomfs.store.mutations import Limits
 from dicomfs.store.records import Record

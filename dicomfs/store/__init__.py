@@ -5,7 +5,8 @@ from worker threads. Start at ``store.Store``; ``index`` describes the tables, `
 ``bulk`` how ingest stays fast and crash-safe, ``check`` what consistency means.
 """
 
-from dicomfs.store.committer import IngestResult, WriteSettings
+from dicomfs.store.candidates import IngestResult
+from dicomfs.store.committer import WriteSettings
 from dicomfs.store.ids import Level, ResourceId
 from dicomfs.store.mutations import Limits
 from dicomfs.store.records import Instance, Patient, Record, Series, Study

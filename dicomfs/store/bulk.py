@@ -24,23 +24,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Union
 
-from dicomfs.errors import NotDicomError, RejectedFileError, StoreFullError
+from dicomfs.errors import StoreFullError
 from dicomfs.store.blobs import BlobStore, sync_filesystem
-from dicomfs.store.committer import store_write_failure
-from dicomfs.store.committer import (
-    DICOMDIR_REASON,
+from dicomfs.store.candidates import (
     REJECTED,
-    SKIPPED,
+    Archive,
     Candidate,
-    GroupCommitter,
     IngestResult,
-    WriteSettings,
+    examine,
     settle_if_stored,
+    store_write_failure,
+    unreadable,
 )
-from dicomfs.store.dicomparse import parse_header
+from dicomfs.store.committer import GroupCommitter, WriteSettings
 from dicomfs.store.index import Index
 from dicomfs.store.records import Instance
-from dicomfs.store.sources import Source, archive_members, is_archive
+from dicomfs.store.sources import Source, archive_members
 
 __all__ = ["ingest_in_workers"]
 
@@ -53,14 +52,7 @@ _NAMES_RESERVED = 1024
 """Blob names reserved per commit."""
 _PR_SET_PDEATHSIG = 1
 
-@dataclass(frozen=True)
-class _Archive:
-    """A worker's answer for a zip archive: the parent lists its members and ingests those."""
-
-    source: Source
-
-
-Outcome = Union[Candidate, IngestResult, _Archive]
+Outcome = Union[Candidate, IngestResult, Archive]
 
 
 @dataclass(frozen=True)
@@ -79,37 +71,31 @@ class _Worker:
         self.blobs = BlobStore(folder / "blobs")
         self.settings = settings
 
-    def prepare(self, task: _Task) -> tuple[Outcome, bool]:
-        """Parse the file and write its blob; returns the outcome and whether the name was used."""
+    def prepare(self, task: _Task) -> Candidate | IngestResult | Archive:
+        """Examine the file and write its blob into the task's name when it is to be stored."""
         source = task.source
         try:
             with source.open() as (data, fd):
-                try:
-                    header = parse_header(data)
-                except RejectedFileError as error:
-                    if isinstance(error, NotDicomError) and is_archive(data, source):
-                        return _Archive(source), False
-                    return IngestResult(source.label, REJECTED, str(error)), False
-                if header.is_dicomdir:
-                    return IngestResult(source.label, SKIPPED, DICOMDIR_REASON), False
-                candidate = Candidate.of(source.label, header, data, task.origin, task.remote)
+                found = examine(source, data, task.origin, task.remote)
+                if not isinstance(found, Candidate):
+                    return found
                 with self.index.read() as txn:
-                    existing = self.index.get(txn, candidate.ids[3])
+                    existing = self.index.get(txn, found.ids[3])
                 stored_sha = existing.sha256 if isinstance(existing, Instance) else None
-                if settle_if_stored(candidate, stored_sha, self.settings.overwrite):
-                    return candidate, False
+                if settle_if_stored(found, stored_sha, self.settings.overwrite):
+                    return found
                 s = self.settings
                 try:
-                    candidate.stored_size = self.blobs.write(
+                    found.stored_size = self.blobs.write(
                         task.blob, data, codec=s.codec, level=s.level, block_size=s.block_size,
-                        header_length=header.header_length, source_fd=fd,
+                        header_length=found.header.header_length, source_fd=fd,
                     )
                 except OSError as error:  # the store's disk, not the source: say so
-                    return IngestResult(source.label, REJECTED, store_write_failure(error, self.blobs.root)), False
-                candidate.blob = task.blob
-                return candidate, True
+                    return IngestResult(source.label, REJECTED, store_write_failure(error, self.blobs.root))
+                found.blob = task.blob
+                return found
         except OSError as error:
-            return IngestResult(source.label, REJECTED, f"unreadable: {error.strerror or error}"), False
+            return unreadable(source, error)
 
 
 _worker: _Worker | None = None
@@ -130,7 +116,7 @@ def _start_worker(parent: int, folder: str, settings: WriteSettings) -> None:
     _worker = _Worker(Path(folder), settings)
 
 
-def _prepare_all(tasks: list[_Task]) -> list[tuple[Outcome, bool]]:
+def _prepare_all(tasks: list[_Task]) -> list[Outcome]:
     assert _worker is not None
     return [_worker.prepare(task) for task in tasks]
 
@@ -142,7 +128,7 @@ def ingest_in_workers(
     """Ingest ``sources`` with ``workers`` processes; yield results in source order, each durable."""
     context = multiprocessing.get_context("spawn")
     names: list[str] = []
-    in_flight: deque[tuple[Future[list[tuple[Outcome, bool]]], list[str]]] = deque()
+    in_flight: deque[tuple[Future[list[Outcome]], list[str]]] = deque()
     archives: deque[Source] = deque()  # members of archives found by the workers, offered first
     listed = iter(sources)
 
@@ -173,36 +159,34 @@ def ingest_in_workers(
 
         refill()
         batch: list[Candidate | IngestResult] = []
-        unused: list[str] = []
         batch_bytes = 0
         while in_flight:
             future, blob_names = in_flight.popleft()
             refill()
-            for (outcome, used), name in zip(future.result(), blob_names):
-                if isinstance(outcome, _Archive):
-                    archives.extend(archive_members(outcome.source.path))
-                    unused.append(name)
-                    refill()
-                    continue
-                batch.append(outcome)
-                if used:
+            for outcome, name in zip(future.result(), blob_names):
+                if isinstance(outcome, Candidate) and outcome.blob:
                     batch_bytes += outcome.size
                 else:
-                    unused.append(name)
+                    committer.release_later([name])  # nothing was written under it
+                if isinstance(outcome, Archive):
+                    archives.extend(archive_members(outcome.source.path))
+                    refill()
+                else:
+                    batch.append(outcome)
             if len(batch) >= batch_files or batch_bytes >= settings.batch_bytes or not in_flight:
-                yield from _commit(committer, folder, batch, unused)
-                batch, unused, batch_bytes = [], [], 0
-    if names:
-        committer.forget_names(names)
+                yield from _index_durably(committer, folder, batch)
+                batch, batch_bytes = [], 0
+    committer.release_later(names)
     if full:
         while (source := next_source()) is not None:
             yield IngestResult(source.label, REJECTED, str(full[0]))
 
 
-def _commit(committer: GroupCommitter, folder: Path, batch: list[Candidate | IngestResult], unused: list[str]) -> Iterator[IngestResult]:
+def _index_durably(committer: GroupCommitter, folder: Path, batch: list[Candidate | IngestResult]) -> Iterator[IngestResult]:
+    """Make a batch's blobs durable, index them, and yield the batch's results in order."""
     candidates = [o for o in batch if isinstance(o, Candidate)]
     if any(c.blob for c in candidates):
         sync_filesystem(folder)
-    committer.finish(committer.index_batch(candidates, unused_names=unused))
+    committer.finish(committer.index_batch(candidates))
     for outcome in batch:
         yield outcome.result() if isinstance(outcome, Candidate) else outcome

@@ -19,48 +19,24 @@ removes them; nothing acknowledged is ever lost, because acknowledgement comes a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import mmap
 import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
 from pathlib import Path
+from typing import Iterator, Sequence
 
 from dicomfs.errors import StoreFullError
-from dicomfs.store.blobs import BlobStore, is_disk_full, sync_filesystem
-from dicomfs.store.dicomparse import DicomHeader
-from dicomfs.store.ids import ResourceId, resource_ids
+from dicomfs.store.blobs import BlobStore, sync_filesystem
+from dicomfs.store.candidates import REJECTED, REPLACED, STORED, Candidate, IngestResult, settle_if_stored, store_write_failure
 from dicomfs.store.index import CachedIndex, Index, Txn
 from dicomfs.store.mutations import Limits, NewInstance, TxnChanges, add_instance, apply_growth, make_room
 from dicomfs.store.owners import Owner
 from dicomfs.store.records import Instance
 
-__all__ = ["ALREADY_STORED", "DICOMDIR_REASON", "Candidate", "GroupCommitter", "IngestResult", "REJECTED", "REPLACED", "SKIPPED",
-           "STORED", "Submission", "WriteSettings", "settle_if_stored", "store_write_failure"]
-
-STORED, ALREADY_STORED, REPLACED, REJECTED, SKIPPED = "stored", "already_stored", "replaced", "rejected", "skipped"
-DICOMDIR_REASON = "DICOMDIR: read as an index of the files beside it, not stored"
-
-
-@dataclass(frozen=True)
-class IngestResult:
-    """What became of one offered file. ``status`` is one of the five constants above."""
-
-    path: str
-    status: str
-    reason: str = ""
-    ids: tuple[str, str, str, str] | None = None
-    size: int = 0
-
-    def as_json(self) -> dict[str, object]:
-        """The stable ``--json`` form: path, status, reason, size, and the four ids (or nulls)."""
-        patient, study, series, instance = self.ids or (None, None, None, None)
-        return {"path": self.path, "status": self.status, "reason": self.reason, "size": self.size,
-                "patient": patient, "study": study, "series": series, "instance": instance}
-
+__all__ = ["GroupCommitter", "Submission", "WriteSettings"]
 
 @dataclass(frozen=True)
 class WriteSettings:
@@ -77,53 +53,6 @@ class WriteSettings:
     threads: int = 4
     workers: int = 0
     """Processes for bulk ingest; 0 means one per CPU."""
-
-
-@dataclass
-class Candidate:
-    """A parsed file on its way into the index: who it is, and where its blob is (once written)."""
-
-    label: str
-    header: DicomHeader
-    ids: tuple[ResourceId, ResourceId, ResourceId, ResourceId]
-    sha256: str
-    size: int
-    origin: str
-    remote: str
-    blob: str = ""
-    stored_size: int = 0
-    outcome: str = ""
-    reason: str = ""
-
-    @classmethod
-    def of(cls, label: str, header: DicomHeader, data: bytes | mmap.mmap, origin: str, remote: str) -> "Candidate":
-        """Identify a parsed file: its four resource ids and the SHA-256 of its bytes."""
-        h = header
-        ids = resource_ids(h.text("PatientID"), h.text("StudyInstanceUID"), h.text("SeriesInstanceUID"),
-                           h.text("SOPInstanceUID"))
-        return cls(label, header, ids, hashlib.sha256(data).hexdigest(), len(data), origin, remote)
-
-    def result(self) -> IngestResult:
-        return IngestResult(self.label, self.outcome, self.reason, self.ids, self.size)
-
-
-def store_write_failure(error: OSError, folder: Path) -> str:
-    """The reason a person reads when a blob could not be written into the store."""
-    if is_disk_full(error):
-        return f"storage full: no space left on the store's disk ({folder})"
-    return f"could not write to the store ({folder}): {error.strerror or error}"
-
-
-def settle_if_stored(candidate: Candidate, stored_sha: str | None, overwrite: bool) -> bool:
-    """Whether a stored copy (of SHA-256 ``stored_sha``) settles the candidate: same bytes, or other
-    bytes that the configuration says to keep. Sets the candidate's outcome when it does."""
-    if stored_sha is None or (stored_sha != candidate.sha256 and overwrite):
-        return False
-    candidate.outcome = ALREADY_STORED
-    if stored_sha != candidate.sha256:
-        candidate.reason = ("kept the stored copy: same SOPInstanceUID with other bytes "
-                            "(storage.overwrite_instances = false)")
-    return True
 
 
 @dataclass
@@ -150,7 +79,8 @@ class GroupCommitter:
         self._queue: "queue.Queue[Submission | None]" = queue.Queue()
         self._queued_bytes = 0
         self._room = threading.Condition()
-        self._released: list[str] = []
+        self._released: list[str] = []  # deleted blobs whose pending marks are still to clear
+        self._released_lock = threading.Lock()  # appended from callers', pool and committer threads
         self._pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="dicomfs-compress") if settings.codec != "none" else None
         self._thread = threading.Thread(target=self._run, name="dicomfs-committer", daemon=True)
         self._thread.start()
@@ -172,19 +102,33 @@ class GroupCommitter:
             self._pool.shutdown()
         if self._released:
             try:
-                with self.index.write() as txn:
-                    self._forget_released(txn)
+                with self._writing():
+                    pass
             except StoreFullError:
                 pass  # the blobs are gone; recovery clears their marks once this owner has left
 
-    def release_later(self, blobs: list[str]) -> None:
-        """Blobs another operation of this process deleted; their pending marks go in a later commit."""
-        self._released.extend(blobs)
+    def release_later(self, blobs: Sequence[str]) -> None:
+        """Blobs that are gone (or were never written): their pending marks go with the next commit."""
+        with self._released_lock:
+            self._released.extend(blobs)
 
-    def _forget_released(self, txn: Txn) -> None:
-        for blob in self._released:
-            self.index.remove_pending(txn, self.owner.token, blob)
-        self._released.clear()
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Txn]:
+        """A write transaction that also clears the marks of released blobs.
+
+        Every write of this committer goes through here, so the marks ride along with work that
+        commits anyway; if the transaction aborts, they are kept for the next one.
+        """
+        with self._released_lock:
+            released, self._released = self._released, []
+        try:
+            with self.index.write() as txn:
+                for blob in released:
+                    self.index.remove_pending(txn, self.owner.token, blob)
+                yield txn
+        except BaseException:
+            self.release_later(released)
+            raise
 
     # -- the thread --------------------------------------------------------------------------
 
@@ -199,7 +143,7 @@ class GroupCommitter:
             deadline = time.monotonic() + self.settings.batch_delay
             while len(batch) < self.settings.batch_files and batch_bytes < self.settings.batch_bytes:
                 try:
-                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0)) if self._queue.empty() else self._queue.get_nowait()
+                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
                 except queue.Empty:
                     break
                 if item is None:
@@ -239,23 +183,19 @@ class GroupCommitter:
         """Step 1: decide each file's fate; mark the blobs about to be written as pending."""
         to_write: list[Submission] = []
         seen: dict[str, Candidate] = {}
-        with self.index.write() as txn:
-            self._forget_released(txn)
+        with self._writing() as txn:
             for item in batch:
                 candidate = item.candidate
                 earlier = seen.get(candidate.ids[3])
                 existing = self.index.get(txn, candidate.ids[3])
                 stored_sha = earlier.sha256 if earlier is not None else (existing.sha256 if isinstance(existing, Instance) else None)
-                if self.already_stored(candidate, stored_sha):
+                if settle_if_stored(candidate, stored_sha, self.settings.overwrite):
                     continue
                 candidate.blob = self.blobs.new_name()
                 self.index.add_pending(txn, self.owner.token, candidate.blob)
                 seen[candidate.ids[3]] = candidate
                 to_write.append(item)
         return to_write
-
-    def already_stored(self, candidate: Candidate, stored_sha: str | None) -> bool:
-        return settle_if_stored(candidate, stored_sha, self.settings.overwrite)
 
     def _write_blobs(self, items: list[Submission]) -> None:
         """Step 2: write the blobs; compression runs on the pool (zlib and zstd release the GIL)."""
@@ -270,7 +210,7 @@ class GroupCommitter:
                 )
             except OSError as error:  # nothing was left behind; the name's pending mark goes later
                 c.outcome, c.reason = REJECTED, store_write_failure(error, self.blobs.root)
-                self._released.append(c.blob)
+                self.release_later([c.blob])
                 c.blob = ""
 
         if self._pool is None:
@@ -282,44 +222,28 @@ class GroupCommitter:
     def reserve_names(self, count: int) -> list[str]:
         """Blob names marked pending in one commit, for workers to write into later."""
         names = [self.blobs.new_name() for _ in range(count)]
-        with self.index.write() as txn:
-            self._forget_released(txn)
+        with self._writing() as txn:
             for name in names:
                 self.index.add_pending(txn, self.owner.token, name)
         return names
 
-    def forget_names(self, names: list[str]) -> None:
-        """Reserved names that were never written: their pending marks go (now, or with a later
-        commit if the index is full)."""
-        try:
-            with self.index.write() as txn:
-                for name in names:
-                    self.index.remove_pending(txn, self.owner.token, name)
-        except StoreFullError:
-            self._released.extend(names)
-
-    def index_batch(self, candidates: list[Candidate], *, unused_names: Sequence[str] = ()) -> list[str]:
+    def index_batch(self, candidates: list[Candidate]) -> list[str]:
         """Step 4: index candidates whose blobs are durable; returns the blobs that became garbage.
 
-        Candidates without a blob were settled before writing and are left as they are;
-        ``unused_names`` are reserved names nobody wrote, whose pending marks go in the same commit.
+        Candidates without a blob were settled before writing and are left as they are.
         """
         changes = TxnChanges()
         index = CachedIndex(self.index)
         try:
-            with self.index.write() as txn:
-                self._forget_released(txn)
-                for name in unused_names:
-                    index.remove_pending(txn, self.owner.token, name)
+            with self._writing() as txn:
                 self._index_candidates(index, txn, candidates, changes)
         except StoreFullError as error:
             # Nothing of the batch reached the index: its files are rejected and their blobs freed
-            # (their pending marks, and the unused names', go with the next commit that succeeds).
+            # (their pending marks go with the next commit that succeeds).
             garbage = [c.blob for c in candidates if c.blob]
             for candidate in candidates:
                 if candidate.blob:
                     candidate.outcome, candidate.reason, candidate.blob = REJECTED, str(error), ""
-            self._released.extend(unused_names)
             return garbage
         return changes.garbage
 
@@ -330,7 +254,7 @@ class GroupCommitter:
             index.remove_pending(txn, self.owner.token, item.blob)
             existing = index.get(txn, item.ids[3])
             replacing = existing if isinstance(existing, Instance) else None
-            if replacing is not None and self.already_stored(item, replacing.sha256):
+            if replacing is not None and settle_if_stored(item, replacing.sha256, self.settings.overwrite):
                 changes.garbage.append(item.blob)  # another writer stored it meanwhile
                 continue
             try:
@@ -355,4 +279,4 @@ class GroupCommitter:
         """Step 5: delete the blobs a durable commit made garbage; their marks go next commit."""
         for blob in garbage:
             self.blobs.remove(blob)
-        self._released.extend(garbage)
+        self.release_later(garbage)

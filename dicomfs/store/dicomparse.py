@@ -20,7 +20,6 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Union
 
-
 from dicomfs.errors import MissingIdentifierError, NotDicomError, TruncatedError
 
 __all__ = ["DicomHeader", "parse_header", "DICOMDIR_SOP_CLASS"]

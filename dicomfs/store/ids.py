@@ -20,7 +20,8 @@ import hashlib
 import re
 from typing import NewType
 
-__all__ = ["ROOT_KEY", "Level", "ResourceId", "id_from_key", "key_from_id", "looks_like_id", "resource_ids"]
+__all__ = ["ROOT_KEY", "Level", "ResourceId", "id_from_key", "key_from_id", "looks_like_id", "patient_resource_id",
+           "resource_ids"]
 
 ResourceId = NewType("ResourceId", str)
 """A resource id in text form: ``8hex-8hex-8hex-8hex-8hex``."""
@@ -69,6 +70,11 @@ def resource_ids(
 ) -> tuple[ResourceId, ResourceId, ResourceId, ResourceId]:
     """The ids of an instance and its ancestors: (patient, study, series, instance)."""
     return (*_ancestor_ids(patient_id, study_uid, series_uid), _hash(patient_id, study_uid, series_uid, sop_uid))
+
+
+def patient_resource_id(patient_id: str) -> ResourceId:
+    """The id of the patient with this PatientID."""
+    return _hash(patient_id)
 
 
 @functools.lru_cache(maxsize=1024)  # every instance of a series shares them

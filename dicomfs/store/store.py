@@ -21,40 +21,30 @@ import itertools
 import json
 import os
 import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from concurrent.futures import Future
 from typing import Iterable, Iterator, Mapping
 
 from dicomfs.errors import (
     AmbiguousError,
-    NotDicomError,
     NotFoundError,
     ReadOnlyError,
-    RejectedFileError,
     StoreError,
     StoreNotFoundError,
 )
 from dicomfs.store.blobs import BlobReader, BlobStore, sync_filesystem
 from dicomfs.store.bulk import ingest_in_workers
-from dicomfs.store.committer import (
-    DICOMDIR_REASON,
-    REJECTED,
-    SKIPPED,
-    Candidate,
-    GroupCommitter,
-    IngestResult,
-    Submission,
-    WriteSettings,
-)
-from dicomfs.store.dicomparse import parse_header
-from dicomfs.store.ids import Level, ResourceId, looks_like_id, resource_ids
+from dicomfs.store.candidates import Archive, Candidate, IngestResult, examine, unreadable
+from dicomfs.store.committer import GroupCommitter, Submission, WriteSettings
+from dicomfs.store.ids import Level, looks_like_id, patient_resource_id
 from dicomfs.store.index import COUNTER_NAMES, AttachmentEntry, Index, Txn
 from dicomfs.store.metadata import core_metadata, user_key
 from dicomfs.store.mutations import TxnChanges, remove_resource, set_protected
 from dicomfs.store.owners import Owner, recover
 from dicomfs.store.records import Instance, Patient, Record
-from dicomfs.store.sources import Source, archive_members, is_archive, iter_sources
+from dicomfs.store.sources import Source, archive_members, iter_sources
 
 __all__ = ["Attachment", "Store", "StoreStats"]
 
@@ -212,8 +202,13 @@ class Store:
                 parent = found.parent
         return chain
 
-    def walk(self, level: Level, parent: str | None = None) -> Iterator[Record]:
-        """Every resource of ``level``, under ``parent`` when given, depth first."""
+    def walk(self, level: Level, parent: str | None = None) -> list[Record]:
+        """Every resource of ``level``, under ``parent`` when given, depth first.
+
+        A list, not a generator: the read transaction must not stay open while a caller loops
+        (a long-lived snapshot keeps LMDB from reusing pages).
+        """
+        found: list[Record] = []
         with self.index.read() as txn:
             starts = [self.index.get(txn, parent)] if parent else list(self.index.children(txn, None))
             stack = [r for r in starts if r is not None]
@@ -221,10 +216,10 @@ class Store:
             while stack:
                 record = stack.pop()
                 if record.level == level:
-                    yield record
+                    found.append(record)
                 elif record.level < level:
-                    below = list(self.index.children(txn, record.id))
-                    stack.extend(reversed(below))
+                    stack.extend(reversed(list(self.index.children(txn, record.id))))
+        return found
 
     def resolve(self, selector: str) -> list[Record]:
         """Resources named by a selector: a resource id, a DICOM UID, or a PatientID."""
@@ -236,7 +231,7 @@ class Store:
                     return [record]
             found = [self.index.get(txn, rid) for _, rid in self.index.find_uid(txn, selector)]
             if not found:
-                found = [self.index.get(txn, resource_ids(selector, "", "", "")[0])]
+                found = [self.index.get(txn, patient_resource_id(selector))]
         records = [r for r in found if r is not None]
         if not records:
             raise NotFoundError(f"nothing in the store matches {selector!r} (not an id, a UID or a PatientID)")
@@ -290,11 +285,11 @@ class Store:
             yield from ingest_in_workers(committer, self.folder, self.settings, sources,
                                          origin=origin, remote=remote, workers=workers)
             return
-        waiting: list[Future[IngestResult] | IngestResult] = []
+        waiting: deque[Future[IngestResult] | IngestResult] = deque()
         for source in sources:
             waiting.extend(self._offer(committer, source, origin, remote))
             while waiting and (isinstance(waiting[0], IngestResult) or waiting[0].done()):
-                head = waiting.pop(0)
+                head = waiting.popleft()
                 yield head if isinstance(head, IngestResult) else head.result()
         for head in waiting:
             yield head if isinstance(head, IngestResult) else head.result()
@@ -308,30 +303,23 @@ class Store:
         return [p if isinstance(p, IngestResult) else p.result() for p in pending]
 
     def _offer(self, committer: GroupCommitter, source: Source, origin: str, remote: str) -> "list[Future[IngestResult] | IngestResult]":
+        """Examine one source and hand a candidate to the committer; verdicts come back at once."""
         closer = contextlib.ExitStack()
         try:
             data, fd = closer.enter_context(source.open())
-            try:
-                header = parse_header(data)
-            except NotDicomError:
-                if not is_archive(data, source):
-                    raise
-                closer.close()
-                return [p for member in archive_members(source.path) for p in self._offer(committer, member, origin, remote)]
-            if header.is_dicomdir:
-                closer.close()
-                return [IngestResult(source.label, SKIPPED, DICOMDIR_REASON)]
-            candidate = Candidate.of(source.label, header, data, origin, remote)
-            return [committer.submit(Submission(candidate, data, fd, closer))]
-        except RejectedFileError as error:
-            closer.close()
-            return [IngestResult(source.label, REJECTED, str(error))]
+            found = examine(source, data, origin, remote)
         except OSError as error:
             closer.close()
-            return [IngestResult(source.label, REJECTED, f"unreadable: {error.strerror or error}")]
+            return [unreadable(source, error)]
         except BaseException:
             closer.close()
             raise
+        if isinstance(found, Candidate):
+            return [committer.submit(Submission(found, data, fd, closer))]  # the committer closes it
+        closer.close()
+        if isinstance(found, Archive):
+            return [p for member in archive_members(source.path) for p in self._offer(committer, member, origin, remote)]
+        return [found]
 
     def _writer(self) -> GroupCommitter:
         if self._committer is None:
@@ -430,24 +418,30 @@ class Store:
         with self.index.write() as txn:
             self._existing(txn, resource_id)
             self.index.add_pending(txn, self._owner.token, blob)
-        with Source(str(source), source).open() as (data, fd):
-            digest = hashlib.sha256(data).hexdigest()
-            codec = self.settings.codec
-            stored = self.blobs.write(blob, data, codec=codec, level=self.settings.level,
-                                      block_size=self.settings.block_size, source_fd=fd)
-            size = len(data)
-        sync_filesystem(self.folder)
-        entry = AttachmentEntry(blob, codec, size, stored, digest, mime or configured_mime)
-        with self._changing() as (txn, changes):
-            record = self._existing(txn, resource_id)
-            previous = self.index.attachments(txn, resource_id).get(key)
-            if previous is not None:
-                changes.garbage.append(previous.blob)
-                self.index.add_to_counter(txn, "attachment_bytes", -previous.stored_size)
-            self.index.put_attachment(txn, resource_id, key, entry)
-            self.index.add_to_counter(txn, "attachment_bytes", stored)
-            self.index.remove_pending(txn, self._owner.token, blob)
-            changes.note("~", record)
+        try:
+            with Source(str(source), source).open() as (data, fd):
+                digest = hashlib.sha256(data).hexdigest()
+                codec = self.settings.codec
+                stored = self.blobs.write(blob, data, codec=codec, level=self.settings.level,
+                                          block_size=self.settings.block_size, source_fd=fd)
+                size = len(data)
+            sync_filesystem(self.folder)
+            entry = AttachmentEntry(blob, codec, size, stored, digest, mime or configured_mime)
+            with self._changing() as (txn, changes):
+                record = self._existing(txn, resource_id)
+                previous = self.index.attachments(txn, resource_id).get(key)
+                if previous is not None:
+                    changes.garbage.append(previous.blob)
+                    self.index.add_to_counter(txn, "attachment_bytes", -previous.stored_size)
+                self.index.put_attachment(txn, resource_id, key, entry)
+                self.index.add_to_counter(txn, "attachment_bytes", stored)
+                self.index.remove_pending(txn, self._owner.token, blob)
+                changes.note("~", record)
+        except BaseException:
+            # the resource went meanwhile, the disk is full, ...: the new blob is not kept
+            self.blobs.remove(blob)
+            self._writer().release_later([blob])
+            raise
         return self.attachment(resource_id, name)
 
     def delete_attachment(self, resource_id: str, name: str) -> None:
