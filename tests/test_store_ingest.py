@@ -271,3 +271,36 @@ def test_store_change_log_names_what_each_commit_changed(open_store: Callable[..
     with store.index.read() as txn:
         logged = [entry for _, entries in store.index.changes_since(txn, after_ingest) for entry in entries]
     assert {(op, rid) for op, _, rid in logged} == {("-", rid) for rid in result.ids}
+
+
+def test_store_ingest_does_not_follow_a_symlink_loop(open_store: Callable[..., Store], small_corpus: Corpus,
+                                                     tmp_path: Path) -> None:
+    folder = tmp_path / "cd"
+    folder.mkdir()
+    sample = next(f for f in small_corpus.files if f.valid)
+    (folder / "IM1.dcm").write_bytes(sample.path.read_bytes())
+    (folder / "again").symlink_to(folder)  # copied media do this; a loop must not hang ingest
+    results = list(open_store().ingest([folder]))
+    assert [(Path(r.path).name, r.status) for r in results] == [("IM1.dcm", "stored")]
+
+
+def test_store_dicomdir_cannot_reach_outside_its_folder(open_store: Callable[..., Store], tmp_path: Path) -> None:
+    from pydicom.fileset import FileSet
+
+    cd = tmp_path / "cd"
+    fileset = FileSet()
+    fileset.add(make_instance(patient_id="CD2", patient_name="CD^TWO", study_uid="1.6", series_uid="1.6.1",
+                              sop_uid="1.6.1.1", StudyTime="101500", StudyID="1"))
+    fileset.write(cd)
+    fileset._stage["t"].cleanup()  # pydicom leaves its staging folder to a finalizer (a ResourceWarning)
+    outside = tmp_path / "secret.dcm"
+    write_instance(outside, make_instance(patient_id="SECRET", patient_name="NOT^ON^CD", study_uid="1.7",
+                                          series_uid="1.7.1", sop_uid="1.7.1.1"))
+    dicomdir = pydicom.dcmread(cd / "DICOMDIR")
+    record = next(r for r in dicomdir.DirectoryRecordSequence if "ReferencedFileID" in r)
+    with pytest.warns(UserWarning, match="Invalid value"):  # a hostile DICOMDIR, invalid on purpose
+        record.ReferencedFileID = ["..", "secret.dcm"]
+    dicomdir.save_as(cd / "DICOMDIR")
+    store = open_store()
+    list(store.ingest([cd / "DICOMDIR"]))
+    assert "SECRET" not in {p.patient_id for p in store.children()}  # type: ignore[union-attr]

@@ -94,7 +94,7 @@ def _walk(folder: str) -> Iterator[Source]:
     with os.scandir(folder) as scan:
         entries = sorted(scan, key=lambda entry: entry.name)
     for entry in entries:
-        if entry.is_dir():
+        if entry.is_dir(follow_symlinks=False):  # a linked folder can loop back on itself
             yield from _walk(entry.path)
         elif entry.is_file() and not is_os_junk(entry.name):
             yield from _file(entry.path)
@@ -139,7 +139,13 @@ def _dicomdir_members(dicomdir: Path) -> Iterator[Source]:
 
 
 def _resolve_case_insensitive(root: Path, parts: list[str]) -> Path | None:
-    """Find ``root/parts...`` even when the CD's upper-case names were copied in lower case."""
+    """Find ``root/parts...`` even when the CD's upper-case names were copied in lower case.
+
+    A DICOMDIR names files below its own folder only: a part that could lead elsewhere (``..``,
+    a separator, an absolute path) makes the reference unusable rather than followed.
+    """
+    if any(part in ("", ".", "..") or "/" in part or "\\" in part for part in parts):
+        return None
     current = root
     for part in parts:
         candidate = current / part
