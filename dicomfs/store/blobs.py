@@ -189,10 +189,6 @@ class BlobReader:
         self._cached_index = -1
         self._cached_block = b""
 
-    @property
-    def compressed(self) -> bool:
-        return self._table is not None
-
     def read(self, offset: int, length: int) -> bytes:
         """Up to ``length`` original bytes from ``offset`` (fewer only at the end)."""
         if self._table is None:

@@ -82,7 +82,8 @@ class Index:
     """An open LMDB environment with its tables."""
 
     def __init__(self, folder: Path, *, readonly: bool = False) -> None:
-        folder.mkdir(parents=True, exist_ok=True) if not readonly else None
+        if not readonly:
+            folder.mkdir(parents=True, exist_ok=True)
         self.env = lmdb.open(
             str(folder),
             map_size=_MAP_SIZE,
