@@ -35,12 +35,8 @@ from typing import Any
 
 import numpy as np
 from pydicom import dcmwrite
-from pydicom.charset import default_encoding
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element
 from pydicom.uid import (
     UID,
     BasicTextSRStorage,
@@ -58,6 +54,8 @@ from pydicom.uid import (
     UltrasoundMultiFrameImageStorage,
 )
 
+from dicomfs.sample_encoder import PREAMBLE, SeriesEncoder
+
 __all__ = ["Corpus", "SampleFile", "main", "make_instance", "write_corpus", "write_instance"]
 
 _SOP_CLASSES = {
@@ -74,11 +72,7 @@ _SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRL
 _NAMESPACE = uuid.UUID("6f1d8a52-3f3e-4d5b-9a57-0f6c1e2d7c41")
 _IMPLEMENTATION_UID = UID(f"2.25.{uuid.uuid5(_NAMESPACE, 'implementation').int}")
 _IMPLEMENTATION_VERSION = "DICOMFS_SAMPLES"
-_PREAMBLE = b"\x00" * 128
 
-# The elements that differ between the instances of one series (see _SeriesEncoder).
-_PER_INSTANCE_TAGS = frozenset({0x00080018, 0x00200013, 0x7FE00010})
-_MEDIA_SOP_INSTANCE_TAG = 0x00020003
 
 _FAMILY_NAMES = ("SMITH", "JONES", "GARCIA", "NGUYEN", "KOWALSKI", "OBRIEN", "SATO", "LARSEN")
 _GIVEN_NAMES = ("ANNA", "JOHN", "MARIA", "PETER", "LINA", "OMAR", "EVA", "TOMAS")
@@ -214,7 +208,7 @@ def make_instance(
     meta.TransferSyntaxUID = ExplicitVRLittleEndian if syntax == RLELossless else syntax
     meta.ImplementationClassUID = _IMPLEMENTATION_UID
     meta.ImplementationVersionName = _IMPLEMENTATION_VERSION
-    ds = FileDataset("", Dataset(), file_meta=meta, preamble=_PREAMBLE)
+    ds = FileDataset("", Dataset(), file_meta=meta, preamble=PREAMBLE)
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
     ds.StudyDate = study_date
@@ -466,74 +460,6 @@ def _write(path: Path, data: bytes) -> int:
         return f.write(data)
 
 
-def _encode_element(elem: DataElement, *, implicit: bool, encodings: str | list[str]) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = implicit
-    write_data_element(fp, elem, encodings)
-    return fp.getvalue()
-
-
-def _element(tag: int, vr: str, value: bytes, *, implicit: bool) -> bytes:
-    """Encode one little-endian element whose `value` bytes are already padded to even length."""
-    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
-    if implicit:
-        return head + struct.pack("<I", len(value)) + value
-    if vr in ("OB", "OW"):  # PS3.5 7.1.2: two reserved bytes and a 32-bit length
-        return head + vr.encode() + struct.pack("<HI", 0, len(value)) + value
-    return head + vr.encode() + struct.pack("<H", len(value)) + value
-
-
-def _padded(value: bytes, pad: bytes) -> bytes:
-    return value + pad if len(value) % 2 else value
-
-
-class _SeriesEncoder:
-    """Encode the instances of one series, encoding only the per-instance elements each time.
-
-    ``dcmwrite`` spends ~3 ms on a 64x64 file, nearly all of it encoding the same ~35 elements
-    again. Within a series only SOPInstanceUID (also in the file meta, which changes the group
-    length), InstanceNumber and PixelData differ, so everything else is encoded once with
-    pydicom and those are encoded here by hand. The output is byte-identical to
-    ``dcmwrite(make_instance(...), enforce_file_format=True)`` (tested).
-    """
-
-    def __init__(self, template: FileDataset) -> None:
-        syntax = template.file_meta.TransferSyntaxUID
-        if syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            raise ValueError(f"_SeriesEncoder does not write {syntax.name}")
-        self._implicit = syntax == ImplicitVRLittleEndian
-        self._pixel_vr = str(template["PixelData"].VR)
-        meta = {e.tag: _encode_element(e, implicit=False, encodings=default_encoding)
-                for e in template.file_meta if e.tag not in (0x00020000, _MEDIA_SOP_INSTANCE_TAG)}
-        self._meta_head = b"".join(v for tag, v in meta.items() if tag < _MEDIA_SOP_INSTANCE_TAG)
-        self._meta_tail = b"".join(v for tag, v in meta.items() if tag > _MEDIA_SOP_INSTANCE_TAG)
-        encodings = template.get("SpecificCharacterSet", default_encoding)
-        self._runs: list[bytes | int] = []
-        fixed: list[bytes] = []
-        for elem in template:
-            if elem.tag in _PER_INSTANCE_TAGS:
-                self._runs += [b"".join(fixed), elem.tag]
-                fixed = []
-            else:
-                fixed.append(_encode_element(elem, implicit=self._implicit, encodings=encodings))
-        self._runs.append(b"".join(fixed))
-
-    def encode(self, sop_uid: str, instance_number: int, pixel_data: bytes) -> bytes:
-        """Encode the template as the instance with these values."""
-        uid = _padded(sop_uid.encode("ascii"), b"\0")
-        values = {0x00080018: ("UI", uid),
-                  0x00200013: ("IS", _padded(str(instance_number).encode("ascii"), b" ")),
-                  0x7FE00010: (self._pixel_vr, _padded(pixel_data, b"\0"))}
-        media_uid = _element(_MEDIA_SOP_INSTANCE_TAG, "UI", uid, implicit=False)
-        length = len(self._meta_head) + len(media_uid) + len(self._meta_tail)
-        parts = [_PREAMBLE, b"DICM", _element(0x00020000, "UL", struct.pack("<I", length), implicit=False),
-                 self._meta_head, media_uid, self._meta_tail]
-        parts += [run if isinstance(run, bytes) else _element(run, *values[run], implicit=self._implicit)
-                  for run in self._runs]
-        return b"".join(parts)
-
-
 def _sample(path: Path, size: int, ds: Dataset, reason: str = "") -> SampleFile:
     return SampleFile(path, True, reason, str(ds.PatientID), str(ds.StudyInstanceUID),
                       str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), size)
@@ -547,7 +473,7 @@ def _write_series(folder: Path, count: int, key: tuple[object, ...], **args: Any
     """
     folder.mkdir(parents=True)
     template = make_instance(sop_uid=_uid(*key, 1), seed=0, **args)
-    encoder = _SeriesEncoder(template)
+    encoder = SeriesEncoder(template)
     shape = (template.Rows, template.Columns, int(template.get("NumberOfFrames", 1)),
              template.SamplesPerPixel == 3)
     written: list[SampleFile] = []
@@ -607,7 +533,7 @@ def _write_bad(folder: Path, seed: int) -> list[SampleFile]:
         ("notes.txt", "plain text, not DICOM", b"Scanned on the old PACS; see ticket 1234.\n"),
         ("empty.dcm", "empty file (0 bytes)", b""),
         ("garbage-after-preamble.dcm", "preamble and DICM followed by random bytes, no file meta",
-         _PREAMBLE + b"DICM" + random.Random(f"{seed}/garbage").randbytes(1024)),
+         PREAMBLE + b"DICM" + random.Random(f"{seed}/garbage").randbytes(1024)),
         ("truncated-header.dcm", "cut inside PatientName (0010,0010), after SOPInstanceUID",
          data[:name + 8 + name_length // 2]),
         ("truncated-pixel-data.dcm",

@@ -20,12 +20,12 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from dicomfs.sample_encoder import SeriesEncoder
 from dicomfs.samples import (
     Corpus,
     SampleFile,
     _encode,
     _pixels,
-    _SeriesEncoder,
     main,
     make_instance,
     write_corpus,
@@ -141,7 +141,7 @@ def test_samples_grid_files_read_without_warnings(corpus: Corpus) -> None:
 ])
 def test_samples_series_encoder_matches_dcmwrite(options: dict[str, Any]) -> None:
     ids = {"patient_id": "P1", "patient_name": "DOE^JANE", "study_uid": "1.2.3", "series_uid": "1.2.3.4"}
-    encoder = _SeriesEncoder(make_instance(**{**ids, **options}, sop_uid="1.2.3.4.1"))
+    encoder = SeriesEncoder(make_instance(**{**ids, **options}, sop_uid="1.2.3.4.1"))
     for sop_uid, number in (("1.2.3.4.1", 1), ("1.2.3.4.10", 10), ("1.2.3.4.100", 100)):
         ds = make_instance(**{**ids, **options}, sop_uid=sop_uid, instance_number=number, seed=number)
         assert encoder.encode(sop_uid, number, bytes(ds.PixelData)) == _encode(ds)
@@ -151,7 +151,7 @@ def test_samples_series_encoder_refuses_other_syntaxes() -> None:
     ds = make_instance(patient_id="P", patient_name="", study_uid="1.2", series_uid="1.3", sop_uid="1.4",
                        transfer_syntax=DeflatedExplicitVRLittleEndian)
     with pytest.raises(ValueError):
-        _SeriesEncoder(ds)
+        SeriesEncoder(ds)
 
 
 def test_samples_bad_files_are_broken_as_described(corpus: Corpus) -> None:
