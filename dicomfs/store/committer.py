@@ -259,16 +259,16 @@ class GroupCommitter:
                 continue
             try:
                 growth = item.size - (replacing.size if replacing else 0)
-                make_room(index, txn, self.settings.limits, growth, item.ids[0], changes)  # type: ignore[arg-type]
+                make_room(index, txn, self.settings.limits, growth, item.ids[0], changes)
             except StoreFullError as error:
                 item.outcome, item.reason = REJECTED, str(error)
                 changes.garbage.append(item.blob)
                 continue
-            add_instance(index, txn, NewInstance(  # type: ignore[arg-type]
+            add_instance(index, txn, NewInstance(
                 item.header, item.ids, item.sha256, item.size, item.stored_size, item.blob,
                 self.settings.codec, item.origin, item.remote), changes, replacing)
             item.outcome = REPLACED if replacing else STORED
-        apply_growth(index, txn, changes)  # type: ignore[arg-type]
+        apply_growth(index, txn, changes)
         for blob in changes.garbage:
             index.add_pending(txn, self.owner.token, blob)
         if changes.log:

@@ -164,12 +164,10 @@ class Index:
 
     def children(self, txn: Txn, parent: str | None) -> Iterator[Record]:
         """The records of the children of ``parent``."""
-        resources = self.db["resources"]
         for child in self.child_ids(txn, parent):
-            key = key_from_id(child)
-            row = txn.get(key, db=resources)
-            if row is not None:
-                yield decode_record(key, row)
+            record = self.get(txn, child)  # through get, so a CachedIndex answers from its cache
+            if record is not None:
+                yield record
 
     def all_records(self, txn: Txn) -> Iterator[Record]:
         """Every record in the index (for ``check``)."""
@@ -318,27 +316,24 @@ def _date_key(date: str) -> bytes:
     return date.encode("ascii") if len(date) == 8 and date.isdigit() else b" " * 8
 
 
-class CachedIndex:
+class CachedIndex(Index):
     """The Index seen through one write transaction, with records and counters kept in memory.
 
     A batch of instances of one series would otherwise read, decode, encode and write the same
     patient, study and series records once per instance; here they are written once, at
-    ``flush``. Everything that is not a record or a counter goes straight to the index.
+    ``flush``. It shares the environment and tables of the index it caches; everything that is
+    not a record or a counter goes straight to them.
     """
 
-    def __init__(self, index: Index) -> None:
-        self._index = index
+    def __init__(self, index: Index) -> None:  # shares index's handles: no second environment
+        self.env, self.db, self.readonly, self.folder = index.env, index.db, index.readonly, index.folder
         self._records: dict[str, Record | None] = {}
         self._dirty: set[str] = set()
         self._counters: dict[str, int] = {}
 
-    def __getattr__(self, name: str) -> Any:
-        # Any: mypy cannot follow the delegation to the Index's other methods.
-        return getattr(self._index, name)
-
     def get(self, txn: Txn, resource_id: str) -> Record | None:
         if resource_id not in self._records:
-            self._records[resource_id] = self._index.get(txn, resource_id)
+            self._records[resource_id] = super().get(txn, resource_id)
         return self._records[resource_id]
 
     def put(self, txn: Txn, record: Record) -> None:
@@ -351,7 +346,7 @@ class CachedIndex:
 
     def counter(self, txn: Txn, name: str) -> int:
         if name not in self._counters:
-            self._counters[name] = self._index.counter(txn, name)
+            self._counters[name] = super().counter(txn, name)
         return self._counters[name]
 
     def add_to_counter(self, txn: Txn, name: str, delta: int) -> int:
@@ -362,27 +357,16 @@ class CachedIndex:
     def set_counter(self, txn: Txn, name: str, value: int) -> None:
         self._counters[name] = value
 
-    def count_level(self, txn: Txn, level: Level, delta: int) -> None:
-        self.add_to_counter(txn, _LEVEL_COUNTER[level], delta)
-
-    def log_changes(self, txn: Txn, changes: list[tuple[str, int, str]]) -> int:
-        number = self.add_to_counter(txn, "change", 1)
-        txn.put(_U64.pack(number), msgpack.packb(_condense(changes)), db=self._index.db["changes"])
-        if number > _CHANGES_KEPT:
-            txn.delete(_U64.pack(number - _CHANGES_KEPT), db=self._index.db["changes"])
-        return number
-
     def flush(self, txn: Txn) -> None:
         """Write the changed records and counters into the transaction (call before commit)."""
-        resources = self._index.db["resources"]
         for resource_id in self._dirty:
             record = self._records[resource_id]
             if record is None:
-                txn.delete(key_from_id(resource_id), db=resources)
+                txn.delete(key_from_id(resource_id), db=self.db["resources"])
             else:
-                txn.put(key_from_id(resource_id), encode_record(record), db=resources)
+                super().put(txn, record)
         for name, value in self._counters.items():
-            self._index.set_counter(txn, name, value)
+            super().set_counter(txn, name, value)
         self._dirty.clear()
 
 
