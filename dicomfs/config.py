@@ -339,8 +339,8 @@ _SCHEMA: tuple[_Section | _NamedTable, ...] = (
                 "How long a lone upload waits for company before it commits (up to 10 s: longer looks "
                 "like a hang to a client waiting for its answer)."),
         _Option("threads", 4, _integer(1),
-                "Threads that compress the blobs of a batch in parallel (none are started when "
-                "storage.compression is none)."),
+                "Threads that write (and compress) the blobs of a batch in parallel: even "
+                "uncompressed, parallel writes into the page cache are 3x faster than one at a time."),
         _Option("workers", 0, _integer(0),
                 "Processes that parse and write the files of a bulk ingest (64 files or more); 0 "
                 "means one per CPU: parsing is CPU-bound and one process tops out near 2,500 files/s."),

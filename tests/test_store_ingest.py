@@ -304,3 +304,23 @@ def test_store_dicomdir_cannot_reach_outside_its_folder(open_store: Callable[...
     store = open_store()
     list(store.ingest([cd / "DICOMDIR"]))
     assert "SECRET" not in {p.patient_id for p in store.children()}  # type: ignore[union-attr]
+
+
+def test_store_same_instance_in_consecutive_batches_is_stored_once(open_store: Callable[..., Store], tmp_path: Path) -> None:
+    # One file per batch: the writer plans and writes batch N+1 while batch N is still being synced,
+    # so the second copy is written before the first is indexed. It must end as "already stored",
+    # with its extra blob freed.
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    instance = make_instance(patient_id="P1", patient_name="A^B", study_uid="1.2", series_uid="1.2.1", sop_uid="1.2.1.1")
+    for name in ("a.dcm", "b.dcm", "c.dcm"):
+        write_instance(folder / name, instance)
+    store = open_store(batch_files=1, batch_delay=0.0)
+    results = list(store.ingest([folder]))
+    assert [r.status for r in results] == ["stored", "already_stored", "already_stored"]
+    assert store.stats().instances == 1
+    store.close()
+    reopened = open_store()
+    report = check_store(reopened)
+    assert report.clean, report.problems
+    assert report.blobs == 1

@@ -4,8 +4,9 @@ Parsing, hashing and writing a blob cost ~0.4 ms of Python per small file. In on
 caps that near 2,500 files/s, and a committer thread waiting for the GIL after each syscall makes
 it worse. So for many files, worker processes (one per CPU) each read a file, parse it, hash it,
 and write its blob into a name the parent reserved beforehand as *pending* (so a kill at any
-moment leaves nothing ``recover`` cannot clean). The parent only makes each batch durable with
-one ``syncfs`` and indexes it in one transaction, while the workers go on with the next files.
+moment leaves nothing ``recover`` cannot clean). The parent lists the files and feeds the workers;
+a thread of its own makes each batch durable with one ``syncfs`` and indexes it in one
+transaction, so neither the workers nor the listing wait for the disk.
 
 Workers start with ``spawn``: a forked child would inherit the parent's open LMDB environment,
 which LMDB forbids using across ``fork``. Each worker dies with its parent (``PR_SET_PDEATHSIG``),
@@ -19,7 +20,7 @@ import multiprocessing
 import os
 import signal
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Union
@@ -37,7 +38,7 @@ from dicomfs.store.candidates import (
     unreadable,
 )
 from dicomfs.store.committer import GroupCommitter, WriteSettings
-from dicomfs.store.index import Index
+from dicomfs.store.index import Index, Txn
 from dicomfs.store.records import Instance
 from dicomfs.store.sources import Source, archive_members
 
@@ -71,7 +72,7 @@ class _Worker:
         self.blobs = BlobStore(folder / "blobs")
         self.settings = settings
 
-    def prepare(self, task: _Task) -> Candidate | IngestResult | Archive:
+    def prepare(self, task: _Task, txn: Txn) -> Candidate | IngestResult | Archive:
         """Examine the file and write its blob into the task's name when it is to be stored."""
         source = task.source
         try:
@@ -79,8 +80,7 @@ class _Worker:
                 found = examine(source, data, task.origin, task.remote)
                 if not isinstance(found, Candidate):
                     return found
-                with self.index.read() as txn:
-                    existing = self.index.get(txn, found.ids[3])
+                existing = self.index.get(txn, found.ids[3])
                 stored_sha = existing.sha256 if isinstance(existing, Instance) else None
                 if settle_if_stored(found, stored_sha, self.settings.overwrite):
                     return found
@@ -118,7 +118,8 @@ def _start_worker(parent: int, folder: str, settings: WriteSettings) -> None:
 
 def _prepare_all(tasks: list[_Task]) -> list[Outcome]:
     assert _worker is not None
-    return [_worker.prepare(task) for task in tasks]
+    with _worker.index.read() as txn:  # one snapshot per call: a transaction per file cost ~10 us
+        return [_worker.prepare(task, txn) for task in tasks]
 
 
 def ingest_in_workers(
@@ -138,8 +139,10 @@ def ingest_in_workers(
     batch_files = settings.batch_files * _BATCH_FACTOR
     # Two batches in flight: the workers keep parsing while the parent syncs and indexes one.
     window = max(2 * workers, 2 * batch_files // _TASKS_PER_CALL)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                             initargs=(os.getpid(), str(folder), settings)) as pool:
+    durable: deque[Future[list[IngestResult]]] = deque()  # batches being synced and indexed
+    with ThreadPoolExecutor(1, thread_name_prefix="dicomfs-bulk-syncer") as syncer, \
+            ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                initargs=(os.getpid(), str(folder), settings)) as pool:
 
         def refill() -> None:
             while len(in_flight) < window and not full:
@@ -173,20 +176,25 @@ def ingest_in_workers(
                     refill()
                 else:
                     batch.append(outcome)
+            while durable and durable[0].done():
+                yield from durable.popleft().result()
             if len(batch) >= batch_files or batch_bytes >= settings.batch_bytes or not in_flight:
-                yield from _index_durably(committer, folder, batch)
+                while durable:  # one batch syncs while the next one is written
+                    yield from durable.popleft().result()
+                durable.append(syncer.submit(_index_durably, committer, folder, batch))
                 batch, batch_bytes = [], 0
+        while durable:
+            yield from durable.popleft().result()
     committer.release_later(names)
     if full:
         while (source := next_source()) is not None:
             yield IngestResult(source.label, REJECTED, str(full[0]))
 
 
-def _index_durably(committer: GroupCommitter, folder: Path, batch: list[Candidate | IngestResult]) -> Iterator[IngestResult]:
-    """Make a batch's blobs durable, index them, and yield the batch's results in order."""
+def _index_durably(committer: GroupCommitter, folder: Path, batch: list[Candidate | IngestResult]) -> list[IngestResult]:
+    """Make a batch's blobs durable, index them, and return the batch's results in order."""
     candidates = [o for o in batch if isinstance(o, Candidate)]
     if any(c.blob for c in candidates):
         sync_filesystem(folder)
     committer.finish(committer.index_batch(candidates))
-    for outcome in batch:
-        yield outcome.result() if isinstance(outcome, Candidate) else outcome
+    return [outcome.result() if isinstance(outcome, Candidate) else outcome for outcome in batch]

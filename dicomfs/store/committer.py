@@ -1,16 +1,20 @@
 """Group commit: many instances per write transaction, every acknowledged instance durable.
 
 Callers (the ingest command's reader loop, FUSE and WebDAV upload handlers) parse a file and
-``submit`` it; one committer thread per store takes what is queued, up to ``batch_files`` files or
-``batch_bytes`` bytes, waiting at most ``batch_delay_ms`` for company, and for the whole batch:
+``submit`` it; the committer takes what is queued, up to ``batch_files`` files or ``batch_bytes``
+bytes, waiting at most ``batch_delay_ms`` for company, and for the whole batch:
 
 1. in one transaction, decides what each file is (new, already stored, a replacement) and records
    the blob names it is about to write as *pending* (see ``owners``);
-2. writes the blobs, compressed or not, with no fsync;
+2. writes the blobs, compressed or not, on a pool of threads, with no fsync;
 3. makes them all durable with one ``syncfs``;
 4. in a second transaction indexes them, recycles if limits require, clears their pending marks
    and records the blobs that became garbage as pending;
 5. deletes the garbage blobs, and only then acknowledges every file of the batch.
+
+Steps 1-2 run on the *writer* thread and steps 3-5 on the *syncer* thread, so the next batch is
+written while the disk flushes this one. A batch planned before the previous one was indexed may
+write an instance that batch also held; step 4 sees it stored and frees the second blob.
 
 A kill between any two steps leaves blobs that are pending for a dead owner, and ``recover``
 removes them; nothing acknowledged is ever lost, because acknowledgement comes after step 4.
@@ -63,29 +67,42 @@ class Submission:
     data: bytes | mmap.mmap
     source_fd: int | None
     closer: contextlib.ExitStack
-    future: "Future[IngestResult]" = field(default_factory=Future)
+    future: Future[IngestResult] = field(default_factory=Future)
 
     @property
     def size(self) -> int:
         return self.candidate.size
 
 
+@dataclass
+class _Batch:
+    """Submissions committed together, and their bytes counted against the queue's room."""
+
+    items: list[Submission]
+    size: int
+
+
 class GroupCommitter:
-    """The single writer thread of one open store."""
+    """The writer and syncer threads of one open store."""
 
     def __init__(self, index: Index, blobs: BlobStore, owner: Owner, store_folder: Path, settings: WriteSettings) -> None:
         self.index, self.blobs, self.owner, self.settings = index, blobs, owner, settings
         self.store_folder = store_folder
-        self._queue: "queue.Queue[Submission | None]" = queue.Queue()
+        self._queue: queue.Queue[Submission | None] = queue.Queue()
         self._queued_bytes = 0
         self._room = threading.Condition()
         self._released: list[str] = []  # deleted blobs whose pending marks are still to clear
-        self._released_lock = threading.Lock()  # appended from callers', pool and committer threads
-        self._pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="dicomfs-compress") if settings.codec != "none" else None
-        self._thread = threading.Thread(target=self._run, name="dicomfs-committer", daemon=True)
-        self._thread.start()
+        self._released_lock = threading.Lock()  # appended from callers', pool, writer and syncer threads
+        self._stopping = False
+        self._pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="dicomfs-blob-writer")
+        # One written batch waits for the syncer at most: that bounds what is written but not durable.
+        self._written: queue.Queue[_Batch | None] = queue.Queue(maxsize=1)
+        self._writer_thread = threading.Thread(target=self._run_writer, name="dicomfs-writer", daemon=True)
+        self._syncer_thread = threading.Thread(target=self._run_syncer, name="dicomfs-syncer", daemon=True)
+        self._writer_thread.start()
+        self._syncer_thread.start()
 
-    def submit(self, submission: Submission) -> "Future[IngestResult]":
+    def submit(self, submission: Submission) -> Future[IngestResult]:
         """Queue a parsed file; blocks while twice a batch's bytes are already waiting."""
         with self._room:
             while self._queued_bytes > 2 * self.settings.batch_bytes:
@@ -97,9 +114,9 @@ class GroupCommitter:
     def close(self) -> None:
         """Finish what is queued, then stop the thread and clear this owner's released marks."""
         self._queue.put(None)
-        self._thread.join()
-        if self._pool is not None:
-            self._pool.shutdown()
+        self._writer_thread.join()
+        self._syncer_thread.join()
+        self._pool.shutdown()
         if self._released:
             try:
                 with self._writing():
@@ -130,54 +147,82 @@ class GroupCommitter:
             self.release_later(released)
             raise
 
-    # -- the thread --------------------------------------------------------------------------
+    # -- the threads -------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            batch_bytes = first.size
-            deadline = time.monotonic() + self.settings.batch_delay
-            while len(batch) < self.settings.batch_files and batch_bytes < self.settings.batch_bytes:
+    def _run_writer(self) -> None:
+        try:
+            while (batch := self._next_batch()) is not None:
                 try:
-                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
-                batch_bytes += item.size
-            try:
-                self._commit(batch)
-            except BaseException as error:  # the batch fails as a whole; each caller hears why
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(error)
-            finally:
-                for item in batch:
-                    item.closer.close()
-                with self._room:
-                    self._queued_bytes -= batch_bytes
-                    self._room.notify_all()
+                    needs_index = self._plan_and_write(batch.items)
+                except BaseException as error:  # the batch fails as a whole; each caller hears why
+                    self._fail(batch, error)
+                    continue
+                if needs_index:
+                    self._written.put(batch)
+                else:
+                    self._done(batch)
+        finally:
+            self._written.put(None)
 
-    def _commit(self, batch: list[Submission]) -> None:
+    def _next_batch(self) -> _Batch | None:
+        """Wait for a first submission, then gather company; None once ``close`` was called."""
+        if self._stopping:
+            return None
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = _Batch([first], first.size)
+        deadline = time.monotonic() + self.settings.batch_delay
+        while len(batch.items) < self.settings.batch_files and batch.size < self.settings.batch_bytes:
+            try:
+                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                break
+            if item is None:
+                self._stopping = True
+                break
+            batch.items.append(item)
+            batch.size += item.size
+        return batch
+
+    def _run_syncer(self) -> None:
+        while (batch := self._written.get()) is not None:
+            try:
+                if any(item.candidate.blob for item in batch.items):
+                    sync_filesystem(self.store_folder)
+                self.finish(self.index_batch([item.candidate for item in batch.items]))
+                for item in batch.items:
+                    item.future.set_result(item.candidate.result())
+            except BaseException as error:
+                self._fail(batch, error)
+                continue
+            self._done(batch)
+
+    def _fail(self, batch: _Batch, error: BaseException) -> None:
+        for item in batch.items:
+            if not item.future.done():
+                item.future.set_exception(error)
+        self._done(batch)
+
+    def _done(self, batch: _Batch) -> None:
+        """Close the batch's sources and make room for senders."""
+        for item in batch.items:
+            item.closer.close()
+        with self._room:
+            self._queued_bytes -= batch.size
+            self._room.notify_all()
+
+    def _plan_and_write(self, batch: list[Submission]) -> bool:
+        """Steps 1-2; False when the whole batch was refused before anything was written."""
         try:
             to_write = self._plan(batch)
         except StoreFullError as error:  # not even the pending marks fit: nothing was written
             for item in batch:
                 item.candidate.outcome, item.candidate.reason = REJECTED, str(error)
                 item.future.set_result(item.candidate.result())
-            return
-        if to_write:
-            self._write_blobs(to_write)
-            sync_filesystem(self.store_folder)
-        self.finish(self.index_batch([item.candidate for item in batch]))
-        for item in batch:
-            item.future.set_result(item.candidate.result())
+            return False
+        self._write_blobs(to_write)
+        return True
 
     def _plan(self, batch: list[Submission]) -> list[Submission]:
         """Step 1: decide each file's fate; mark the blobs about to be written as pending."""
@@ -198,7 +243,7 @@ class GroupCommitter:
         return to_write
 
     def _write_blobs(self, items: list[Submission]) -> None:
-        """Step 2: write the blobs; compression runs on the pool (zlib and zstd release the GIL)."""
+        """Step 2: write the blobs on the pool (writes, zlib and zstd release the GIL)."""
         s = self.settings
 
         def write(item: Submission) -> None:
@@ -213,11 +258,7 @@ class GroupCommitter:
                 self.release_later([c.blob])
                 c.blob = ""
 
-        if self._pool is None:
-            for item in items:
-                write(item)
-        else:
-            list(self._pool.map(write, items))
+        list(self._pool.map(write, items))
 
     def reserve_names(self, count: int) -> list[str]:
         """Blob names marked pending in one commit, for workers to write into later."""

@@ -62,7 +62,7 @@ def _mean_size(sources: list[Source]) -> float:
     sizes = []
     for source in sources:
         try:
-            sizes.append(source.path.stat().st_size if not source.member else 0)
+            sizes.append(os.stat(source.path).st_size if not source.member else 0)
         except OSError:
             sizes.append(0)
     return sum(sizes) / len(sizes) if sizes else 0.0
@@ -299,7 +299,7 @@ class Store:
 
         One result per DICOM file it holds: a zip archive holds several.
         """
-        pending = self._offer(self._writer(), Source(label or str(path), path), origin, remote)
+        pending = self._offer(self._writer(), Source(label or str(path), str(path)), origin, remote)
         return [p if isinstance(p, IngestResult) else p.result() for p in pending]
 
     def _offer(self, committer: GroupCommitter, source: Source, origin: str, remote: str) -> "list[Future[IngestResult] | IngestResult]":
@@ -419,7 +419,7 @@ class Store:
             self._existing(txn, resource_id)
             self.index.add_pending(txn, self._owner.token, blob)
         try:
-            with Source(str(source), source).open() as (data, fd):
+            with Source(str(source), str(source)).open() as (data, fd):
                 digest = hashlib.sha256(data).hexdigest()
                 codec = self.settings.codec
                 stored = self.blobs.write(blob, data, codec=codec, level=self.settings.level,
