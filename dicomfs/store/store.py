@@ -38,7 +38,7 @@ from dicomfs.store.blobs import BlobReader, BlobStore, sync_filesystem
 from dicomfs.store.bulk import ingest_in_workers
 from dicomfs.store.candidates import Archive, Candidate, IngestResult, examine, unreadable
 from dicomfs.store.committer import GroupCommitter, Submission, WriteSettings
-from dicomfs.store.ids import Level, looks_like_id, patient_resource_id
+from dicomfs.store.ids import Level, ResourceId, looks_like_id, patient_resource_id
 from dicomfs.store.index import COUNTER_NAMES, AttachmentEntry, Index, Txn
 from dicomfs.store.metadata import core_metadata, user_key
 from dicomfs.store.mutations import TxnChanges, remove_resource, set_protected
@@ -183,6 +183,17 @@ class Store:
         if record is None:
             raise NotFoundError(f"no resource with id {resource_id}")
         return record
+
+    def records(self, resource_ids: Iterable[str]) -> list[Record | None]:
+        """The records of several resources, read in one snapshot (None where there is none)."""
+        with self.index.read() as txn:
+            return [self.index.get(txn, rid) for rid in resource_ids]
+
+    def studies_by_date(self, prefix: str = "") -> list[tuple[str, ResourceId]]:
+        """(StudyDate, study id) in date order for dates starting with ``prefix``; studies without
+        a valid eight-digit date come first, with a blank date."""
+        with self.index.read() as txn:
+            return list(self.index.studies_by_date(txn, prefix))
 
     def children(self, resource_id: str | None = None) -> list[Record]:
         """The children of a resource (``None``: all patients), in index order."""

@@ -1,1 +1,38 @@
-"""The virtual tree of the store: what FUSE and WebDAV show, independent of either protocol."""
+"""Views: the store's index as a browsable tree, shared by the FUSE mount and the WebDAV bridge.
+
+Pure: no pyfuse3, wsgidav or HTTP here. One stored instance appears in every view and is stored once::
+
+    /
+    ├── by-patients/
+    │   └── <PatientID> - <PatientName>/
+    │       └── <StudyDate> - <StudyDescription>/
+    │           └── <Modality> - <SeriesDescription>/
+    │               └── <InstanceNumber> - <SOPInstanceUID>.dcm     e.g. 0007 - 1.2.840….dcm
+    ├── by-studies/
+    │   └── <PatientID> - <PatientName> - <StudyDescription>/
+    │       └── <Modality> - <SeriesDescription>/
+    │           └── <InstanceNumber> - <SOPInstanceUID>.dcm
+    ├── by-dates/
+    │   ├── <YYYY>/
+    │   │   └── <YYYY-MM>/
+    │   │       └── <PatientID> - <PatientName> - <StudyDescription>/
+    │   │           └── <Modality> - <SeriesDescription>/
+    │   │               └── <InstanceNumber> - <SOPInstanceUID>.dcm
+    │   └── unknown/                        studies without a valid StudyDate
+    │       └── <PatientID> - <PatientName> - <StudyDescription>/ …
+    ├── by-uids/
+    │   └── <StudyInstanceUID>/
+    │       ├── study.json
+    │       └── <SeriesInstanceUID>/
+    │           ├── series.json
+    │           └── <SOPInstanceUID>.dcm
+    └── uploads/                            writable staging area: what is copied in is ingested
+
+Names are made safe for every client and never change as data arrives (``names``); listings
+come from the index and are cached until the store changes (``tree``).
+"""
+
+from dicomfs.views.entries import Entry, EntryKind, Listing
+from dicomfs.views.tree import UPLOADS, VIEWS, NotAFolderError, Tree
+
+__all__ = ["UPLOADS", "VIEWS", "Entry", "EntryKind", "Listing", "NotAFolderError", "Tree"]

@@ -1,0 +1,79 @@
+"""``study.json`` and ``series.json``: what the index knows about a study or series, as a file.
+
+Orthanc's by-uids folders carry the same two files (its REST "expanded" resource in CRLF JSON, with a
+``Last-Modified: not-a-date-timeZ`` header). Ours are UTF-8 JSON (names stay readable), with the main
+tags, the parent's tags, exact counts and sizes, core and user metadata, and the children's UIDs.
+"""
+
+from __future__ import annotations
+
+import json
+
+from dicomfs.errors import NotFoundError
+from dicomfs.store import Instance, Patient, Series, Store, Study
+from dicomfs.store.metadata import iso_time
+
+__all__ = ["series_document", "study_document"]
+
+
+def study_document(store: Store, study_id: str) -> bytes:
+    """The content of ``study.json`` for ``study_id``."""
+    study = store.find(study_id)
+    if not isinstance(study, Study):
+        raise NotFoundError(f"no study {study_id}")
+    patient = store.find(study.parent)
+    series = [s for s in store.children(study_id) if isinstance(s, Series)]
+    document = {
+        "Type": "Study",
+        "ID": study.id,
+        "MainDicomTags": {
+            "StudyInstanceUID": study.study_uid, "StudyDate": study.date, "StudyTime": study.time,
+            "StudyDescription": study.description, "AccessionNumber": study.accession_number, "StudyID": study.study_id,
+        },
+        "PatientMainDicomTags": _patient_tags(patient) if isinstance(patient, Patient) else {},
+        "ParentPatient": study.parent,
+        "CountSeries": study.series,
+        "CountInstances": study.instances,
+        "Size": study.size,
+        "StoredSize": study.stored_size,
+        "LastUpdate": iso_time(study.last_update),
+        "Metadata": store.metadata(study_id),
+        "Series": [{"ID": s.id, "SeriesInstanceUID": s.series_uid, "Modality": s.modality, "Instances": s.instances}
+                   for s in series],
+    }
+    return _encode(document)
+
+
+def series_document(store: Store, series_id: str) -> bytes:
+    """The content of ``series.json`` for ``series_id``."""
+    series = store.find(series_id)
+    if not isinstance(series, Series):
+        raise NotFoundError(f"no series {series_id}")
+    instances = [i for i in store.children(series_id) if isinstance(i, Instance)]
+    document = {
+        "Type": "Series",
+        "ID": series.id,
+        "MainDicomTags": {
+            "SeriesInstanceUID": series.series_uid, "Modality": series.modality, "SeriesNumber": series.number,
+            "SeriesDescription": series.description,
+        },
+        "ParentStudy": series.parent,
+        "CountInstances": series.instances,
+        "ExpectedNumberOfInstances": series.expected_instances,
+        "Size": series.size,
+        "StoredSize": series.stored_size,
+        "LastUpdate": iso_time(series.last_update),
+        "Metadata": store.metadata(series_id),
+        "Instances": [{"ID": i.id, "SOPInstanceUID": i.sop_uid, "InstanceNumber": i.number, "Size": i.size}
+                      for i in sorted(instances, key=lambda i: (i.number is None, i.number or 0, i.sop_uid))],
+    }
+    return _encode(document)
+
+
+def _patient_tags(patient: Patient) -> dict[str, str]:
+    return {"PatientID": patient.patient_id, "PatientName": patient.patient_name,
+            "PatientBirthDate": patient.birth_date, "PatientSex": patient.sex}
+
+
+def _encode(document: dict[str, object]) -> bytes:
+    return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")

@@ -1,0 +1,264 @@
+"""The virtual tree: folder listings made from the store's index, cached until the store changes.
+
+A path is a tuple of names from the root, e.g. ``("by-uids", "1.2.3", "series.json")``. Each folder
+entry carries a *node* saying what it lists (``("study", "by-patients", <study id>)``), so listing a
+folder never needs its path's names parsed back. Listings are cached by path and the whole cache
+is dropped when the store's change number moves (``refresh``); front ends call ``refresh`` when
+they changed the store and on a timer for changes made by other processes.
+
+The tree is safe to use from several threads: a listing is computed outside the lock and
+published under it.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Callable, Sequence
+
+from dicomfs.errors import NotFoundError
+from dicomfs.store import Instance, Patient, Record, Series, Store, Study
+from dicomfs.views.documents import series_document, study_document
+from dicomfs.views.entries import Entry, EntryKind, Listing, Node
+from dicomfs.views.names import disambiguate, join_fields, safe_text
+
+__all__ = ["NotAFolderError", "Path", "Tree", "UPLOADS", "VIEWS"]
+
+Path = tuple[str, ...]
+VIEWS = ("by-patients", "by-studies", "by-dates", "by-uids")
+UPLOADS = "uploads"
+UNDATED = "unknown"
+"""The by-dates folder of studies without a valid StudyDate (Orthanc leaves them out entirely)."""
+STUDY_DOCUMENT, SERIES_DOCUMENT = "study.json", "series.json"
+_CACHED_FOLDERS = 4096
+
+
+class NotAFolderError(NotFoundError):
+    """A path goes through (or lists) a file."""
+
+    errno = 20  # ENOTDIR
+
+
+class Tree:
+    """The browsable tree of one store (see the package docstring for its shape)."""
+
+    def __init__(self, store: Store, *, uploads: bool = True, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.uploads = uploads
+        self._started = clock()
+        self._lock = threading.Lock()
+        self._cache: collections.OrderedDict[Path, Listing] = collections.OrderedDict()
+        self._documents: dict[Node, bytes] = {}
+        self._change = store.change_number()
+
+    # -- freshness ---------------------------------------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Drop every cached listing if the store changed since; True when it did."""
+        change = self.store.change_number()
+        with self._lock:
+            if change == self._change:
+                return False
+            self._change = change
+            self._cache.clear()
+            self._documents.clear()
+        return True
+
+    @property
+    def change_number(self) -> int:
+        """The store change the cached listings show."""
+        return self._change
+
+    # -- paths -----------------------------------------------------------------------------------
+
+    def listing(self, path: Sequence[str]) -> Listing:
+        """The listing of the folder at ``path``; NotFoundError or NotAFolderError otherwise."""
+        path = tuple(path)
+        with self._lock:
+            cached = self._cache.get(path)
+            if cached is not None:
+                self._cache.move_to_end(path)
+                return cached
+        if path:
+            entry = self.lookup(path)
+            if not entry.is_folder:
+                raise NotAFolderError(f"{'/'.join(path)} is a file, not a folder")
+            node = entry.node
+        else:
+            node = ("root",)
+        change = self._change
+        listing = self._list_node(node)
+        with self._lock:
+            if change == self._change:  # not refreshed meanwhile: the listing is current
+                self._cache[path] = listing
+                if len(self._cache) > _CACHED_FOLDERS:
+                    self._cache.popitem(last=False)
+        return listing
+
+    def lookup(self, path: Sequence[str]) -> Entry:
+        """The entry at ``path`` (which must not be the root)."""
+        path = tuple(path)
+        if not path:
+            raise ValueError("the root has no entry; use root_entry()")
+        found = self.listing(path[:-1]).find(path[-1])
+        if found is None:
+            raise NotFoundError(f"no {'/'.join(path)} in the tree")
+        return found
+
+    def root_entry(self) -> Entry:
+        return Entry("", EntryKind.FOLDER, 0, self.listing(()).mtime, ("root",))
+
+    def document(self, entry: Entry) -> bytes:
+        """The content of a document entry (``study.json``, ``series.json``)."""
+        with self._lock:
+            cached = self._documents.get(entry.node)
+        if cached is not None:
+            return cached
+        kind, resource_id = entry.node[0], entry.node[-1]
+        content = study_document(self.store, resource_id) if kind == "study-document" else series_document(self.store, resource_id)
+        with self._lock:
+            self._documents[entry.node] = content
+        return content
+
+    # -- listing each kind of folder ---------------------------------------------------------------
+
+    def _list_node(self, node: Node) -> Listing:
+        kind = node[0]
+        if kind == "root":
+            return self._root()
+        if kind == "view":
+            return {"by-patients": self._patients, "by-studies": self._all_studies,
+                    "by-dates": self._years, "by-uids": self._all_studies}[node[1]](node[1])
+        if kind == "patient":
+            return self._studies_of(node[1], node[2])
+        if kind == "study":
+            return self._series_of(node[1], node[2])
+        if kind == "series":
+            return self._instances_of(node[1], node[2])
+        if kind == "year":
+            return self._months(node[1])
+        if kind == "month":
+            return self._studies_on(node[1] + node[2][5:7])
+        if kind == "undated":
+            return self._studies_on("")
+        raise NotFoundError(f"unknown folder kind {kind!r}")
+
+    def _root(self) -> Listing:
+        stats_mtime = self._started
+        entries = [Entry(view, EntryKind.FOLDER, 0, stats_mtime, ("view", view)) for view in VIEWS]
+        if self.uploads:
+            entries.append(Entry(UPLOADS, EntryKind.FOLDER, 0, stats_mtime, ("uploads",)))
+        return Listing.of(entries, stats_mtime)
+
+    def _patients(self, view: str) -> Listing:
+        patients = [r for r in self.store.children(None) if isinstance(r, Patient)]
+        names = disambiguate([(_patient_name(p), "") for p in patients], [(p.created, p.patient_id) for p in patients])
+        return self._folders(view, "patient", patients, names)
+
+    def _studies_of(self, view: str, patient_id: str) -> Listing:
+        studies = [r for r in self.store.children(patient_id) if isinstance(r, Study)]
+        names = disambiguate([(_dated_study_name(s), "") for s in studies], [(s.created, s.study_uid) for s in studies])
+        return self._folders(view, "study", studies, names)
+
+    def _all_studies(self, view: str) -> Listing:
+        pairs = [(patient, study) for patient in self.store.children(None) if isinstance(patient, Patient)
+                 for study in self.store.children(patient.id) if isinstance(study, Study)]
+        return self._study_folders(view, pairs)
+
+    def _study_folders(self, view: str, pairs: list[tuple[Patient, Study]]) -> Listing:
+        studies = [study for _, study in pairs]
+        if view == "by-uids":
+            stems = [(safe_text(s.study_uid) or "(no uid)", "") for s in studies]
+        else:
+            stems = [(_patient_study_name(p, s), "") for p, s in pairs]
+        names = disambiguate(stems, [(s.created, s.study_uid, s.id) for s in studies])
+        return self._folders(view, "study", studies, names)
+
+    def _series_of(self, view: str, study_id: str) -> Listing:
+        series = [r for r in self.store.children(study_id) if isinstance(r, Series)]
+        if view == "by-uids":
+            stems = [(safe_text(s.series_uid) or "(no uid)", "") for s in series]
+        else:
+            stems = [(_series_name(s), "") for s in series]
+        names = disambiguate(stems, [(s.created, s.series_uid) for s in series])
+        listing = self._folders(view, "series", series, names)
+        if view != "by-uids":
+            return listing
+        study = self.store.find(study_id)
+        document = Entry(STUDY_DOCUMENT, EntryKind.DOCUMENT, 0, listing.mtime, ("study-document", study_id))
+        document = _sized(document, self.document(document))
+        return Listing.of([*listing.entries, document], study.last_update if study else listing.mtime)
+
+    def _instances_of(self, view: str, series_id: str) -> Listing:
+        instances = [r for r in self.store.children(series_id) if isinstance(r, Instance)]
+        if view == "by-uids":
+            stems = [(safe_text(i.sop_uid) or "(no uid)", ".dcm") for i in instances]
+        else:
+            stems = [(f"{_number(i.number)} - {safe_text(i.sop_uid) or '(no uid)'}", ".dcm") for i in instances]
+        names = disambiguate(stems, [(i.received, i.sop_uid) for i in instances])
+        entries = [Entry(name, EntryKind.INSTANCE, i.size, i.received, (), i.id) for name, i in zip(names, instances)]
+        mtime = max((e.mtime for e in entries), default=self._started)
+        if view == "by-uids":
+            document = Entry(SERIES_DOCUMENT, EntryKind.DOCUMENT, 0, mtime, ("series-document", series_id))
+            entries.append(_sized(document, self.document(document)))
+        return Listing.of(entries, mtime)
+
+    def _years(self, view: str) -> Listing:
+        dated = self.store.studies_by_date()
+        by_year: dict[str, list[str]] = {}
+        for date, study_id in dated:
+            by_year.setdefault(date[:4] or UNDATED, []).append(study_id)
+        entries = []
+        for year, study_ids in by_year.items():
+            mtime = _latest(self.store.records(study_ids), self._started)
+            entries.append(Entry(year, EntryKind.FOLDER, 0, mtime, ("undated",) if year == UNDATED else ("year", year)))
+        return Listing.of(entries, max((e.mtime for e in entries), default=self._started))
+
+    def _months(self, year: str) -> Listing:
+        by_month: dict[str, list[str]] = {}
+        for date, study_id in self.store.studies_by_date(year):
+            by_month.setdefault(f"{year}-{date[4:6]}", []).append(study_id)
+        entries = [Entry(month, EntryKind.FOLDER, 0, _latest(self.store.records(ids), self._started), ("month", year, month))
+                   for month, ids in by_month.items()]
+        return Listing.of(entries, max((e.mtime for e in entries), default=self._started))
+
+    def _studies_on(self, prefix: str) -> Listing:
+        """by-dates studies whose date starts with ``prefix`` (blank: those without a date)."""
+        ids = [study_id for date, study_id in self.store.studies_by_date(prefix) if bool(date) == bool(prefix)]
+        studies = [s for s in self.store.records(ids) if isinstance(s, Study)]
+        patients = {p.id: p for p in self.store.records({s.parent for s in studies}) if isinstance(p, Patient)}
+        return self._study_folders("by-dates", [(patients[s.parent], s) for s in studies if s.parent in patients])
+
+    def _folders(self, view: str, kind: str, records: Sequence[Record], names: list[str]) -> Listing:
+        entries = [Entry(name, EntryKind.FOLDER, 0, r.last_update, (kind, view, r.id), r.id) for name, r in zip(names, records)]
+        return Listing.of(entries, max((e.mtime for e in entries), default=self._started))
+
+
+def _sized(entry: Entry, content: bytes) -> Entry:
+    return Entry(entry.name, entry.kind, len(content), entry.mtime, entry.node, entry.resource_id)
+
+
+def _latest(records: Sequence[Record | None], default: float) -> float:
+    return max((r.last_update for r in records if r is not None), default=default)
+
+
+def _number(number: int | None) -> str:
+    return f"{number:04d}" if number is not None else "(no number)"
+
+
+def _patient_name(patient: Patient) -> str:
+    return join_fields([(patient.patient_id, "(no id)"), (patient.patient_name, "(no name)")])
+
+
+def _dated_study_name(study: Study) -> str:
+    return join_fields([(study.date, "(no date)"), (study.description, "(no description)")])
+
+
+def _patient_study_name(patient: Patient, study: Study) -> str:
+    return join_fields([(patient.patient_id, "(no id)"), (patient.patient_name, "(no name)"),
+                        (study.description, "(no description)")])
+
+
+def _series_name(series: Series) -> str:
+    return join_fields([(series.modality, "(no modality)"), (series.description, "(no description)")])
