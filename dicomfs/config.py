@@ -42,7 +42,9 @@ __all__ = [
     "IngestConfig",
     "LoadedConfig",
     "LogConfig",
+    "MountConfig",
     "StorageConfig",
+    "UploadsConfig",
     "default_store_folder",
     "load_config",
     "parse_size",
@@ -79,6 +81,22 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
+class MountConfig:
+    """What the FUSE mount and the WebDAV bridge let users do."""
+
+    delete_allowed: bool
+    refresh_ms: int
+
+
+@dataclass(frozen=True)
+class UploadsConfig:
+    """How long what is left in uploads/ stays there."""
+
+    rejected_ttl: int
+    empty_folder_idle: int
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """How much is logged and where to."""
 
@@ -100,6 +118,8 @@ class Config:
 
     storage: StorageConfig
     ingest: IngestConfig
+    mount: MountConfig
+    uploads: UploadsConfig
     log: LogConfig
     metadata: Mapping[str, int]
     attachments: Mapping[str, AttachmentType]
@@ -344,6 +364,22 @@ _SCHEMA: tuple[_Section | _NamedTable, ...] = (
         _Option("workers", 0, _integer(0),
                 "Processes that parse and write the files of a bulk ingest (64 files or more); 0 "
                 "means one per CPU: parsing is CPU-bound and one process tops out near 2,500 files/s."),
+    )),
+    _Section("mount", MountConfig, (
+        _Option("delete_allowed", True, _boolean,
+                "rm in the mount and DELETE over WebDAV delete stored data; a deleting front end logs "
+                "this at start. Set false to make the by-* views read-only while uploads stay open."),
+        _Option("refresh_ms", 1000, _integer(100, 60_000),
+                "How often a front end looks for changes made by other processes (the CLI, the other "
+                "front end); what they change shows within this time plus a listing."),
+    )),
+    _Section("uploads", UploadsConfig, (
+        _Option("rejected_ttl", 86400, _integer(0),
+                "Seconds a file that could not be stored stays in uploads/ with its reason (one day: "
+                "time to read why, without uploads/ filling up for ever); 0 keeps them."),
+        _Option("empty_folder_idle", 30, _integer(1),
+                "Seconds an empty folder in uploads/ stays after the last activity in it: a client "
+                "copying a tree may still be about to write into it."),
     )),
     _Section("log", LogConfig, (
         _Option("level", "info", _one_of("debug", "info", "warning", "error"),
