@@ -287,6 +287,37 @@ def cmd_check(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     return 0 if report.clean else 1
 
 
+def cmd_mount(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from dicomfs.mount.daemon import MountOptions, mount  # pyfuse3 and trio: only this command needs them
+
+    _log_to(loaded.config, foreground=args.foreground)
+    options = MountOptions(Path(args.mountpoint), foreground=args.foreground, read_only=args.read_only,
+                           allow_other=args.allow_other, auto_unmount=args.auto_unmount)
+    return mount(lambda: open_store(loaded, readonly=args.read_only), loaded.config, options)
+
+
+def cmd_umount(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from dicomfs.mount.daemon import unmount
+
+    unmount(Path(args.mountpoint))
+    return 0
+
+
+def _log_to(config: Config, *, foreground: bool) -> None:
+    """Daemon logging: log.level to log.file, else to stderr (the journal under systemd)."""
+    root = logging.getLogger()
+    if config.log.file:
+        handler: logging.Handler = logging.FileHandler(config.log.file)
+    elif foreground:
+        handler = logging.StreamHandler()
+    else:
+        return  # a background daemon without a log file has nowhere to write
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.handlers[:] = [handler]
+    if root.level > logging.DEBUG:
+        root.setLevel(config.log.level.upper())
+
+
 def cmd_config(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     rows = loaded.describe()
     width = max(len(key) for key, _, _ in rows)
@@ -375,6 +406,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hash", action="store_true", help="skip SHA-256 verification of blob contents")
     p.add_argument("--json", action="store_true")
     add("config", cmd_config, "print the effective configuration and where each value came from")
+    p = add("mount", cmd_mount, "mount the store as a file system (FUSE)")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground (systemd, debugging)")
+    p.add_argument("--read-only", action="store_true", help="refuse every write with EROFS")
+    p.add_argument("--allow-other", action="store_true", help="let other users see the mount (needs user_allow_other)")
+    p.add_argument("--auto-unmount", action="store_true", help=argparse.SUPPRESS)
+    p = add("umount", cmd_umount, "unmount a dicomfs mount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
     return parser
 
 

@@ -146,7 +146,7 @@ def test_views_by_dates_groups_by_year_and_month_and_keeps_undated_studies(shape
 
 
 def test_views_by_uids_has_study_and_series_documents_with_exact_sizes(corpus_tree: tuple[Store, Tree]) -> None:
-    store, tree = corpus_tree
+    _, tree = corpus_tree
     study = tree.listing(("by-uids",)).entries[0]
     entries = tree.listing(("by-uids", study.name)).entries
     document = next(e for e in entries if e.name == "study.json")

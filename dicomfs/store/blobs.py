@@ -189,6 +189,11 @@ class BlobReader:
         self._cached_index = -1
         self._cached_block = b""
 
+    @property
+    def compressed(self) -> bool:
+        """Whether reads decompress blocks (else the blob's bytes are the instance's, at the same offsets)."""
+        return self._table is not None
+
     def read(self, offset: int, length: int) -> bytes:
         """Up to ``length`` original bytes from ``offset`` (fewer only at the end)."""
         if self._table is None:

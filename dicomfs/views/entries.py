@@ -50,7 +50,7 @@ class Listing:
     _by_folded: Mapping[str, Entry] = field(repr=False, default_factory=dict)
 
     @classmethod
-    def of(cls, entries: list[Entry], mtime: float) -> "Listing":
+    def of(cls, entries: list[Entry], mtime: float) -> Listing:
         entries.sort(key=lambda e: (e.name.casefold(), e.name))
         return cls(tuple(entries), mtime, {e.name: e for e in entries},
                    {unicodedata.normalize("NFC", e.name).casefold(): e for e in entries})

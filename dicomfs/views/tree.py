@@ -23,7 +23,7 @@ from dicomfs.views.documents import series_document, study_document
 from dicomfs.views.entries import Entry, EntryKind, Listing, Node
 from dicomfs.views.names import disambiguate, join_fields, safe_text
 
-__all__ = ["NotAFolderError", "Path", "Tree", "UPLOADS", "VIEWS"]
+__all__ = ["UPLOADS", "VIEWS", "NotAFolderError", "Path", "Tree"]
 
 Path = tuple[str, ...]
 VIEWS = ("by-patients", "by-studies", "by-dates", "by-uids")
@@ -95,6 +95,11 @@ class Tree:
                 if len(self._cache) > _CACHED_FOLDERS:
                     self._cache.popitem(last=False)
         return listing
+
+    def cached(self, path: Sequence[str]) -> Listing | None:
+        """The listing of ``path`` if it is cached (a front end's event loop can use it without blocking)."""
+        with self._lock:
+            return self._cache.get(tuple(path))
 
     def lookup(self, path: Sequence[str]) -> Entry:
         """The entry at ``path`` (which must not be the root)."""
@@ -186,7 +191,7 @@ class Tree:
         if view != "by-uids":
             return listing
         study = self.store.find(study_id)
-        document = Entry(STUDY_DOCUMENT, EntryKind.DOCUMENT, 0, listing.mtime, ("study-document", study_id))
+        document = Entry(STUDY_DOCUMENT, EntryKind.DOCUMENT, 0, listing.mtime, ("study-document", study_id), study_id)
         document = _sized(document, self.document(document))
         return Listing.of([*listing.entries, document], study.last_update if study else listing.mtime)
 
@@ -197,10 +202,10 @@ class Tree:
         else:
             stems = [(f"{_number(i.number)} - {safe_text(i.sop_uid) or '(no uid)'}", ".dcm") for i in instances]
         names = disambiguate(stems, [(i.received, i.sop_uid) for i in instances])
-        entries = [Entry(name, EntryKind.INSTANCE, i.size, i.received, (), i.id) for name, i in zip(names, instances)]
+        entries = [Entry(name, EntryKind.INSTANCE, i.size, i.received, (), i.id) for name, i in zip(names, instances, strict=True)]
         mtime = max((e.mtime for e in entries), default=self._started)
         if view == "by-uids":
-            document = Entry(SERIES_DOCUMENT, EntryKind.DOCUMENT, 0, mtime, ("series-document", series_id))
+            document = Entry(SERIES_DOCUMENT, EntryKind.DOCUMENT, 0, mtime, ("series-document", series_id), series_id)
             entries.append(_sized(document, self.document(document)))
         return Listing.of(entries, mtime)
 
@@ -231,7 +236,7 @@ class Tree:
         return self._study_folders("by-dates", [(patients[s.parent], s) for s in studies if s.parent in patients])
 
     def _folders(self, view: str, kind: str, records: Sequence[Record], names: list[str]) -> Listing:
-        entries = [Entry(name, EntryKind.FOLDER, 0, r.last_update, (kind, view, r.id), r.id) for name, r in zip(names, records)]
+        entries = [Entry(name, EntryKind.FOLDER, 0, r.last_update, (kind, view, r.id), r.id) for name, r in zip(names, records, strict=True)]
         return Listing.of(entries, max((e.mtime for e in entries), default=self._started))
 
 

@@ -1,0 +1,224 @@
+"""``dicomfs mount``: check the mountpoint, open the store, serve FUSE until told to stop.
+
+The daemon runs pyfuse3 on trio with three companions in one nursery: a signal watcher (SIGTERM
+and SIGINT end the loop, and the file system is unmounted cleanly), a refresher (changes made by
+other processes reach the mount within ``mount.refresh_ms``) and a janitor for ``uploads/``. It
+tells systemd it is ready (``Type=notify``) once the mount answers.
+
+By default it goes to the background only after the mount is up, so ``dicomfs mount`` returns 0
+exactly when the mount works, or prints why not and returns 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from dicomfs.config import Config
+from dicomfs.errors import DicomfsError
+from dicomfs.mount.operations import DicomOperations, MountSettings
+from dicomfs.store import Store
+from dicomfs.uploads import UploadArea
+from dicomfs.views import Tree
+
+__all__ = ["MountError", "MountOptions", "mount", "unmount"]
+
+_log = logging.getLogger(__name__)
+_JANITOR_SECONDS = 5.0
+
+
+class MountError(DicomfsError):
+    """The mountpoint cannot be used (missing, not a folder, busy, already mounted)."""
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    mountpoint: Path
+    foreground: bool = False
+    read_only: bool = False
+    allow_other: bool = False
+    auto_unmount: bool = False
+    """Let fusermount3 unmount if the daemon dies (tests; production leaves a dead mount visible,
+    since an empty folder in its place could make a mirroring job delete its copy)."""
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.exists():
+        raise MountError(f"mountpoint {mountpoint} does not exist (create it with mkdir)")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mountpoint (unmount it first: dicomfs umount {mountpoint})")
+    if not mountpoint.is_dir():
+        raise MountError(f"mountpoint {mountpoint} is not a folder")
+    if any(mountpoint.iterdir()):
+        raise MountError(f"mountpoint {mountpoint} is not empty: mounting over files would hide them")
+
+
+def mount(open_store: Callable[[], Store], config: Config, options: MountOptions) -> int:
+    """Mount and serve until unmounted or signalled; returns the exit status.
+
+    ``open_store`` opens the configured store (read-only when ``options.read_only``): the daemon
+    opens it only after forking, since an LMDB environment must not cross a fork.
+    """
+    mountpoint = options.mountpoint.resolve()
+    check_mountpoint(mountpoint)
+    if options.foreground:
+        return _serve(open_store, config, options, mountpoint, ready_fd=None)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the daemon: a new session, no terminal; reports readiness through the pipe
+        os.close(read_end)
+        os.setsid()
+        _detach_stdio()
+        status = 1
+        try:
+            status = _serve(open_store, config, options, mountpoint, ready_fd=write_end)
+        except BaseException as error:  # the parent prints it; the daemon has no terminal
+            _report(write_end, f"error: {error}")
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode("utf-8", "replace").strip()
+    if message == "ready":
+        return 0
+    raise MountError(message.removeprefix("error: ") or "the mount daemon stopped before the mount was ready")
+
+
+def _detach_stdio() -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(null, fd)
+    if not os.environ.get("DICOMFS_LOG_STDERR"):
+        os.dup2(null, 2)
+    os.close(null)
+
+
+def _report(fd: int | None, message: str) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, message.encode("utf-8"))
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _serve(open_store: Callable[[], Store], config: Config, options: MountOptions, mountpoint: Path,
+           ready_fd: int | None) -> int:
+    store = open_store()
+    store_folder = store.folder
+    try:
+        tree = Tree(store, uploads=not options.read_only)
+        uploads = None if options.read_only else UploadArea(store_folder / "uploads")
+        mount_settings = MountSettings(read_only=options.read_only, delete_allowed=config.mount.delete_allowed)
+        operations = DicomOperations(store, tree, uploads, mount_settings)
+        fuse_options = set(pyfuse3.default_options)
+        fuse_options |= {"fsname=dicomfs", "subtype=dicomfs"}
+        fuse_options.discard("default_permissions")
+        if options.read_only:
+            fuse_options.add("ro")
+        if options.allow_other:
+            fuse_options.add("allow_other")
+        if options.auto_unmount:
+            fuse_options.add("auto_unmount")
+        try:
+            pyfuse3.init(operations, str(mountpoint), fuse_options)
+        except RuntimeError as error:
+            raise MountError(f"cannot mount {mountpoint}: {error} (is /dev/fuse there, and fuse3 installed?)") from None
+        _log.info("mounted %s at %s (%s; deletes %s)", store_folder, mountpoint,
+                  "read-only" if options.read_only else "read-write",
+                  "allowed" if config.mount.delete_allowed and not options.read_only else "refused")
+        clean = False
+        try:
+            trio.run(_main, operations, config, uploads, ready_fd)
+            clean = True
+        finally:
+            pyfuse3.close(unmount=clean)
+        return 0
+    finally:
+        store.close()
+
+
+async def _main(operations: DicomOperations, config: Config, uploads: UploadArea | None, ready_fd: int | None) -> None:
+    async with trio.open_nursery() as nursery:
+        operations.attach(nursery)
+        nursery.start_soon(_watch_signals, nursery)
+        nursery.start_soon(_refresh, operations, config.mount.refresh_ms / 1000)
+        if uploads is not None:
+            nursery.start_soon(_sweep, operations, uploads, config)
+        _notify_systemd("READY=1")
+        _report(ready_fd, "ready")
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(nursery: trio.Nursery) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for received in signals:
+            _log.info("%s: unmounting", signal.Signals(received).name)
+            _notify_systemd("STOPPING=1")
+            pyfuse3.terminate()
+            return
+
+
+async def _refresh(operations: DicomOperations, seconds: float) -> None:
+    while True:
+        await trio.sleep(seconds)
+        try:
+            await operations.apply_changes()
+        except Exception:  # a failed refresh is retried next time; the mount keeps serving
+            _log.exception("refreshing the tree failed")
+
+
+async def _sweep(operations: DicomOperations, uploads: UploadArea, config: Config) -> None:
+    while True:
+        await trio.sleep(_JANITOR_SECONDS)
+        busy = {uploads.path(n.path[1:]) for n in operations.open_uploads()}
+        sweep = functools.partial(uploads.sweep, rejected_ttl=config.uploads.rejected_ttl,
+                                  empty_folder_idle=config.uploads.empty_folder_idle, busy=busy)
+        try:
+            removed = await trio.to_thread.run_sync(sweep)
+        except Exception:
+            _log.exception("cleaning uploads/ failed")
+            continue
+        if removed:
+            operations.forget_uploads(removed)
+
+
+def _notify_systemd(message: str) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.sendto(message.encode(), address)
+        except OSError as error:
+            _log.warning("cannot notify systemd at %s: %s", address, error)
+
+
+def unmount(mountpoint: Path) -> None:
+    """Unmount a dicomfs mount (the daemon then exits)."""
+    mountpoint = mountpoint.resolve()
+    if not os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is not mounted")
+    command = shutil.which("fusermount3") or shutil.which("fusermount")
+    args = [command, "-u", str(mountpoint)] if command else ["umount", str(mountpoint)]
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode != 0:
+        detail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+        if "busy" in detail.lower():
+            raise MountError(f"{mountpoint} is busy (a process has a file or folder open in it): {detail}")
+        raise MountError(f"cannot unmount {mountpoint}: {detail}")

@@ -1,0 +1,220 @@
+"""The FUSE mount, for real: `dicomfs mount` in the background, then plain file operations on it."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from dicomfs.samples import Corpus, make_instance, write_instance
+from tests.conftest import dicomfs_command, run_cli
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+                                reason="needs /dev/fuse and fusermount3 (apt install fuse3)")
+
+VIEWS = ("by-patients", "by-studies", "by-dates", "by-uids")
+
+
+class Mounted:
+    def __init__(self, store: Path, mountpoint: Path, config: Path) -> None:
+        self.store, self.path, self.config = store, mountpoint, config
+
+
+def _unmount(mountpoint: Path) -> None:
+    if os.path.ismount(mountpoint):
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Callable[..., Mounted]]:
+    """Mount a store (created, and filled from ``ingest`` paths) with extra `dicomfs mount` options."""
+    mounted: list[Path] = []
+
+    def mounter(*options: str, ingest: tuple[Path, ...] = (), config: str = "", name: str = "m") -> Mounted:
+        store, mountpoint, config_file = tmp_path / f"store-{name}", tmp_path / name, tmp_path / f"{name}.toml"
+        config_file.write_text(config)
+        mountpoint.mkdir()
+        run_cli("init", store=store, config=config_file, check=True)
+        if ingest:
+            run_cli("ingest", "--quiet", *map(str, ingest), store=store, config=config_file)
+        done = run_cli("mount", str(mountpoint), "--auto-unmount", *options, store=store, config=config_file)
+        assert done.returncode == 0, done.stderr
+        mounted.append(mountpoint)
+        assert os.path.ismount(mountpoint)
+        return Mounted(store, mountpoint, config_file)
+
+    yield mounter
+    for mountpoint in mounted:
+        _unmount(mountpoint)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _instances(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.dcm"))
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_mount_every_view_lists_every_instance_byte_equal(mount: Callable[..., Mounted], small_corpus: Corpus, compression: str) -> None:
+    m = mount(ingest=(small_corpus.root,), config=f'[storage]\ncompression = "{compression}"\n')
+    assert sorted(os.listdir(m.path)) == ["by-dates", "by-patients", "by-studies", "by-uids", "uploads"]
+    sources: dict[str, set[str]] = defaultdict(set)
+    for sample in small_corpus.valid_files:
+        sources[sample.sop_uid].add(_sha(sample.path))
+    for view in VIEWS:
+        files = _instances(m.path / view)
+        assert len(files) == small_corpus.instances, view
+        for path in files:
+            sop = os.getxattr(path, "user.dicom.SOPInstanceUID").decode()
+            assert _sha(path) in sources[sop], path
+            assert path.stat().st_size == len(path.read_bytes())
+    one = _instances(m.path / "by-uids")[0]
+    sop = os.getxattr(one, "user.dicom.SOPInstanceUID").decode()
+    same = [p for view in VIEWS for p in _instances(m.path / view) if os.getxattr(p, "user.dicom.SOPInstanceUID").decode() == sop]
+    assert len({p.stat().st_ino for p in same}) == 1  # one inode in every view
+    assert same[0].stat().st_nlink == 4
+
+
+def test_mount_copy_into_uploads_ingests_valid_and_keeps_bad_with_reasons(mount: Callable[..., Mounted], small_corpus: Corpus) -> None:
+    m = mount()
+    done = subprocess.run(["cp", "-r", str(small_corpus.root), str(m.path / "uploads" / "cd")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 30
+    expected_left = {s.path.name for s in small_corpus.invalid_files}
+    while time.monotonic() < deadline:
+        left = {p.name for p in (m.path / "uploads").rglob("*") if p.is_file()}
+        if left <= expected_left:
+            break
+        time.sleep(0.2)
+    left_paths = [p for p in (m.path / "uploads").rglob("*") if p.is_file()]
+    assert {p.name for p in left_paths} == expected_left
+    for path in left_paths:
+        assert os.getxattr(path, "user.dicomfs.error").decode()
+    stats = run_cli("stats", "--json", store=m.store, config=m.config)
+    assert f'"instances": {small_corpus.instances}' in stats.stdout
+    assert len(_instances(m.path / "by-uids")) == small_corpus.instances
+
+
+def test_mount_rm_r_of_a_study_deletes_it_everywhere(mount: Callable[..., Mounted], small_corpus: Corpus) -> None:
+    m = mount(ingest=(small_corpus.root,))
+    study = sorted((m.path / "by-studies").iterdir())[0]
+    study_uid = os.getxattr(study, "user.dicom.StudyInstanceUID").decode()
+    count = len(_instances(study))
+    assert count > 0
+    done = subprocess.run(["rm", "-r", str(study)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not study.exists()
+    for view in VIEWS:
+        assert len(_instances(m.path / view)) == small_corpus.instances - count
+    assert all(os.getxattr(p, "user.dicom.StudyInstanceUID").decode() != study_uid for p in _instances(m.path / "by-uids"))
+    assert run_cli("check", store=m.store, config=m.config).returncode == 0
+
+
+def test_mount_deletes_refused_when_not_allowed_and_renames_refused(mount: Callable[..., Mounted], small_corpus: Corpus) -> None:
+    m = mount(ingest=(small_corpus.root,), config="[mount]\ndelete_allowed = false\n")
+    one = _instances(m.path / "by-uids")[0]
+    with pytest.raises(PermissionError):
+        one.unlink()
+    with pytest.raises(OSError) as error:
+        one.rename(one.with_name("renamed.dcm"))
+    assert error.value.errno == errno.EPERM
+    assert one.exists()
+
+
+def test_mount_read_only_refuses_every_write(mount: Callable[..., Mounted], small_corpus: Corpus) -> None:
+    m = mount("--read-only", ingest=(small_corpus.root,))
+    one = _instances(m.path / "by-uids")[0]
+    for attempt in (one.unlink, lambda: (m.path / "by-uids" / "x").mkdir(), lambda: one.open("ab")):
+        with pytest.raises(OSError) as error:
+            attempt()  # type: ignore[operator]
+        assert error.value.errno == errno.EROFS
+    assert "uploads" not in os.listdir(m.path)
+
+
+def test_mount_eight_concurrent_readers(mount: Callable[..., Mounted], large_corpus: Corpus) -> None:
+    m = mount(ingest=(large_corpus.root,), config='[storage]\ncompression = "zlib"\n')
+    files = _instances(m.path / "by-uids")
+    expected = {p: _sha(p) for p in files}
+    failures: list[str] = []
+
+    def reader(seed: int) -> None:
+        for round_ in range(3):
+            for path in files[seed % len(files):] + files[:seed % len(files)]:
+                if _sha(path) != expected[path]:
+                    failures.append(f"{path} round {round_}")
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not failures
+
+
+def test_mount_sees_an_ingest_by_the_cli_within_two_seconds(mount: Callable[..., Mounted], tmp_path: Path) -> None:
+    m = mount()
+    source = tmp_path / "new.dcm"
+    write_instance(source, make_instance(patient_id="LATE", patient_name="LATE^ARRIVAL", study_uid="7.1", series_uid="7.1.1", sop_uid="7.1.1.1"))
+    assert os.listdir(m.path / "by-patients") == []
+    started = time.monotonic()
+    run_cli("ingest", "--quiet", str(source), store=m.store, config=m.config, check=True)
+    while "LATE - LATE^ARRIVAL" not in os.listdir(m.path / "by-patients"):
+        assert time.monotonic() - started < 2.0, "the mount did not show the CLI's ingest within 2 s"
+        time.sleep(0.05)
+
+
+def test_mount_xattrs_show_tags_and_set_metadata_and_protection(mount: Callable[..., Mounted], small_corpus: Corpus) -> None:
+    m = mount(ingest=(small_corpus.root,), config="[metadata]\nreviewed = 1024\n")
+    patient = sorted((m.path / "by-patients").iterdir())[0]
+    assert os.getxattr(patient, "user.dicom.PatientID")
+    assert os.getxattr(patient, "user.dicomfs.protected") == b"0"
+    os.setxattr(patient, "user.dicomfs.protected", b"1")
+    assert os.getxattr(patient, "user.dicomfs.protected") == b"1"
+    one = _instances(patient)[0]
+    os.setxattr(one, "user.dicomfs.meta.reviewed", b"yes")
+    assert os.getxattr(one, "user.dicomfs.meta.reviewed") == b"yes"
+    assert "user.dicomfs.meta.ReceptionDate" in os.listxattr(one)
+    with pytest.raises(OSError):
+        os.setxattr(one, "user.dicomfs.meta.Origin", b"forged")  # core metadata is read-only
+    os.removexattr(one, "user.dicomfs.meta.reviewed")
+    assert "user.dicomfs.meta.reviewed" not in os.listxattr(one)
+
+
+def test_mount_sigterm_unmounts_cleanly(mount: Callable[..., Mounted]) -> None:
+    m = mount()
+    pids = subprocess.run(["pgrep", "-f", f"mount {m.path} "], capture_output=True, text=True).stdout.split()
+    assert pids
+    for pid in pids:
+        os.kill(int(pid), signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while os.path.ismount(m.path):
+        assert time.monotonic() < deadline, "still mounted 10 s after SIGTERM"
+        time.sleep(0.05)
+
+
+def test_mount_refuses_bad_mountpoints_with_one_line(mount: Callable[..., Mounted], tmp_path: Path) -> None:
+    m = mount()
+    missing = run_cli("mount", str(tmp_path / "nowhere"), store=m.store, config=m.config)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    again = run_cli("mount", str(m.path), store=m.store, config=m.config)
+    assert again.returncode == 1 and "already a mountpoint" in again.stderr
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    refused = run_cli("mount", str(full), store=m.store, config=m.config)
+    assert refused.returncode == 1 and "not empty" in refused.stderr
+    done = subprocess.run([*dicomfs_command(), "umount", str(m.path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not os.path.ismount(m.path)
