@@ -218,3 +218,20 @@ def test_mount_refuses_bad_mountpoints_with_one_line(mount: Callable[..., Mounte
     done = subprocess.run([*dicomfs_command(), "umount", str(m.path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not os.path.ismount(m.path)
+
+
+def test_mount_uploads_janitor_removes_idle_empty_folders_rejected_files_and_junk(mount: Callable[..., Mounted]) -> None:
+    m = mount(config="[uploads]\nrejected_ttl = 1\nempty_folder_idle = 1\n")
+    uploads = m.path / "uploads"
+    (uploads / "empty").mkdir()
+    (uploads / "bad.txt").write_text("not DICOM")
+    (uploads / ".DS_Store").write_bytes(b"\0" * 16)
+    deadline = time.monotonic() + 2
+    while (uploads / ".DS_Store").exists():  # OS clutter goes at once
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert os.getxattr(uploads / "bad.txt", "user.dicomfs.error")
+    deadline = time.monotonic() + 15  # the janitor runs every 5 s
+    while os.listdir(uploads):
+        assert time.monotonic() < deadline, os.listdir(uploads)
+        time.sleep(0.2)

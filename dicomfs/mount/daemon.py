@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -141,7 +142,7 @@ def _serve(open_store: Callable[[], Store], config: Config, options: MountOption
                   "allowed" if config.mount.delete_allowed and not options.read_only else "refused")
         clean = False
         try:
-            trio.run(_main, operations, config, uploads, ready_fd)
+            trio.run(_main, operations, config, uploads, ready_fd, instruments=[_SlowStepWarning()])
             clean = True
         finally:
             pyfuse3.close(unmount=clean)
@@ -194,6 +195,22 @@ async def _sweep(operations: DicomOperations, uploads: UploadArea, config: Confi
             continue
         if removed:
             operations.forget_uploads(removed)
+
+
+class _SlowStepWarning(trio.abc.Instrument):
+    """Logs a warning when one task step holds the loop too long: every FUSE request waits meanwhile."""
+
+    def __init__(self, limit: float = 0.05) -> None:
+        self.limit = limit
+        self._started = 0.0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._started = time.perf_counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        elapsed = time.perf_counter() - self._started
+        if elapsed > self.limit:
+            _log.warning("task %s held the event loop for %.0f ms", task.name, elapsed * 1000)
 
 
 def _notify_systemd(message: str) -> None:
