@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Union
 
 from dicomfs.errors import StoreFullError
-from dicomfs.store.blobs import BlobStore, sync_filesystem
+from dicomfs.store.blobs import BlobStore
 from dicomfs.store.candidates import (
     REJECTED,
     Archive,
@@ -181,7 +181,7 @@ def ingest_in_workers(
             if len(batch) >= batch_files or batch_bytes >= settings.batch_bytes or not in_flight:
                 while durable:  # one batch syncs while the next one is written
                     yield from durable.popleft().result()
-                durable.append(syncer.submit(_index_durably, committer, folder, batch))
+                durable.append(syncer.submit(_index_durably, committer, batch))
                 batch, batch_bytes = [], 0
         while durable:
             yield from durable.popleft().result()
@@ -191,10 +191,7 @@ def ingest_in_workers(
             yield IngestResult(source.label, REJECTED, str(full[0]))
 
 
-def _index_durably(committer: GroupCommitter, folder: Path, batch: list[Candidate | IngestResult]) -> list[IngestResult]:
+def _index_durably(committer: GroupCommitter, batch: list[Candidate | IngestResult]) -> list[IngestResult]:
     """Make a batch's blobs durable, index them, and return the batch's results in order."""
-    candidates = [o for o in batch if isinstance(o, Candidate)]
-    if any(c.blob for c in candidates):
-        sync_filesystem(folder)
-    committer.finish(committer.index_batch(candidates))
+    committer.commit_written([o for o in batch if isinstance(o, Candidate)])
     return [outcome.result() if isinstance(outcome, Candidate) else outcome for outcome in batch]

@@ -188,9 +188,7 @@ class GroupCommitter:
     def _run_syncer(self) -> None:
         while (batch := self._written.get()) is not None:
             try:
-                if any(item.candidate.blob for item in batch.items):
-                    sync_filesystem(self.store_folder)
-                self.finish(self.index_batch([item.candidate for item in batch.items]))
+                self.commit_written([item.candidate for item in batch.items])
                 for item in batch.items:
                     item.future.set_result(item.candidate.result())
             except BaseException as error:
@@ -268,7 +266,16 @@ class GroupCommitter:
                 self.index.add_pending(txn, self.owner.token, name)
         return names
 
-    def index_batch(self, candidates: list[Candidate]) -> list[str]:
+    def commit_written(self, candidates: list[Candidate]) -> None:
+        """Steps 3-5 for candidates whose blobs are written: sync, index, free the garbage.
+
+        Used by the syncer thread and by bulk ingest, whose workers wrote the blobs themselves.
+        """
+        if any(c.blob for c in candidates):
+            sync_filesystem(self.store_folder)
+        self._finish(self._index_batch(candidates))
+
+    def _index_batch(self, candidates: list[Candidate]) -> list[str]:
         """Step 4: index candidates whose blobs are durable; returns the blobs that became garbage.
 
         Candidates without a blob were settled before writing and are left as they are.
@@ -316,7 +323,7 @@ class GroupCommitter:
             index.log_changes(txn, changes.log)
         index.flush(txn)
 
-    def finish(self, garbage: list[str]) -> None:
+    def _finish(self, garbage: list[str]) -> None:
         """Step 5: delete the blobs a durable commit made garbage; their marks go next commit."""
         for blob in garbage:
             self.blobs.remove(blob)
