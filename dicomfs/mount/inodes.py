@@ -14,11 +14,13 @@ dropped only at zero. Two rules shape the numbers:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 __all__ = ["ROOT_INODE", "InodeTable", "Node", "instance_inode"]
 
 ROOT_INODE = 1
 _INSTANCE_BIT = 1 << 63
+_K = TypeVar("_K")
 
 
 def instance_inode(resource_id: str) -> int:
@@ -39,18 +41,35 @@ class Node:
     lookups: int = 0
     links: set[tuple[int, str]] = field(default_factory=set)
     """(parent inode, name) pairs the kernel knows this node by."""
+    vanished_at: float = float("-inf")
+    """When a delete took this folder or document away (trio time), so `rm -r` can still remove it."""
 
 
 class InodeTable:
-    """Nodes by inode and by path, with their lookup counts."""
+    """Nodes by inode, by path, by resource and by parent, with their lookup counts."""
 
     def __init__(self) -> None:
         self._nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "folder", ())}
         self._by_path: dict[tuple[str, ...], int] = {(): ROOT_INODE}
+        self._by_resource: dict[str, set[int]] = {}
+        self._children: dict[int, set[int]] = {}
         self._next = ROOT_INODE + 1
 
     def get(self, inode: int) -> Node | None:
         return self._nodes.get(inode)
+
+    def at(self, path: tuple[str, ...]) -> Node | None:
+        """The node the kernel knows by ``path`` (folders, documents, uploads; not instances)."""
+        inode = self._by_path.get(path)
+        return self._nodes.get(inode) if inode is not None else None
+
+    def with_resource(self, resource_id: str) -> list[Node]:
+        """Every node showing ``resource_id`` (a patient, study or series has one per view)."""
+        return [self._nodes[i] for i in self._by_resource.get(resource_id, ())]
+
+    def children(self, parent: int) -> list[Node]:
+        """The nodes the kernel knows inside folder ``parent``."""
+        return [self._nodes[i] for i in self._children.get(parent, ())]
 
     def node_for(self, parent: int, path: tuple[str, ...], kind: str, resource_id: str | None = None) -> Node:
         """The node for ``path`` (an existing one, or a new one without lookups)."""
@@ -58,15 +77,21 @@ class InodeTable:
             inode = instance_inode(resource_id)
             node = self._nodes.get(inode)
             if node is None:
-                node = self._nodes[inode] = Node(inode, kind, path, resource_id)
+                node = self._add(Node(inode, kind, path, resource_id))
         else:
-            inode = self._by_path.get(path, 0)
-            node = self._nodes.get(inode) if inode else None
+            node = self.at(path)
             if node is None or node.kind != kind or node.resource_id != resource_id:
                 inode, self._next = self._next, self._next + 1
-                node = self._nodes[inode] = Node(inode, kind, path, resource_id)
+                node = self._add(Node(inode, kind, path, resource_id))
                 self._by_path[path] = inode
         node.links.add((parent, path[-1]))
+        self._children.setdefault(parent, set()).add(node.inode)
+        return node
+
+    def _add(self, node: Node) -> Node:
+        self._nodes[node.inode] = node
+        if node.resource_id is not None:
+            self._by_resource.setdefault(node.resource_id, set()).add(node.inode)
         return node
 
     def looked_up(self, node: Node) -> None:
@@ -77,14 +102,22 @@ class InodeTable:
         if node is None or inode == ROOT_INODE:
             return
         node.lookups -= count
-        if node.lookups <= 0:
-            del self._nodes[inode]
-            if self._by_path.get(node.path) == inode:
-                del self._by_path[node.path]
+        if node.lookups > 0:
+            return
+        del self._nodes[inode]
+        if self._by_path.get(node.path) == inode:
+            del self._by_path[node.path]
+        if node.resource_id is not None:
+            _discard(self._by_resource, node.resource_id, inode)
+        for parent, _ in node.links:
+            _discard(self._children, parent, inode)
+        self._children.pop(inode, None)
 
     def unlink(self, node: Node, parent: int, name: str) -> None:
         """The kernel was told ``name`` in ``parent`` is gone (the node lives on until forgotten)."""
         node.links.discard((parent, name))
+        if not any(p == parent for p, _ in node.links):
+            _discard(self._children, parent, node.inode)
         if node.kind != "instance" and self._by_path.get(node.path) == node.inode:
             del self._by_path[node.path]
 
@@ -96,7 +129,16 @@ class InodeTable:
                     del self._by_path[other.path]
                 other.path = new + other.path[len(old):]
                 self._by_path[other.path] = other.inode
+        for parent, _ in node.links:
+            _discard(self._children, parent, node.inode)
         node.links = {(new_parent, new[-1])}
+        self._children.setdefault(new_parent, set()).add(node.inode)
 
-    def nodes(self) -> list[Node]:
-        return list(self._nodes.values())
+
+
+def _discard(table: dict[_K, set[int]], key: _K, inode: int) -> None:
+    members = table.get(key)
+    if members is not None:
+        members.discard(inode)
+        if not members:
+            del table[key]

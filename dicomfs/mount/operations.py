@@ -101,7 +101,7 @@ class DicomOperations(pyfuse3.Operations):
         # Folders that vanished with their last instance, by (parent inode, name): `rm -r` still
         # removes them after their files, and must hear that it succeeded.
         self._changes_lock = trio.Lock()
-        self._vanished: collections.OrderedDict[tuple[int, str], tuple[Node, float]] = collections.OrderedDict()
+        self._vanished: collections.OrderedDict[tuple[int, str], Node] = collections.OrderedDict()
 
     def attach(self, nursery: trio.Nursery) -> None:
         """Where background ingests of finished uploads run."""
@@ -152,7 +152,7 @@ class DicomOperations(pyfuse3.Operations):
 
     async def _child(self, parent: Node, name: str) -> tuple[Node, pyfuse3.EntryAttributes]:
         """The node and attributes of ``name`` in ``parent``; FUSEError(ENOENT) when there is none."""
-        if parent.kind == "upload" or parent.path == (UPLOADS,):
+        if parent.kind == "upload":
             return await self._upload_child(parent, name)
         if parent.kind != "folder":
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -164,10 +164,10 @@ class DicomOperations(pyfuse3.Operations):
             entry = None
         if entry is None:
             vanished = self._vanished.get((parent.inode, name))
-            if vanished is not None and trio.current_time() - vanished[1] < _VANISHED_SECONDS:
-                attributes = self._attributes(vanished[0], 0, time.time(), vanished[0].kind == "folder")
+            if vanished is not None and self._just_vanished(vanished):
+                attributes = self._attributes(vanished, 0, time.time(), vanished.kind == "folder")
                 attributes.entry_timeout = attributes.attr_timeout = 0
-                return vanished[0], attributes
+                return vanished, attributes
             raise pyfuse3.FUSEError(errno.ENOENT)
         node = self._node_for_entry(parent, entry)
         return node, self._entry_attributes(node, entry)
@@ -238,13 +238,13 @@ class DicomOperations(pyfuse3.Operations):
             return attributes
 
     def _remember_vanished(self, node: Node, parent: int, name: str) -> None:
-        self._vanished[(parent, name)] = (node, trio.current_time())
+        node.vanished_at = trio.current_time()
+        self._vanished[(parent, name)] = node
         if len(self._vanished) > _VANISHED_KEPT:
             self._vanished.popitem(last=False)
 
     def _just_vanished(self, node: Node) -> bool:
-        now = trio.current_time()
-        return any(v[0] is node and now - v[1] < _VANISHED_SECONDS for v in self._vanished.values())
+        return trio.current_time() - node.vanished_at < _VANISHED_SECONDS
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
@@ -372,7 +372,7 @@ class DicomOperations(pyfuse3.Operations):
     def _check_upload_write(self, parent: Node) -> None:
         if self.settings.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
-        if self.uploads is None or not (parent.kind == "upload" or parent.path == (UPLOADS,)):
+        if self.uploads is None or parent.kind != "upload":
             raise pyfuse3.FUSEError(errno.EACCES)
 
     async def _open_upload(self, node: Node, flags: int) -> pyfuse3.FileInfo:
@@ -442,9 +442,7 @@ class DicomOperations(pyfuse3.Operations):
             _log.exception("ingest of uploads/%s failed", "/".join(path[1:]))
             return
         if outcome.removed:
-            for parent, name in list(node.links):
-                self.inodes.unlink(node, parent, name)
-                pyfuse3.invalidate_entry_async(parent, os.fsencode(name), deleted=node.inode, ignore_enoent=True)
+            self._drop_names(node, vanished=False)
         await self.apply_changes()
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -492,8 +490,7 @@ class DicomOperations(pyfuse3.Operations):
         old_parent, new_parent = self._node(parent_inode_old), self._node(parent_inode_new)
         if self.settings.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
-        in_uploads = [p.kind == "upload" or p.path == (UPLOADS,) for p in (old_parent, new_parent)]
-        if not all(in_uploads) or self.uploads is None:
+        if old_parent.kind != "upload" or new_parent.kind != "upload" or self.uploads is None:
             raise pyfuse3.FUSEError(errno.EPERM)  # stored data is named by its tags, not by users
         old = (*old_parent.path, os.fsdecode(name_old))
         new = (*new_parent.path, os.fsdecode(name_new))
@@ -501,61 +498,49 @@ class DicomOperations(pyfuse3.Operations):
             await self._thread(os.rename, self._upload_path(old), self._upload_path(new))
         except OSError as error:
             raise _fuse_error(error) from None
-        moved = next((n for n in self.inodes.nodes() if n.kind == "upload" and n.path == old), None)
+        moved = self.inodes.at(old)
         if moved is not None:
             self.inodes.move(moved, old, new, new_parent.inode)
 
     # -- deleting ------------------------------------------------------------------------------------
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        parent = self._node(parent_inode)
-        text = os.fsdecode(name)
-        if parent.kind == "upload" or parent.path == (UPLOADS,):
-            self._check_upload_write(parent)
-            try:
-                await self._thread(os.unlink, self._upload_path((*parent.path, text)))
-            except OSError as error:
-                raise _fuse_error(error) from None
-            return
-        self._check_delete()
-        try:
-            node, _ = await self._child(parent, text)
-        except pyfuse3.FUSEError as error:
-            if error.errno == errno.ENOENT and (parent.inode, text) in self._vanished:
-                return  # study.json after `rm -r` deleted the study's instances: gone, as asked
-            raise
-        if (parent.inode, text) in self._vanished:
+        node = await self._to_remove(self._node(parent_inode), os.fsdecode(name), os.unlink)
+        if node is None:
             return
         if node.kind != "instance":
             raise pyfuse3.FUSEError(errno.EISDIR if node.kind == "folder" else errno.EPERM)
         await self._delete(node)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        parent = self._node(parent_inode)
-        text = os.fsdecode(name)
-        if parent.kind == "upload" or parent.path == (UPLOADS,):
+        node = await self._to_remove(self._node(parent_inode), os.fsdecode(name), os.rmdir)
+        if node is None:
+            return
+        if node.kind != "folder" or len(node.path) == 1:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if (await self._listing(node.path)).entries:
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+
+    async def _to_remove(self, parent: Node, name: str, remove_upload: Callable[[Path], None]) -> Node | None:
+        """The stored node an unlink or rmdir names; None when nothing is left to do.
+
+        In uploads/ the real file or folder is removed here. Elsewhere a name that went with a
+        delete a moment ago counts as removed: `rm -r` deletes the files first, and the folder
+        (or study.json) went with its last instance.
+        """
+        if parent.kind == "upload":
             self._check_upload_write(parent)
             try:
-                await self._thread(os.rmdir, self._upload_path((*parent.path, text)))
+                await self._thread(remove_upload, self._upload_path((*parent.path, name)))
             except OSError as error:
                 raise _fuse_error(error) from None
-            return
+            return None
         self._check_delete()
-        try:
-            node, _ = await self._child(parent, text)
-        except pyfuse3.FUSEError as error:
-            # `rm -r` deletes the files first; the folder went with its last instance. It is gone, as asked.
-            if error.errno == errno.ENOENT and (parent.inode, text) in self._vanished:
-                return
-            raise
-        if (parent.inode, text) in self._vanished and node is self._vanished[(parent.inode, text)][0]:
-            del self._vanished[(parent.inode, text)]
-            return
-        if node.kind != "folder" or node.path[:1] == (UPLOADS,) or len(node.path) == 1:
-            raise pyfuse3.FUSEError(errno.EPERM)
-        listing = await self._listing(node.path)
-        if listing.entries:
-            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        vanished = self._vanished.pop((parent.inode, name), None)
+        if vanished is not None and self._just_vanished(vanished):
+            return None
+        node, _ = await self._child(parent, name)
+        return node
 
     def _check_delete(self) -> None:
         if self.settings.read_only:
@@ -663,21 +648,20 @@ class DicomOperations(pyfuse3.Operations):
     def forget_uploads(self, removed: list[Path]) -> None:
         """The janitor removed these from uploads/: tell the kernel."""
         assert self.uploads is not None
-        gone = {(UPLOADS, *p.relative_to(self.uploads.root).parts) for p in removed}
-        for node in self.inodes.nodes():
-            if node.kind == "upload" and node.path in gone:
-                for parent, name in list(node.links):
-                    self.inodes.unlink(node, parent, name)
-                    pyfuse3.invalidate_entry_async(parent, os.fsencode(name), deleted=node.inode, ignore_enoent=True)
+        for path in removed:
+            node = self.inodes.at((UPLOADS, *path.relative_to(self.uploads.root).parts))
+            if node is not None:
+                self._drop_names(node, vanished=False)
 
     # -- changes ---------------------------------------------------------------------------------------
 
     async def apply_changes(self) -> None:
         """Bring the tree up to the store and tell the kernel what went away or changed.
 
-        Removed resources: every name the kernel knows them by is invalidated. Changed ones (new
-        children, new metadata): their attributes are. Siblings of what went away are checked
-        too, since a freed name may now belong to another resource.
+        Removed resources: every name the kernel knows them by is invalidated. Changed ones: their
+        attributes (folders: new children, metadata) or contents (a replaced instance). Folders
+        that lost something are checked, with their known children, since they may be gone too
+        or a freed name may now belong to another resource.
         """
         async with self._changes_lock:  # a delete returns only once its invalidations are done
             await self._apply_changes()
@@ -687,42 +671,55 @@ class DicomOperations(pyfuse3.Operations):
             return
         since, self._last_change = self._last_change, self.tree.change_number
         changes = await self._thread(self.store.changes_since, since)
-        removed = {rid for op, _, rid in changes if op == "-"}
-        touched = {rid for op, _, rid in changes if op != "-"}
-        parents: set[int] = set()
-        for node in self.inodes.nodes():
-            if node.resource_id in removed:
-                for parent, name in list(node.links):
-                    self.inodes.unlink(node, parent, name)
-                    # notify_delete refuses a folder the kernel still knows children of (ENOTEMPTY)
-                    deleted = node.inode if node.kind == "instance" else 0
-                    pyfuse3.invalidate_entry_async(parent, os.fsencode(name), deleted=deleted, ignore_enoent=True)
-                    parents.add(parent)
-                    if node.kind != "instance":
-                        self._remember_vanished(node, parent, name)
-            elif node.resource_id in touched and node.kind == "instance":
-                await self._thread(pyfuse3.invalidate_inode, node.inode, False)  # replaced bytes
-        for node in self.inodes.nodes():  # by-dates years and months go with their last study
-            if node.kind == "folder" and node.resource_id is None and len(node.path) > 1 and node.links and removed:
-                try:
-                    await self._entry_of(node)
-                except pyfuse3.FUSEError:
-                    for parent, name in list(node.links):
-                        self.inodes.unlink(node, parent, name)
-                        pyfuse3.invalidate_entry_async(parent, os.fsencode(name), deleted=0, ignore_enoent=True)
-                        self._remember_vanished(node, parent, name)
-        for node in self.inodes.nodes():
-            if node.kind == "upload" or not node.links:
+        affected: list[int] = []  # folders whose listing lost something
+        stale: list[tuple[int, bool]] = []  # (inode, attributes only) for the kernel to drop
+        for op, _, resource_id in changes:
+            for node in self.inodes.with_resource(resource_id):
+                if op == "-":
+                    affected.extend(self._drop_names(node))
+                else:  # new children or metadata; for an instance, replaced bytes
+                    stale.append((node.inode, node.kind != "instance"))
+        if stale:
+            await self._thread(_invalidate_inodes, stale)
+        # A folder that lost something may be gone itself (a by-dates month with its last study),
+        # and a name freed by a delete may now belong to a sibling: check what the kernel knows.
+        checked: set[int] = set()
+        while affected:
+            folder = affected.pop()
+            if folder in checked:
                 continue
-            if any(parent in parents for parent, _ in node.links) and node.kind != "instance":
+            checked.add(folder)
+            for known in [self.inodes.get(folder), *self.inodes.children(folder)]:
+                if known is None or known.kind in ("instance", "upload") or known.inode == ROOT_INODE:
+                    continue  # instances are told apart by their ids; uploads are real files
                 try:
-                    current = await self._entry_of(node)
+                    current: Entry | None = await self._entry_of(known)
                 except pyfuse3.FUSEError:
                     current = None
-                if current is None or current.resource_id != node.resource_id:
-                    for parent, name in list(node.links):
-                        self.inodes.unlink(node, parent, name)
-                        pyfuse3.invalidate_entry_async(parent, os.fsencode(name), deleted=0, ignore_enoent=True)
+                if current is None or current.resource_id != known.resource_id:
+                    affected.extend(self._drop_names(known, vanished=current is None))
+
+    def _drop_names(self, node: Node, *, vanished: bool = True) -> list[int]:
+        """Tell the kernel every name of ``node`` is gone; returns the parents that lost one.
+
+        With ``vanished``, a folder or document stays answerable for a moment (see ``_to_remove``).
+        """
+        parents = []
+        for parent, name in list(node.links):
+            self.inodes.unlink(node, parent, name)
+            # notify_delete refuses a folder the kernel still knows children of (ENOTEMPTY)
+            deleted = 0 if node.kind == "folder" else node.inode
+            pyfuse3.invalidate_entry_async(parent, os.fsencode(name), deleted=deleted, ignore_enoent=True)
+            if vanished and node.kind in ("folder", "document"):
+                self._remember_vanished(node, parent, name)
+            parents.append(parent)
+        return parents
+
+
+def _invalidate_inodes(stale: list[tuple[int, bool]]) -> None:
+    """Blocks while the kernel drops cached pages (hence run in a thread)."""
+    for inode, attr_only in stale:
+        pyfuse3.invalidate_inode(inode, attr_only)
 
 
 def _fuse_error(error: OSError) -> pyfuse3.FUSEError:
