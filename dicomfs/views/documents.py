@@ -8,21 +8,16 @@ tags, the parent's tags, exact counts and sizes, core and user metadata, and the
 from __future__ import annotations
 
 import json
+from typing import Mapping, Sequence
 
-from dicomfs.errors import NotFoundError
-from dicomfs.store import Instance, Patient, Series, Store, Study
+from dicomfs.store import Instance, Patient, Series, Study
 from dicomfs.store.metadata import iso_time
 
 __all__ = ["series_document", "study_document"]
 
 
-def study_document(store: Store, study_id: str) -> bytes:
-    """The content of ``study.json`` for ``study_id``."""
-    study = store.find(study_id)
-    if not isinstance(study, Study):
-        raise NotFoundError(f"no study {study_id}")
-    patient = store.find(study.parent)
-    series = [s for s in store.children(study_id) if isinstance(s, Series)]
+def study_document(study: Study, patient: Patient | None, series: Sequence[Series], metadata: Mapping[str, str]) -> bytes:
+    """The content of ``study.json``, from the records a listing has already read."""
     document = {
         "Type": "Study",
         "ID": study.id,
@@ -30,26 +25,22 @@ def study_document(store: Store, study_id: str) -> bytes:
             "StudyInstanceUID": study.study_uid, "StudyDate": study.date, "StudyTime": study.time,
             "StudyDescription": study.description, "AccessionNumber": study.accession_number, "StudyID": study.study_id,
         },
-        "PatientMainDicomTags": _patient_tags(patient) if isinstance(patient, Patient) else {},
+        "PatientMainDicomTags": _patient_tags(patient) if patient is not None else {},
         "ParentPatient": study.parent,
         "CountSeries": study.series,
         "CountInstances": study.instances,
         "Size": study.size,
         "StoredSize": study.stored_size,
         "LastUpdate": iso_time(study.last_update),
-        "Metadata": store.metadata(study_id),
+        "Metadata": dict(metadata),
         "Series": [{"ID": s.id, "SeriesInstanceUID": s.series_uid, "Modality": s.modality, "Instances": s.instances}
                    for s in series],
     }
     return _encode(document)
 
 
-def series_document(store: Store, series_id: str) -> bytes:
-    """The content of ``series.json`` for ``series_id``."""
-    series = store.find(series_id)
-    if not isinstance(series, Series):
-        raise NotFoundError(f"no series {series_id}")
-    instances = [i for i in store.children(series_id) if isinstance(i, Instance)]
+def series_document(series: Series, instances: Sequence[Instance], metadata: Mapping[str, str]) -> bytes:
+    """The content of ``series.json``, from the records a listing has already read."""
     document = {
         "Type": "Series",
         "ID": series.id,
@@ -63,7 +54,7 @@ def series_document(store: Store, series_id: str) -> bytes:
         "Size": series.size,
         "StoredSize": series.stored_size,
         "LastUpdate": iso_time(series.last_update),
-        "Metadata": store.metadata(series_id),
+        "Metadata": dict(metadata),
         "Instances": [{"ID": i.id, "SOPInstanceUID": i.sop_uid, "InstanceNumber": i.number, "Size": i.size}
                       for i in sorted(instances, key=lambda i: (i.number is None, i.number or 0, i.sop_uid))],
     }

@@ -121,9 +121,27 @@ class Tree:
         if cached is not None:
             return cached
         kind, resource_id = entry.node[0], entry.node[-1]
-        content = study_document(self.store, resource_id) if kind == "study-document" else series_document(self.store, resource_id)
+        if kind == "study-document":
+            return self._study_document(resource_id, [r for r in self.store.children(resource_id) if isinstance(r, Series)])
+        return self._series_document(resource_id, [r for r in self.store.children(resource_id) if isinstance(r, Instance)])
+
+    def _study_document(self, study_id: str, series: list[Series]) -> bytes:
+        study = self.store.find(study_id)
+        if not isinstance(study, Study):
+            raise NotFoundError(f"no study {study_id}")
+        patient = self.store.find(study.parent)
+        content = study_document(study, patient if isinstance(patient, Patient) else None, series, self.store.metadata(study_id))
         with self._lock:
-            self._documents[entry.node] = content
+            self._documents[("study-document", study_id)] = content
+        return content
+
+    def _series_document(self, series_id: str, instances: list[Instance]) -> bytes:
+        series = self.store.find(series_id)
+        if not isinstance(series, Series):
+            raise NotFoundError(f"no series {series_id}")
+        content = series_document(series, instances, self.store.metadata(series_id))
+        with self._lock:
+            self._documents[("series-document", series_id)] = content
         return content
 
     # -- listing each kind of folder ---------------------------------------------------------------
@@ -150,11 +168,10 @@ class Tree:
         raise NotFoundError(f"unknown folder kind {kind!r}")
 
     def _root(self) -> Listing:
-        stats_mtime = self._started
-        entries = [Entry(view, EntryKind.FOLDER, 0, stats_mtime, ("view", view)) for view in VIEWS]
+        entries = [Entry(view, EntryKind.FOLDER, 0, self._started, ("view", view)) for view in VIEWS]
         if self.uploads:
-            entries.append(Entry(UPLOADS, EntryKind.FOLDER, 0, stats_mtime, ("uploads",)))
-        return Listing.of(entries, stats_mtime)
+            entries.append(Entry(UPLOADS, EntryKind.FOLDER, 0, self._started, ("uploads",)))
+        return Listing.of(entries, self._started)
 
     def _patients(self, view: str) -> Listing:
         patients = [r for r in self.store.children(None) if isinstance(r, Patient)]
@@ -190,10 +207,9 @@ class Tree:
         listing = self._folders(view, "series", series, names)
         if view != "by-uids":
             return listing
-        study = self.store.find(study_id)
-        document = Entry(STUDY_DOCUMENT, EntryKind.DOCUMENT, 0, listing.mtime, ("study-document", study_id), study_id)
-        document = _sized(document, self.document(document))
-        return Listing.of([*listing.entries, document], study.last_update if study else listing.mtime)
+        content = self._study_document(study_id, series)  # from the series just read
+        document = Entry(STUDY_DOCUMENT, EntryKind.DOCUMENT, len(content), listing.mtime, ("study-document", study_id), study_id)
+        return Listing.of([*listing.entries, document], listing.mtime)
 
     def _instances_of(self, view: str, series_id: str) -> Listing:
         instances = [r for r in self.store.children(series_id) if isinstance(r, Instance)]
@@ -205,8 +221,8 @@ class Tree:
         entries = [Entry(name, EntryKind.INSTANCE, i.size, i.received, (), i.id) for name, i in zip(names, instances, strict=True)]
         mtime = max((e.mtime for e in entries), default=self._started)
         if view == "by-uids":
-            document = Entry(SERIES_DOCUMENT, EntryKind.DOCUMENT, 0, mtime, ("series-document", series_id), series_id)
-            entries.append(_sized(document, self.document(document)))
+            content = self._series_document(series_id, instances)  # from the instances just read
+            entries.append(Entry(SERIES_DOCUMENT, EntryKind.DOCUMENT, len(content), mtime, ("series-document", series_id), series_id))
         return Listing.of(entries, mtime)
 
     def _years(self, view: str) -> Listing:
@@ -238,10 +254,6 @@ class Tree:
     def _folders(self, view: str, kind: str, records: Sequence[Record], names: list[str]) -> Listing:
         entries = [Entry(name, EntryKind.FOLDER, 0, r.last_update, (kind, view, r.id), r.id) for name, r in zip(names, records, strict=True)]
         return Listing.of(entries, max((e.mtime for e in entries), default=self._started))
-
-
-def _sized(entry: Entry, content: bytes) -> Entry:
-    return Entry(entry.name, entry.kind, len(content), entry.mtime, entry.node, entry.resource_id)
 
 
 def _latest(records: Sequence[Record | None], default: float) -> float:
