@@ -112,7 +112,7 @@ class GroupCommitter:
         return submission.future
 
     def close(self) -> None:
-        """Finish what is queued, then stop the thread and clear this owner's released marks."""
+        """Finish what is queued, then stop both threads and clear this owner's released marks."""
         self._queue.put(None)
         self._writer_thread.join()
         self._syncer_thread.join()

@@ -266,11 +266,11 @@ class Store:
         with self.index.read() as txn:
             return self.index.counter(txn, "change")
 
-    def changes_since(self, number: int) -> list[tuple[str, int, ResourceId]]:
+    def changes_since(self, number: int) -> list[tuple[str, int, str]]:
         """What commits after change ``number`` did, as (op, level, resource id): op is ``+``
         (created), ``-`` (removed) or ``~`` (changed). Front ends use it to invalidate caches."""
         with self.index.read() as txn:
-            return [change for _, changes in self.index.changes_since(txn, number) for change in changes]  # type: ignore[misc]
+            return [change for _, changes in self.index.changes_since(txn, number) for change in changes]
 
     def open_instance(self, resource_id: str) -> BlobReader:
         """A reader of an instance's original bytes."""
