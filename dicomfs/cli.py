@@ -292,8 +292,59 @@ def cmd_mount(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
     _log_to(loaded.config, foreground=args.foreground)
     options = MountOptions(Path(args.mountpoint), foreground=args.foreground, read_only=args.read_only,
-                           allow_other=args.allow_other, auto_unmount=args.auto_unmount)
+                           allow_other=args.allow_other, auto_unmount=args.auto_unmount,
+                           webdav=args.webdav, allow_anonymous=args.allow_anonymous)
     return mount(lambda: open_store(loaded, readonly=args.read_only), loaded.config, options)
+
+
+def cmd_webdav(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    import signal
+    import threading
+
+    from bridge.server import Bridge  # wsgidav and cheroot: only this command needs them
+    from dicomfs.systemd import notify_systemd
+
+    _log_to(loaded.config, foreground=True)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with open_store(loaded, readonly=args.read_only) as store:
+        bridge = Bridge(store, loaded.config, bind=args.bind, allow_anonymous=args.allow_anonymous)
+        bridge.start()
+        try:
+            print(f"serving {store.folder} at {bridge.url} (Ctrl-C stops)", flush=True)
+            notify_systemd("READY=1")
+            stop.wait()
+            notify_systemd("STOPPING=1")
+        finally:
+            bridge.stop()
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    import getpass
+
+    from dicomfs.config import RIGHTS
+    from dicomfs.errors import ConfigError
+    from dicomfs.passwords import hash_password
+
+    rights = [r.strip() for r in args.rights.split(",") if r.strip()]
+    unknown = [r for r in rights if r not in RIGHTS]
+    if unknown or not rights:
+        raise ConfigError(f"--rights takes a comma-separated subset of {', '.join(RIGHTS)} (got {args.rights!r})")
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise ConfigError("the two passwords differ; nothing written")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if len(password) < 8:
+        raise ConfigError("a password needs 8 characters or more")
+    print(f"# add to {loaded.path or 'your dicomfs.toml'} (the password itself is kept nowhere)")
+    print(f"[users.{args.name}]")
+    print(f'password_hash = "{hash_password(password)}"')
+    print(f"rights = {json.dumps(rights)}")
+    return 0
 
 
 def cmd_umount(args: argparse.Namespace, loaded: LoadedConfig) -> int:
@@ -412,6 +463,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true", help="refuse every write with EROFS")
     p.add_argument("--allow-other", action="store_true", help="let other users see the mount (needs user_allow_other)")
     p.add_argument("--auto-unmount", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--webdav", metavar="HOST:PORT", nargs="?", const="",
+                   help="also serve the WebDAV bridge from this process (default address: webdav.bind)")
+    p.add_argument("--allow-anonymous", action="store_true",
+                   help="let the bridge listen beyond loopback with no users configured")
+    p = add("webdav", cmd_webdav, "serve the store over WebDAV (runs beside a mount)")
+    p.add_argument("--bind", metavar="HOST:PORT", help="where to listen (default: webdav.bind, 127.0.0.1:8042)")
+    p.add_argument("--read-only", action="store_true", help="refuse uploads and deletes")
+    p.add_argument("--allow-anonymous", action="store_true",
+                   help="listen beyond loopback with no users configured (anyone who reaches it can read and write)")
+    p = add("passwd", cmd_passwd, "make a WebDAV user's salted password hash for the configuration")
+    p.add_argument("name", metavar="NAME", help="the user name")
+    p.add_argument("--rights", default="read", help="comma-separated: read, upload, delete (default: read)")
     p = add("umount", cmd_umount, "unmount a dicomfs mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     return parser

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomfs.errors import ConfigError
+from dicomfs.passwords import check_hash_format
 from dicomfs.store.metadata import CORE_METADATA, USER_KEY_MIN
 
 __all__ = [
@@ -97,6 +98,32 @@ class UploadsConfig:
 
 
 @dataclass(frozen=True)
+class WebdavConfig:
+    """The WebDAV bridge: where it listens, what it allows, and its TLS certificate."""
+
+    enabled: bool
+    bind: str
+    upload_allowed: bool
+    delete_allowed: bool
+    certificate: str
+    private_key: str
+    block_size: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class User:
+    """A WebDAV user: a salted password hash and the rights it grants."""
+
+    password_hash: str
+    rights: frozenset[str]
+
+
+RIGHTS = ("read", "upload", "delete")
+"""read: GET, PROPFIND and the like; upload: writes in uploads/ and metadata; delete: DELETE of stored data."""
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """How much is logged and where to."""
 
@@ -120,9 +147,11 @@ class Config:
     ingest: IngestConfig
     mount: MountConfig
     uploads: UploadsConfig
+    webdav: WebdavConfig
     log: LogConfig
     metadata: Mapping[str, int]
     attachments: Mapping[str, AttachmentType]
+    users: Mapping[str, User]
 
 
 # -- values ---------------------------------------------------------------------------------------
@@ -276,6 +305,43 @@ def _attachment_entry(name: str, value: object) -> AttachmentType:
     return AttachmentType(_user_key(value["key"]), mime)
 
 
+_BIND = re.compile(r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>\d{1,5})")
+
+
+def parse_bind(text: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:8042`` for IPv6) as a (host, port) pair; ConfigError otherwise."""
+    match = _BIND.fullmatch(text.strip())
+    if not match or not 0 <= int(match["port"]) <= 65535:
+        raise ConfigError(f"must be HOST:PORT such as 127.0.0.1:8042 or [::1]:8042 (got {text!r})")
+    return match["ip6"] or match["host"], int(match["port"])
+
+
+def _bind(value: object) -> str:
+    text = _text(value)
+    parse_bind(text)
+    return text
+
+
+def _user_entry(name: str, value: object) -> User:
+    if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
+        raise ConfigError("user names may hold only letters, digits and _ . @ - (64 at most)")
+    if not isinstance(value, dict):
+        raise ConfigError('must be a table: { password_hash = "scrypt$...", rights = ["read"] }')
+    for field in value:
+        if field not in ("password_hash", "rights"):
+            raise ConfigError(f"unknown field {field!r} (known: password_hash, rights)")
+    if "password" in value or "password_hash" not in value:
+        raise ConfigError("needs a password_hash made by `dicomfs passwd NAME`")
+    check_hash_format(_text(value["password_hash"]))
+    rights = value.get("rights", ["read"])
+    if not isinstance(rights, list) or not all(isinstance(r, str) for r in rights):
+        raise ConfigError(f"rights must be a list drawn from {', '.join(RIGHTS)}")
+    unknown = [r for r in rights if r not in RIGHTS]
+    if unknown:
+        raise ConfigError(f"unknown right {unknown[0]!r} (known: {', '.join(RIGHTS)})")
+    return User(value["password_hash"], frozenset(rights))
+
+
 # -- the schema -----------------------------------------------------------------------------------
 
 
@@ -305,7 +371,8 @@ class _NamedTable:
 
     name: str
     parse_entry: Callable[[str, object], object]
-    key_of: Callable[[Any], int]
+    key_of: Callable[[Any], int] | None
+    """The entry's integer key, which must be unique; None when entries have none."""
     reason: str
 
 
@@ -322,6 +389,12 @@ def _check_storage(values: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     low, high = _LEVELS[codec]
     if not low <= level <= high:
         yield "compression_level", f"must be 0 (the codec's default) or from {low} to {high} for {codec} (got {level})"
+
+
+def _check_webdav(values: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    if bool(values["certificate"]) != bool(values["private_key"]):
+        missing = "private_key" if values["certificate"] else "certificate"
+        yield missing, "HTTPS needs both webdav.certificate and webdav.private_key"
 
 
 _SCHEMA: tuple[_Section | _NamedTable, ...] = (
@@ -381,6 +454,30 @@ _SCHEMA: tuple[_Section | _NamedTable, ...] = (
                 "Seconds an empty folder in uploads/ stays after the last activity in it: a client "
                 "copying a tree may still be about to write into it."),
     )),
+    _Section("webdav", WebdavConfig, (
+        _Option("enabled", True, _boolean,
+                "Whether `dicomfs webdav` and `dicomfs mount --webdav` may serve the store (Orthanc's "
+                "WebDavEnabled); false refuses to start the bridge."),
+        _Option("bind", "127.0.0.1:8042", _bind,
+                "Where the bridge listens when no --bind is given. Anything but loopback needs users "
+                "configured (or --allow-anonymous): an open archive of patient data must be a choice."),
+        _Option("upload_allowed", True, _boolean,
+                "Whether uploads/ accepts files over WebDAV (Orthanc's WebDavUploadAllowed)."),
+        _Option("delete_allowed", True, _boolean,
+                "Whether DELETE of an instance, series, study or patient folder deletes stored data "
+                "(Orthanc's WebDavDeleteAllowed); uploads/ stays deletable either way."),
+        _Option("certificate", "", _text,
+                "PEM certificate (chain) for HTTPS; empty serves plain HTTP. Windows sends Basic "
+                "credentials only over HTTPS."),
+        _Option("private_key", "", _text,
+                "PEM private key of the certificate; needed exactly when certificate is set."),
+        _Option("block_size", 262144, _power_of_two(8 << 10, 4 << 20),
+                "Bytes read or written per step of a GET or PUT: wsgidav's 8 KiB default halves "
+                "throughput, 64-256 KiB is the measured sweet spot."),
+        _Option("threads", 32, _integer(4, 512),
+                "Request threads: Windows Explorer opens many connections at once, and a thread "
+                "waiting on a slow client holds one."),
+    ), _check_webdav),
     _Section("log", LogConfig, (
         _Option("level", "info", _one_of("debug", "info", "warning", "error"),
                 "info tells what was stored and rejected without the per-block detail of debug."),
@@ -393,6 +490,10 @@ _SCHEMA: tuple[_Section | _NamedTable, ...] = (
     _NamedTable("attachments", _attachment_entry, lambda attachment: attachment.key,
                 "Attachment names mapped to a key from 1024 to 65535 or to { key = K, mime = \"type/sub\" } "
                 "(mime defaults to application/octet-stream); each key is used once."),
+    _NamedTable("users", _user_entry, None,
+                "WebDAV users: [users.NAME] with password_hash (from `dicomfs passwd NAME`) and rights "
+                "drawn from read, upload, delete. None configured: the bridge asks for no password and "
+                "binds only to loopback unless told --allow-anonymous."),
 )
 
 
@@ -416,14 +517,22 @@ class LoadedConfig:
         for part in _SCHEMA:
             value = getattr(self.config, part.name)
             if isinstance(part, _NamedTable):
-                plain = {name: dataclasses.asdict(entry) if isinstance(entry, AttachmentType) else entry
-                         for name, entry in value.items()}
+                plain = {name: _plain(entry) for name, entry in value.items()}
                 rows.append((part.name, plain, self.sources[part.name]))
             else:
                 for option in part.options:
                     key = f"{part.name}.{option.name}"
                     rows.append((key, getattr(value, option.name), self.sources[key]))
         return rows
+
+
+def _plain(entry: object) -> object:
+    """A named-table entry as JSON can show it (a user's hash is shown only as set)."""
+    if isinstance(entry, User):
+        return {"password_hash": "(set)", "rights": sorted(entry.rights)}
+    if isinstance(entry, AttachmentType):
+        return dataclasses.asdict(entry)
+    return entry
 
 
 def default_store_folder() -> Path:
@@ -557,9 +666,12 @@ def _load_named_table(table: _NamedTable, entries: dict[str, Any], source: str) 
             entry = table.parse_entry(name, value)
         except ConfigError as error:
             raise ConfigError(f"{source}: {key}: {error}") from None
-        number = table.key_of(entry)
-        if number in owners:
+        number = table.key_of(entry) if table.key_of is not None else None
+        if number is None:
+            pass
+        elif number in owners:
             raise ConfigError(f"{source}: {key}: key {number} is already used by {table.name}.{owners[number]}")
-        owners[number] = name
+        else:
+            owners[number] = name
         loaded[name] = entry
     return loaded

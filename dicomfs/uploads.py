@@ -22,7 +22,7 @@ from typing import Collection, Sequence
 from dicomfs.errors import PermissionDeniedError
 from dicomfs.store import IngestResult, Store
 from dicomfs.store.candidates import REJECTED
-from dicomfs.store.sources import is_os_junk
+from dicomfs.store.sources import Source, is_os_junk
 
 __all__ = ["ERROR_XATTR", "UploadArea", "UploadOutcome"]
 
@@ -58,31 +58,51 @@ class UploadArea:
 
     def ingest(self, store: Store, parts: Sequence[str], *, origin: str, remote: str = "") -> UploadOutcome:
         """Ingest the complete file at ``uploads/<parts>``: remove it when stored, else keep it with its reason."""
-        path = self.path(parts)
-        label = "uploads/" + "/".join(parts)
-        if is_os_junk(parts[-1]):
-            _remove_quietly(path)
-            return UploadOutcome([], removed=True)
+        return self.ingest_many(store, [parts], origin=origin, remote=remote)[0]
+
+    def ingest_many(self, store: Store, batch: Sequence[Sequence[str]], *, origin: str, remote: str = "") -> list[UploadOutcome]:
+        """``ingest`` for several complete files at once: one group commit for all of them."""
+        outcomes: dict[int, UploadOutcome] = {}
+        to_ingest: list[tuple[int, Path, int]] = []  # (position in batch, path, inode read)
+        for position, parts in enumerate(batch):
+            path = self.path(parts)
+            if is_os_junk(parts[-1]):
+                _remove_quietly(path)
+                outcomes[position] = UploadOutcome([], removed=True)
+                continue
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                outcomes[position] = UploadOutcome([], removed=True)
+                continue
+            if info.st_size == 0:
+                outcomes[position] = self._keep(path, [], "empty file (0 bytes): nothing to store")
+                continue
+            to_ingest.append((position, path, info.st_ino))
+        results = list(store.ingest_sources([Source(str(path), str(path)) for _, path, _ in to_ingest],
+                                            origin=origin, remote=remote))
+        for (position, path, inode), own in zip(to_ingest, _split_by_source([str(p) for _, p, _ in to_ingest], results),
+                                                strict=True):
+            label = "uploads/" + "/".join(batch[position])
+            for result in own:
+                where = label + result.path[len(str(path)):]
+                _log.info("%s: %s%s", where, result.status, f" ({result.reason})" if result.reason else "")
+            rejected = [r for r in own if r.status == REJECTED]
+            if not rejected:
+                _remove_if_same(path, inode)
+                outcomes[position] = UploadOutcome(own, removed=True)
+            elif len(own) == 1:
+                outcomes[position] = self._keep(path, own, rejected[0].reason)
+            else:
+                outcomes[position] = self._keep(path, own, f"{len(rejected)} of {len(own)} files not stored: " + "; ".join(
+                    f"{r.path.rsplit(':', 1)[-1]}: {r.reason}" for r in rejected[:5]))
+        return [outcomes[position] for position in range(len(batch))]
+
+    def _keep(self, path: Path, results: list[IngestResult], reason: str) -> UploadOutcome:
         try:
-            if path.stat().st_size == 0:
-                reason = "empty file (0 bytes): nothing to store"
-                self.set_reason(path, reason)
-                return UploadOutcome([], removed=False, reason=reason)
+            self.set_reason(path, reason)
         except FileNotFoundError:
-            return UploadOutcome([], removed=True)
-        results = store.ingest_file(path, label=label, origin=origin, remote=remote)
-        rejected = [r for r in results if r.status == REJECTED]
-        for result in results:
-            _log.info("%s: %s%s", result.path, result.status, f" ({result.reason})" if result.reason else "")
-        if not rejected:
-            _remove_quietly(path)
             return UploadOutcome(results, removed=True)
-        if len(results) == 1:
-            reason = rejected[0].reason
-        else:
-            reason = f"{len(rejected)} of {len(results)} files not stored: " + "; ".join(
-                f"{r.path.rsplit(':', 1)[-1]}: {r.reason}" for r in rejected[:5])
-        self.set_reason(path, reason)
         return UploadOutcome(results, removed=False, reason=reason)
 
     def set_reason(self, path: Path, reason: str) -> None:
@@ -129,6 +149,28 @@ class UploadArea:
             except OSError:
                 pass  # refilled or removed meanwhile
         return removed
+
+
+def _split_by_source(paths: list[str], results: list[IngestResult]) -> list[list[IngestResult]]:
+    """Results (in source order: one per file, one per member of an archive) grouped by source."""
+    groups: list[list[IngestResult]] = [[] for _ in paths]
+    position = 0
+    for result in results:
+        while position < len(paths) and not (result.path == paths[position] or result.path.startswith(paths[position] + ":")):
+            position += 1
+        if position == len(paths):
+            raise AssertionError(f"ingest returned a result for {result.path}, which was not offered")
+        groups[position].append(result)
+    return groups
+
+
+def _remove_if_same(path: Path, inode: int) -> None:
+    """Remove the ingested file unless a client replaced it meanwhile (a new upload of the same name)."""
+    try:
+        if path.stat().st_ino == inode:
+            path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _remove_quietly(path: Path) -> None:

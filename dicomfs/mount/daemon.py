@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -26,10 +25,13 @@ from typing import Callable
 import pyfuse3
 import trio
 
+from bridge.server import Bridge
+
 from dicomfs.config import Config
 from dicomfs.errors import DicomfsError
 from dicomfs.mount.operations import DicomOperations, MountSettings
 from dicomfs.store import Store
+from dicomfs.systemd import notify_systemd
 from dicomfs.uploads import UploadArea
 from dicomfs.views import Tree
 
@@ -52,6 +54,9 @@ class MountOptions:
     auto_unmount: bool = False
     """Let fusermount3 unmount if the daemon dies (tests; production leaves a dead mount visible,
     since an empty folder in its place could make a mirroring job delete its copy)."""
+    webdav: str | None = None
+    """Also serve the WebDAV bridge from this process, at this address ("" for webdav.bind)."""
+    allow_anonymous: bool = False
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -133,9 +138,12 @@ def _serve(open_store: Callable[[], Store], config: Config, options: MountOption
             fuse_options.add("allow_other")
         if options.auto_unmount:
             fuse_options.add("auto_unmount")
+        bridge = _start_bridge(store, config, options)
         try:
             pyfuse3.init(operations, str(mountpoint), fuse_options)
         except RuntimeError as error:
+            if bridge is not None:
+                bridge.stop()
             raise MountError(f"cannot mount {mountpoint}: {error} (is /dev/fuse there, and fuse3 installed?)") from None
         _log.info("mounted %s at %s (%s; deletes %s)", store_folder, mountpoint,
                   "read-only" if options.read_only else "read-write",
@@ -146,9 +154,20 @@ def _serve(open_store: Callable[[], Store], config: Config, options: MountOption
             clean = True
         finally:
             pyfuse3.close(unmount=clean)
+            if bridge is not None:
+                bridge.stop()
         return 0
     finally:
         store.close()
+
+
+def _start_bridge(store: Store, config: Config, options: MountOptions) -> Bridge | None:
+    """The WebDAV bridge over the mount's store (one LMDB environment for both), if asked for."""
+    if options.webdav is None:
+        return None
+    bridge = Bridge(store, config, bind=options.webdav or None, allow_anonymous=options.allow_anonymous)
+    bridge.start()
+    return bridge
 
 
 async def _main(operations: DicomOperations, config: Config, uploads: UploadArea | None, ready_fd: int | None) -> None:
@@ -158,7 +177,7 @@ async def _main(operations: DicomOperations, config: Config, uploads: UploadArea
         nursery.start_soon(_refresh, operations, config.mount.refresh_ms / 1000)
         if uploads is not None:
             nursery.start_soon(_sweep, operations, uploads, config)
-        _notify_systemd("READY=1")
+        notify_systemd("READY=1")
         _report(ready_fd, "ready")
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -168,7 +187,7 @@ async def _watch_signals(nursery: trio.Nursery) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for received in signals:
             _log.info("%s: unmounting", signal.Signals(received).name)
-            _notify_systemd("STOPPING=1")
+            notify_systemd("STOPPING=1")
             pyfuse3.terminate()
             return
 
@@ -211,19 +230,6 @@ class _SlowStepWarning(trio.abc.Instrument):
         elapsed = time.perf_counter() - self._started
         if elapsed > self.limit:
             _log.warning("task %s held the event loop for %.0f ms", task.name, elapsed * 1000)
-
-
-def _notify_systemd(message: str) -> None:
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):  # an abstract socket
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        try:
-            sock.sendto(message.encode(), address)
-        except OSError as error:
-            _log.warning("cannot notify systemd at %s: %s", address, error)
 
 
 def unmount(mountpoint: Path) -> None:

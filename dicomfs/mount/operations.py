@@ -30,11 +30,11 @@ import trio
 
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.mount.inodes import ROOT_INODE, InodeTable, Node
-from dicomfs.store import Instance, Patient, Store
+from dicomfs.store import Instance, Store
 from dicomfs.store.blobs import BlobReader
 from dicomfs.uploads import ERROR_XATTR, UploadArea
 from dicomfs.views import UPLOADS, Entry, EntryKind, Listing, NotAFolderError, Tree
-from dicomfs.views.tags import main_tags
+from dicomfs.views.tags import META_PREFIX, PROTECTED, resource_attributes
 
 __all__ = ["DicomOperations", "MountSettings"]
 
@@ -49,8 +49,8 @@ _VANISHED_KEPT = 10_000
 _VANISHED_SECONDS = 10.0
 """How long a folder emptied by a delete still answers lookups (as an empty folder), so that
 `rm -r`, which removes the files first, can remove the folder too."""
-_TAG_PREFIX, _META_PREFIX = "user.dicom.", "user.dicomfs.meta."
-_PROTECTED, _ID = "user.dicomfs.protected", "user.dicomfs.id"
+_XATTR = "user."
+_META_PREFIX, _PROTECTED = _XATTR + META_PREFIX, _XATTR + PROTECTED
 
 
 @dataclass(frozen=True)
@@ -571,13 +571,7 @@ class DicomOperations(pyfuse3.Operations):
         resource_id = node.resource_id
 
         def gather() -> dict[str, str]:
-            record = self.store.get(resource_id)
-            values = {_TAG_PREFIX + k: v for k, v in main_tags([*self.store.ancestors(record), record]).items()}
-            values[_ID] = resource_id
-            values.update({_META_PREFIX + k: v for k, v in self.store.metadata(resource_id).items()})
-            if isinstance(record, Patient):
-                values[_PROTECTED] = "1" if record.protected else "0"
-            return values
+            return {_XATTR + name: value for name, value in resource_attributes(self.store, resource_id).items()}
 
         try:
             return await self._thread(gather)

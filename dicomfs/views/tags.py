@@ -1,13 +1,33 @@
 """The main DICOM tags of a resource and its parents, by keyword: what extended attributes and
-WebDAV properties show about a file or folder."""
+WebDAV properties show about a file or folder.
+
+Both front ends show the same named attributes: the mount as extended attributes ``user.<name>``,
+the bridge as WebDAV properties ``{urn:dicomfs}<name>``.
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from dicomfs.store import Instance, Patient, Record, Series, Study
+from dicomfs.store import Instance, Patient, Record, Series, Store, Study
 
-__all__ = ["main_tags"]
+__all__ = ["ID", "META_PREFIX", "PROTECTED", "TAG_PREFIX", "main_tags", "resource_attributes"]
+
+TAG_PREFIX, META_PREFIX = "dicom.", "dicomfs.meta."
+"""``dicom.PatientID`` (read-only, from the index) and ``dicomfs.meta.<name>`` (user metadata)."""
+PROTECTED, ID = "dicomfs.protected", "dicomfs.id"
+
+
+def resource_attributes(store: Store, resource_id: str) -> dict[str, str]:
+    """Every named attribute of a stored resource: its tags and its parents', its id, its user
+    metadata and, for a patient, whether it is protected from recycling."""
+    record = store.get(resource_id)
+    values = {TAG_PREFIX + k: v for k, v in main_tags([*store.ancestors(record), record]).items()}
+    values[ID] = resource_id
+    values.update({META_PREFIX + k: v for k, v in store.metadata(resource_id).items()})
+    if isinstance(record, Patient):
+        values[PROTECTED] = "1" if record.protected else "0"
+    return values
 
 
 def main_tags(chain: Sequence[Record]) -> dict[str, str]:

@@ -1,0 +1,111 @@
+"""Who may do what over WebDAV: Basic authentication against the configured users' salted hashes,
+and the right each request needs.
+
+Users come from ``[users.NAME]`` (``password_hash`` made by ``dicomfs passwd``, ``rights`` drawn
+from read / upload / delete). With no users configured the bridge asks for nothing and grants
+every right; ``bridge.server`` then refuses to listen anywhere but loopback unless told to.
+
+A Basic client sends its password with every request and a scrypt check costs ~60 ms, which would
+cap uploads near 15 files/s; a successful check is remembered for a few minutes as a keyed digest
+of (user, password), never the password itself, so a changed password or a wrong one is still
+checked in full.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import threading
+import time
+from typing import Mapping
+
+from wsgidav.dc.base_dc import BaseDomainController
+
+from dicomfs.config import RIGHTS, User
+from dicomfs.passwords import verify_password
+from dicomfs.views import UPLOADS
+
+__all__ = ["REALM", "RIGHTS_KEY", "UsersDomainController", "required_right"]
+
+REALM = "dicomfs"
+RIGHTS_KEY = "dicomfs.rights"
+"""The environ key holding the rights of the request's user (a frozenset of RIGHTS)."""
+USERS_KEY = "dicomfs_users"
+"""The wsgidav configuration key the users are passed in (read by the domain controller)."""
+_REMEMBERED_SECONDS = 300.0
+
+_READING = {"GET", "HEAD", "OPTIONS", "PROPFIND"}
+
+
+def required_right(method: str, path: str, destination: str | None = None) -> str:
+    """The right a request needs: ``read``, ``upload`` or ``delete``.
+
+    Everything that changes ``uploads/`` (and user metadata, set with PROPPATCH) is *upload*;
+    DELETE of stored data is *delete*; locks outside ``uploads/`` change nothing, so they are *read*.
+    """
+    method = method.upper()
+    in_uploads = _in_uploads(path) or (destination is not None and _in_uploads(destination))
+    if method in _READING:
+        return "read"
+    if method in ("LOCK", "UNLOCK"):
+        return "upload" if in_uploads else "read"
+    if method == "DELETE" and not _in_uploads(path):
+        return "delete"
+    return "upload"
+
+
+def _in_uploads(path: str) -> bool:
+    first = path.lstrip("/").split("/", 1)[0]
+    return first == UPLOADS
+
+
+class UsersDomainController(BaseDomainController):
+    """wsgidav's domain controller over the configured users (``http_authenticator.domain_controller``)."""
+
+    def __init__(self, wsgidav_app: object, config: Mapping[str, object]) -> None:
+        super().__init__(wsgidav_app, config)
+        users = config.get(USERS_KEY) or {}
+        assert isinstance(users, Mapping)
+        self._users: Mapping[str, User] = users
+        self._key = os.urandom(32)  # keys the remembered digests; never leaves this process
+        self._remembered: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+
+    def __str__(self) -> str:
+        return f"{self.__class__.__name__}({len(self._users)} users)"
+
+    def get_domain_realm(self, path_info: str, environ: dict[str, object] | None) -> str:
+        return REALM
+
+    def require_authentication(self, realm: str, environ: dict[str, object] | None) -> bool:
+        if not self._users:
+            if environ is not None:
+                environ[RIGHTS_KEY] = frozenset(RIGHTS)
+            return False
+        return True
+
+    def supports_http_digest_auth(self) -> bool:
+        return False  # digest needs a password-equivalent kept on the server; we keep only hashes
+
+    def basic_auth_user(self, realm: str, user_name: str, password: str, environ: dict[str, object]) -> bool:
+        user = self._users.get(user_name)
+        if user is None:
+            verify_password(password, _DUMMY_HASH)  # as slow as a real check: names stay secret
+            return False
+        digest = hmac.new(self._key, f"{user_name}\0{password}\0{user.password_hash}".encode(), hashlib.sha256).digest()
+        now = time.monotonic()
+        with self._lock:
+            remembered = self._remembered.get(digest, 0.0) > now
+        if not remembered:
+            if not verify_password(password, user.password_hash):
+                return False
+            with self._lock:
+                if len(self._remembered) > 1024:
+                    self._remembered = {k: v for k, v in self._remembered.items() if v > now}
+                self._remembered[digest] = now + _REMEMBERED_SECONDS
+        environ[RIGHTS_KEY] = user.rights
+        return True
+
+
+_DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="

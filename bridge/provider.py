@@ -1,0 +1,213 @@
+"""The wsgidav provider: maps request paths to the views' entries and to ``uploads/``, checks each
+request's right, and hands completed uploads to the ingest queue.
+
+Every request starts with a look at the store's change number, so what the mount, the CLI or
+another bridge changed shows at once, and ends with nothing cached per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
+
+from wsgidav import util
+from wsgidav.dav_error import HTTP_FORBIDDEN, PRECONDITION_CODE_PropfindFiniteDepth, DAVError
+from wsgidav.dav_provider import DAVProvider
+
+from dicomfs.errors import DicomfsError, NotFoundError
+from dicomfs.store import Store
+from dicomfs.upload_queue import UploadQueue
+from dicomfs.uploads import UploadArea, UploadOutcome
+from dicomfs.views import UPLOADS, Entry, Tree
+
+from bridge.auth import RIGHTS_KEY, required_right
+from bridge.resources import UploadFile, UploadFolder, ViewFile, ViewFolder, dav_error
+
+__all__ = ["BridgeSettings", "DicomfsProvider"]
+
+_log = logging.getLogger("dicomfs.webdav")
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    """What the bridge lets clients do (``[webdav]`` in the configuration)."""
+
+    upload_allowed: bool = True
+    delete_allowed: bool = True
+
+
+class DicomfsProvider(DAVProvider):  # type: ignore[misc]
+    """One share at ``/``: the views, and ``uploads/``."""
+
+    def __init__(self, store: Store, tree: Tree, uploads: UploadArea, settings: BridgeSettings) -> None:
+        super().__init__()
+        self.store = store
+        self.tree = tree
+        self.uploads = uploads
+        self.settings = settings
+        self.fs_opts: dict[str, object] = {}  # read by wsgidav's file resources (uploads/)
+        self.readonly = False
+        self.queue = UploadQueue(store, uploads, origin="webdav", on_done=self._ingested)
+        self._awaiting_unlock: dict[str, tuple[tuple[str, ...], str]] = {}  # ref url -> (parts, remote)
+        self._awaiting_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"DicomfsProvider({self.store.folder})"
+
+    def close(self) -> None:
+        self.queue.close()
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def custom_request_handler(self, environ: dict[str, Any], start_response: Callable[..., Any],
+                               default_handler: Callable[..., Iterable[bytes]]) -> Iterable[bytes]:
+        method = environ["REQUEST_METHOD"].upper()
+        path = environ["PATH_INFO"]
+        if "\0" in path:
+            raise DAVError(400, "a path may not hold a NUL byte")
+        destination = environ.get("HTTP_DESTINATION")
+        right = required_right(method, path, urlsplit(destination).path if destination else None)
+        rights = environ.get(RIGHTS_KEY, frozenset())
+        if right not in rights:
+            user = environ.get("wsgidav.auth.user_name") or "anonymous"
+            raise DAVError(HTTP_FORBIDDEN, f"{user} may not {method} here: it needs the {right} right")
+        if method == "PROPFIND" and environ.get("HTTP_DEPTH", "infinity").strip().lower() not in ("0", "1"):
+            # A whole archive in one answer would be gigabytes of XML: RFC 4918 lets us refuse.
+            raise DAVError(HTTP_FORBIDDEN, err_condition=PRECONDITION_CODE_PropfindFiniteDepth)
+        self.tree.refresh()
+        try:
+            answer = default_handler(environ, start_response)
+        except DicomfsError as error:
+            raise dav_error(error) from None
+        if method == "UNLOCK":
+            resource = self.get_resource_inst(path.rstrip("/"), environ)
+            if isinstance(resource, UploadFile):
+                self.unlocked(resource.get_ref_url())
+        return answer
+
+    def get_resource_inst(self, path: str, environ: dict[str, Any]) -> Any:
+        parts = tuple(part for part in path.split("/") if part)
+        if not parts:
+            return ViewFolder("/", environ, self.tree.root_entry(), ())
+        if parts[0] == UPLOADS:
+            return self._upload_resource(path, parts[1:], environ) if self.tree.uploads else None
+        try:
+            entry = self.tree.lookup(parts)
+        except NotFoundError:
+            return None
+        return self.resource_for(parts[:-1], entry, environ)
+
+    def resource_for(self, folder: tuple[str, ...], entry: Entry, environ: dict[str, Any]) -> Any:
+        """The resource of ``entry``, listed in the folder at ``folder``."""
+        parts = (*folder, entry.name)
+        path = "/" + "/".join(parts) + ("/" if entry.is_folder else "")
+        if parts[0] == UPLOADS:
+            resource = self._upload_resource(path, parts[1:], environ)
+        elif entry.is_folder:
+            resource = ViewFolder(path, environ, entry, parts)
+        else:
+            resource = ViewFile(path, environ, entry)
+        return resource
+
+    def _upload_resource(self, path: str, parts: tuple[str, ...], environ: dict[str, Any]) -> Any:
+        try:
+            real = self.uploads.path(parts)
+            if real.is_dir():
+                return UploadFolder(path, environ, str(real))
+            if real.is_file():
+                return UploadFile(path, environ, str(real))
+        except (DicomfsError, OSError):
+            pass  # a name that could escape, or gone meanwhile: nothing there
+        return None
+
+    def _loc_to_file_path(self, path: str, environ: dict[str, Any] | None = None) -> str:
+        """The real path of a URL path in uploads/ (wsgidav's file resources call this for COPY and MOVE)."""
+        parts = tuple(part for part in path.split("/") if part)
+        if not parts or parts[0] != UPLOADS:
+            raise DAVError(HTTP_FORBIDDEN, "files can be written only in uploads/")
+        return str(self.uploads.path(parts[1:]))
+
+    # -- rules -----------------------------------------------------------------------------------
+
+    def check_upload(self, environ: dict[str, Any]) -> None:
+        if not self.settings.upload_allowed:
+            raise DAVError(HTTP_FORBIDDEN, "uploads are turned off (webdav.upload_allowed)")
+
+    def check_in_uploads(self, dest_path: str) -> None:
+        self._loc_to_file_path(dest_path)
+
+    def changed(self) -> None:
+        """The store was changed by this bridge: drop the listings it made stale."""
+        self.tree.refresh()
+
+    def log_change(self, environ: dict[str, Any], what: str) -> None:
+        _log.info("%s: %s", _remote(environ), what)
+
+    # -- uploads ---------------------------------------------------------------------------------
+
+    def upload_written(self, resource: UploadFile, *, with_errors: bool) -> None:
+        """A PUT ended: queue the file for ingest, or wait for its client's UNLOCK."""
+        parts = _upload_parts(resource.path)
+        if with_errors:
+            self.uploads.set_reason(resource.file_path, "the upload was interrupted: only part of the file arrived")
+            return
+        self._arrived(resource.get_ref_url(), parts, resource.environ)
+
+    def upload_arrived(self, dest_path: str, environ: dict[str, Any]) -> None:
+        """A COPY or MOVE put a complete file at ``dest_path``."""
+        self._arrived(util.quote(dest_path), _upload_parts(dest_path), environ)
+
+    def upload_removed(self, path: str) -> None:
+        with self._awaiting_lock:
+            self._awaiting_unlock.pop(util.quote(path), None)
+
+    def _arrived(self, ref_url: str, parts: tuple[str, ...], environ: dict[str, Any]) -> None:
+        remote = _remote(environ)
+        lock_manager = self.lock_manager
+        if lock_manager is not None and lock_manager.is_url_locked(ref_url):
+            # Windows writes a file under a lock, then sets its times, then unlocks: until then
+            # the file must stay where the client left it.
+            with self._awaiting_lock:
+                self._awaiting_unlock[ref_url] = (parts, remote)
+            return
+        self.queue.submit(parts, remote)
+
+    def unlocked(self, ref_url: str) -> None:
+        """A lock was released or expired: ingest what it held back."""
+        with self._awaiting_lock:
+            waiting = self._awaiting_unlock.get(ref_url)
+            if waiting is None or (self.lock_manager is not None and self.lock_manager.is_url_locked(ref_url)):
+                return
+            del self._awaiting_unlock[ref_url]
+        self.queue.submit(*waiting)
+
+    def release_expired(self) -> None:
+        """Ingest uploads whose lock expired without an UNLOCK (a client that went away)."""
+        with self._awaiting_lock:
+            urls = list(self._awaiting_unlock)
+        for url in urls:
+            self.unlocked(url)
+
+    def busy_uploads(self) -> set[tuple[str, ...]]:
+        with self._awaiting_lock:
+            held = {parts for parts, _ in self._awaiting_unlock.values()}
+        return held | self.queue.busy()
+
+    def _ingested(self, parts: tuple[str, ...], outcome: UploadOutcome) -> None:
+        if outcome.removed or outcome.results:
+            self.tree.refresh()
+
+
+def _upload_parts(path: str) -> tuple[str, ...]:
+    parts = tuple(part for part in path.split("/") if part)
+    assert parts and parts[0] == UPLOADS, path
+    return parts[1:]
+
+
+def _remote(environ: dict[str, Any]) -> str:
+    user = environ.get("wsgidav.auth.user_name") or ""
+    address = environ.get("REMOTE_ADDR", "")
+    return f"{user}@{address}" if user else address

@@ -1,0 +1,344 @@
+"""The WebDAV resources: folders and files of the views, and the real files of ``uploads/``.
+
+View resources are made from ``dicomfs.views`` entries; a folder's members come from its one
+listing (one index snapshot), so a PROPFIND of 2,000 instances does no per-child lookup. Nothing
+here names or orders anything: that is the views' job.
+
+``uploads/`` is a real folder, so its resources are wsgidav's own file-system resources (PUT,
+MKCOL, COPY, MOVE, DELETE, Win32 times: all as on a plain share), with what dicomfs adds: a
+completed file is queued for ingest, a file under a client's lock waits for the UNLOCK, and a
+file that was not stored shows its reason as the property ``{urn:dicomfs}dicomfs.error``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wsgidav.dav_error import HTTP_FORBIDDEN, HTTP_NOT_FOUND, DAVError
+from wsgidav.dav_provider import DAVCollection, DAVNonCollection
+from wsgidav.fs_dav_provider import FileResource, FolderResource
+
+from dicomfs.errors import DicomfsError, NotFoundError
+from dicomfs.store.sources import is_os_junk
+from dicomfs.uploads import ERROR_XATTR
+from dicomfs.views import Entry, EntryKind
+from dicomfs.views.tags import META_PREFIX, PROTECTED, resource_attributes
+
+from bridge.streams import open_stream
+
+if TYPE_CHECKING:
+    from bridge.provider import DicomfsProvider
+
+__all__ = ["NAMESPACE", "UploadFile", "UploadFolder", "ViewFile", "ViewFolder", "dav_error"]
+
+NAMESPACE = "urn:dicomfs"
+"""Properties ``{urn:dicomfs}dicom.PatientID``, ``{urn:dicomfs}dicomfs.meta.<name>``, ...: the
+names the mount shows as extended attributes ``user.<name>``."""
+_ERROR_PROPERTY = "{" + NAMESPACE + "}" + ERROR_XATTR.removeprefix("user.")
+_WIN32 = "{urn:schemas-microsoft-com:}"
+
+
+def dav_error(error: DicomfsError) -> DAVError:
+    """The WebDAV answer for a dicomfs error: its HTTP status and its one-line message."""
+    return DAVError(error.http_status, str(error))
+
+
+def _property(name: str) -> str:
+    return "{" + NAMESPACE + "}" + name
+
+
+# -- the views -----------------------------------------------------------------------------------
+
+
+class _ViewResource:
+    """What view folders and files share: their entry, and the stored resource's properties."""
+
+    provider: DicomfsProvider
+    entry: Entry
+    environ: dict[str, Any]
+    path: str
+
+    def _attributes(self) -> dict[str, str]:
+        if self.entry.resource_id is None:
+            return {}
+        try:
+            return resource_attributes(self.provider.store, self.entry.resource_id)
+        except NotFoundError:
+            raise DAVError(HTTP_NOT_FOUND) from None
+
+    def get_property_names(self, *, is_allprop: bool) -> list[str]:
+        names: list[str] = super().get_property_names(is_allprop=is_allprop)  # type: ignore[misc]
+        if not is_allprop:  # allprop is RFC 4918's live properties: tags only when asked for
+            names.extend(_property(name) for name in self._attributes())
+        return names
+
+    def get_property_value(self, name: str) -> Any:
+        if name.startswith("{" + NAMESPACE + "}"):
+            value = self._attributes().get(name[len(NAMESPACE) + 2:])
+            if value is None:
+                raise DAVError(HTTP_NOT_FOUND)
+            return value
+        return super().get_property_value(name)  # type: ignore[misc]
+
+    def set_property_value(self, name: str, value: Any, *, dry_run: bool = False) -> Any:
+        """User metadata and patient protection are writable; the rest of the tree is read-only."""
+        resource_id = self.entry.resource_id
+        local = name[len(NAMESPACE) + 2:] if name.startswith("{" + NAMESPACE + "}") else ""
+        if resource_id is None or not (local.startswith(META_PREFIX) or local == PROTECTED):
+            raise DAVError(HTTP_FORBIDDEN)
+        if dry_run:
+            return True
+        store = self.provider.store
+        text = "" if value is None else "".join(value.itertext()).strip()
+        try:
+            if local == PROTECTED:
+                if text.lower() not in ("0", "1", "true", "false", "yes", "no"):
+                    raise DAVError(HTTP_FORBIDDEN, "dicomfs.protected takes 1 or 0")
+                store.set_protected(resource_id, text.lower() in ("1", "true", "yes"))
+            elif value is None:
+                store.delete_metadata(resource_id, local[len(META_PREFIX):])
+            else:
+                store.set_metadata(resource_id, local[len(META_PREFIX):], text)
+        except NotFoundError:
+            if value is not None:
+                raise DAVError(HTTP_NOT_FOUND) from None
+        except DicomfsError as error:
+            raise DAVError(HTTP_FORBIDDEN, str(error)) from None
+        self.provider.changed()
+        return True
+
+    def prevent_locking(self) -> bool:
+        return False  # clients lock what they read (Office, Explorer); a lock changes nothing here
+
+    def handle_delete(self) -> bool:
+        """DELETE of an instance, series, study or patient deletes it from the store, if allowed."""
+        resource_id = self.entry.resource_id
+        if resource_id is None or self.entry.kind is EntryKind.DOCUMENT:
+            raise DAVError(HTTP_FORBIDDEN, "only instances, series, studies and patients can be deleted")
+        if not self.provider.settings.delete_allowed:
+            raise DAVError(HTTP_FORBIDDEN, "deleting stored data is turned off (webdav.delete_allowed)")
+        try:
+            removed = self.provider.store.delete(resource_id)
+        except NotFoundError:
+            raise DAVError(HTTP_NOT_FOUND) from None
+        self.provider.changed()
+        self.provider.log_change(self.environ, f"deleted {self.path} ({removed} instances)")
+        return True
+
+    def handle_copy(self, dest_path: str, *, depth_infinity: bool) -> bool:
+        raise DAVError(HTTP_FORBIDDEN, "the views are made from the index: copy files out with GET")
+
+    def handle_move(self, dest_path: str) -> bool:
+        raise DAVError(HTTP_FORBIDDEN, "names in the views come from the DICOM tags and cannot be changed")
+
+    def create_empty_resource(self, name: str) -> Any:
+        raise DAVError(HTTP_FORBIDDEN, "files can be added only in uploads/")
+
+    def create_collection(self, name: str) -> Any:
+        raise DAVError(HTTP_FORBIDDEN, "folders can be made only in uploads/")
+
+
+class ViewFolder(_ViewResource, DAVCollection):  # type: ignore[misc]
+    """A folder of a view (or the root)."""
+
+    def __init__(self, path: str, environ: dict[str, Any], entry: Entry, parts: tuple[str, ...]) -> None:
+        DAVCollection.__init__(self, path, environ)
+        self.entry = entry
+        self.parts = parts
+
+    def _listing(self) -> Any:
+        try:
+            return self.provider.tree.listing(self.parts)
+        except NotFoundError:
+            raise DAVError(HTTP_NOT_FOUND) from None
+
+    def get_display_name(self) -> str:
+        return self.entry.name
+
+    def get_creation_date(self) -> float:
+        return self.entry.mtime
+
+    def get_last_modified(self) -> float:
+        return self.entry.mtime
+
+    def get_etag(self) -> None:
+        return None
+
+    def support_etag(self) -> bool:
+        return False
+
+    def get_member_names(self) -> list[str]:
+        return [entry.name for entry in self._listing().entries]
+
+    def get_member(self, name: str) -> Any:
+        entry = self._listing().find(name)
+        return None if entry is None else self.provider.resource_for(self.parts, entry, self.environ)
+
+    def get_member_list(self) -> list[Any]:
+        return [self.provider.resource_for(self.parts, entry, self.environ) for entry in self._listing().entries]
+
+    def support_recursive_delete(self) -> bool:
+        return True
+
+
+class ViewFile(_ViewResource, DAVNonCollection):  # type: ignore[misc]
+    """A stored instance (``.dcm``) or a document made from the index (``study.json``)."""
+
+    def __init__(self, path: str, environ: dict[str, Any], entry: Entry) -> None:
+        DAVNonCollection.__init__(self, path, environ)
+        self.entry = entry
+        self._document: bytes | None = None
+
+    def _content(self) -> bytes:
+        if self._document is None:
+            try:
+                self._document = self.provider.tree.document(self.entry)
+            except NotFoundError:
+                raise DAVError(HTTP_NOT_FOUND) from None
+        return self._document
+
+    def get_display_name(self) -> str:
+        return self.entry.name
+
+    def get_content_length(self) -> int:
+        return self.entry.size
+
+    def get_content_type(self) -> str:
+        return "application/dicom" if self.entry.kind is EntryKind.INSTANCE else "application/json"
+
+    def get_creation_date(self) -> float:
+        return self.entry.mtime
+
+    def get_last_modified(self) -> float:
+        return self.entry.mtime
+
+    def support_etag(self) -> bool:
+        return True
+
+    def get_etag(self) -> str:
+        if self.entry.kind is EntryKind.INSTANCE:
+            # An instance's bytes change only if it is replaced, which also moves its reception time.
+            return f"{self.entry.resource_id}-{self.entry.size}-{int(self.entry.mtime * 1000)}"
+        return hashlib.sha1(self._content(), usedforsecurity=False).hexdigest()
+
+    def support_ranges(self) -> bool:
+        return True
+
+    def get_content(self) -> io.RawIOBase | io.BytesIO:
+        if self.entry.kind is EntryKind.DOCUMENT:
+            return io.BytesIO(self._content())
+        assert self.entry.resource_id is not None
+        try:
+            return open_stream(self.provider.store.open_instance(self.entry.resource_id))
+        except NotFoundError:
+            raise DAVError(HTTP_NOT_FOUND) from None
+
+
+# -- uploads/ ------------------------------------------------------------------------------------
+
+
+class UploadFolder(FolderResource):  # type: ignore[misc]
+    """``uploads/`` or a folder in it: a real folder."""
+
+    provider: DicomfsProvider
+
+    def create_empty_resource(self, name: str) -> Any:
+        self.provider.check_upload(self.environ)
+        _refuse_clutter(name)
+        self.provider.uploads.path([*self.path.strip("/").split("/")[1:], name])  # refuses escaping names
+        return super().create_empty_resource(name)
+
+    def create_collection(self, name: str) -> None:
+        self.provider.check_upload(self.environ)
+        super().create_collection(name)
+
+    def delete(self) -> None:
+        if self.path.strip("/") == "uploads":
+            raise DAVError(HTTP_FORBIDDEN, "uploads/ itself cannot be deleted")
+        super().delete()
+
+    def handle_move(self, dest_path: str) -> bool:
+        if self.path.strip("/") == "uploads":
+            raise DAVError(HTTP_FORBIDDEN, "uploads/ itself cannot be moved")
+        self.provider.check_in_uploads(dest_path)
+        return False
+
+    def handle_copy(self, dest_path: str, *, depth_infinity: bool) -> bool:
+        self.provider.check_in_uploads(dest_path)
+        return False
+
+
+class UploadFile(FileResource):  # type: ignore[misc]
+    """A file in ``uploads/``: being written, waiting for ingest, or kept with its reason."""
+
+    provider: DicomfsProvider
+
+    def get_content_type(self) -> str:
+        return "application/dicom" if self.name.lower().endswith(".dcm") else super().get_content_type()
+
+    def get_property_names(self, *, is_allprop: bool) -> list[str]:
+        names: list[str] = super().get_property_names(is_allprop=is_allprop)
+        if self.provider.uploads.reason(self.file_path) is not None:
+            names.append(_ERROR_PROPERTY)
+        return names
+
+    def get_property_value(self, name: str) -> Any:
+        if name == _ERROR_PROPERTY:
+            reason = self.provider.uploads.reason(self.file_path)
+            if reason is None:
+                raise DAVError(HTTP_NOT_FOUND)
+            return reason
+        return super().get_property_value(name)
+
+    def set_property_value(self, name: str, value: Any, *, dry_run: bool = False) -> Any:
+        if name == _ERROR_PROPERTY:
+            raise DAVError(HTTP_FORBIDDEN)
+        if name.startswith(_WIN32) and "Win32LastModifiedTime" not in name:
+            # Explorer sets these on every copy; they mean nothing here, and refusing them would
+            # only make it retry. Accepted without being kept, as wsgidav does for its own files.
+            return True
+        return super().set_property_value(name, value, dry_run=dry_run)
+
+    @property
+    def file_path(self) -> Path:
+        return Path(self._file_path)
+
+    def begin_write(self, *, content_type: str | None = None) -> Any:
+        self.provider.check_upload(self.environ)
+        _refuse_clutter(self.name)
+        return super().begin_write(content_type=content_type)
+
+    def end_write(self, *, with_errors: bool) -> None:
+        self.provider.upload_written(self, with_errors=with_errors)
+
+    def delete(self) -> None:
+        super().delete()
+        self.provider.upload_removed(self.path)
+
+    def copy_move_single(self, dest_path: str, *, is_move: bool) -> None:
+        self.provider.check_in_uploads(dest_path)
+        super().copy_move_single(dest_path, is_move=is_move)
+        self.provider.upload_arrived(dest_path, self.environ)
+
+    def move_recursive(self, dest_path: str) -> None:
+        self.provider.check_in_uploads(dest_path)
+        super().move_recursive(dest_path)
+        self.provider.upload_removed(self.path)
+        self.provider.upload_arrived(dest_path, self.environ)
+
+    def handle_copy(self, dest_path: str, *, depth_infinity: bool) -> bool:
+        self.provider.check_in_uploads(dest_path)
+        return False
+
+    def handle_move(self, dest_path: str) -> bool:
+        self.provider.check_in_uploads(dest_path)
+        return False
+
+
+def _refuse_clutter(name: str) -> None:
+    """Finder's ``._name`` and ``.DS_Store``, Explorer's ``desktop.ini``: refused, never ingested."""
+    if is_os_junk(name):
+        raise DAVError(HTTP_FORBIDDEN, f"{name} is operating-system clutter, not DICOM: not uploaded")

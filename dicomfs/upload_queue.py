@@ -1,0 +1,102 @@
+"""A background queue that ingests completed uploads in groups.
+
+A client copying a CD sends hundreds of files one after the other and waits for each answer.
+Ingesting inside each request would make it wait for a group commit (a sync) per file; instead
+the front end answers at once and queues the file here, and one thread ingests whatever has
+queued up meanwhile in a single group commit. The file stays visible in ``uploads/`` until it is
+stored, then vanishes; what is not DICOM stays with its reason (see ``uploads``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import Callable, Sequence
+
+from dicomfs.store import Store
+from dicomfs.uploads import UploadArea, UploadOutcome
+
+__all__ = ["UploadQueue"]
+
+_log = logging.getLogger(__name__)
+_MOST_PER_GROUP = 256
+
+
+class UploadQueue:
+    """Completed uploads waiting to be ingested, and the thread that ingests them."""
+
+    def __init__(self, store: Store, area: UploadArea, *, origin: str,
+                 on_done: Callable[[tuple[str, ...], UploadOutcome], None] | None = None) -> None:
+        self._store = store
+        self._area = area
+        self._origin = origin
+        self._on_done = on_done
+        self._waiting: OrderedDict[tuple[str, ...], str] = OrderedDict()  # parts -> remote user
+        self._in_progress: set[tuple[str, ...]] = set()
+        self._condition = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"{origin}-uploads", daemon=True)
+        self._thread.start()
+
+    def submit(self, parts: Sequence[str], remote: str = "") -> None:
+        """Queue ``uploads/<parts>`` for ingest (once, however often it is submitted before then)."""
+        with self._condition:
+            self._waiting[tuple(parts)] = remote
+            self._condition.notify()
+
+    def busy(self) -> set[tuple[str, ...]]:
+        """The uploads queued or being ingested (the janitor leaves them alone)."""
+        with self._condition:
+            return set(self._waiting) | self._in_progress
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is queued or being ingested; False on timeout."""
+        with self._condition:
+            return self._condition.wait_for(lambda: not self._waiting and not self._in_progress, timeout)
+
+    def close(self) -> None:
+        """Ingest what is queued, then stop the thread."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+        self._thread.join()
+
+    def _keep_with_reason(self, parts: tuple[str, ...], reason: str) -> None:
+        try:
+            self._area.set_reason(self._area.path(parts), reason)
+        except OSError:
+            pass  # gone meanwhile: nothing left to explain
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: self._waiting or self._closed)
+                if not self._waiting:
+                    return
+                group: list[tuple[tuple[str, ...], str]] = []
+                while self._waiting and len(group) < _MOST_PER_GROUP:
+                    group.append(self._waiting.popitem(last=False))
+                self._in_progress = {parts for parts, _ in group}
+            try:
+                self._ingest(group)
+            finally:
+                with self._condition:
+                    self._in_progress = set()
+                    self._condition.notify_all()
+
+    def _ingest(self, group: list[tuple[tuple[str, ...], str]]) -> None:
+        by_remote: dict[str, list[tuple[str, ...]]] = {}
+        for parts, remote in group:
+            by_remote.setdefault(remote, []).append(parts)
+        for remote, batch in by_remote.items():
+            try:
+                outcomes = self._area.ingest_many(self._store, batch, origin=self._origin, remote=remote)
+            except Exception as error:  # a store error (a full disk) must not kill the thread
+                _log.exception("ingest of %d uploaded files failed; they stay in uploads/", len(batch))
+                for parts in batch:
+                    self._keep_with_reason(parts, f"not stored: {error}")
+                continue
+            if self._on_done is not None:
+                for parts, outcome in zip(batch, outcomes, strict=True):
+                    self._on_done(parts, outcome)
