@@ -60,7 +60,7 @@ def _in_uploads(path: str) -> bool:
     return first == UPLOADS
 
 
-class UsersDomainController(BaseDomainController):
+class UsersDomainController(BaseDomainController):  # type: ignore[misc]
     """wsgidav's domain controller over the configured users (``http_authenticator.domain_controller``)."""
 
     def __init__(self, wsgidav_app: object, config: Mapping[str, object]) -> None:

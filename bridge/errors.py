@@ -17,9 +17,8 @@ from wsgidav import util
 from wsgidav.dav_error import HTTP_FORBIDDEN, HTTP_INTERNAL_ERROR, HTTP_NO_CONTENT, HTTP_NOT_MODIFIED, DAVError
 from wsgidav.mw.base_mw import BaseMiddleware
 
-from dicomfs.errors import DicomfsError
-
 from bridge.auth import REALM
+from dicomfs.errors import DicomfsError
 
 __all__ = ["ErrorPages", "PathGuard"]
 

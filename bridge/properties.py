@@ -90,7 +90,8 @@ class StorePropertyManager:
         cursor = txn.cursor()
         if not cursor.set_range(prefix):
             return
-        for key, value in cursor:
+        for raw_key, value in cursor:
+            key = bytes(raw_key)
             if not key.startswith(prefix):
                 return
             yield key[len(prefix):].decode("utf-8"), bytes(value)
@@ -104,7 +105,7 @@ class StorePropertyManager:
         if not cursor.set_range(base.encode("utf-8")):
             return found
         for key in cursor.iternext(keys=True, values=False):
-            owner = key.split(_SEPARATOR, 1)[0].decode("utf-8")
+            owner = bytes(key).split(_SEPARATOR, 1)[0].decode("utf-8")
             if not owner.startswith(base):
                 break
             if (owner == url or owner == base or owner.startswith(base + "/")) and (not found or found[-1] != owner):

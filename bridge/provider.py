@@ -8,27 +8,30 @@ another bridge changed shows at once, and ends with nothing cached per request.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 from wsgidav import util
-from wsgidav.dav_error import HTTP_FORBIDDEN, PRECONDITION_CODE_PropfindFiniteDepth, DAVError
+from wsgidav.dav_error import HTTP_FORBIDDEN, DAVError, PRECONDITION_CODE_PropfindFiniteDepth
 from wsgidav.dav_provider import DAVProvider
 
+from bridge.auth import RIGHTS_KEY, required_right
+from bridge.resources import StoredUpload, UploadFile, UploadFolder, ViewFile, ViewFolder, dav_error
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.store import Store
 from dicomfs.upload_queue import UploadQueue
 from dicomfs.uploads import UploadArea, UploadOutcome
 from dicomfs.views import UPLOADS, Entry, Tree
 
-from bridge.auth import RIGHTS_KEY, required_right
-from bridge.resources import UploadFile, UploadFolder, ViewFile, ViewFolder, dav_error
-
 __all__ = ["BridgeSettings", "DicomfsProvider"]
 
 _log = logging.getLogger("dicomfs.webdav")
+_READ_BACK_SECONDS = -1.0  # how long a stored upload still answers PROPFIND and HEAD (StoredUpload)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
         self.queue = UploadQueue(store, uploads, origin="webdav", on_done=self._ingested)
         self._awaiting_unlock: dict[str, tuple[tuple[str, ...], str]] = {}  # ref url -> (parts, remote)
         self._awaiting_lock = threading.Lock()
+        self._submitted: OrderedDict[tuple[str, ...], tuple[float, os.stat_result]] = OrderedDict()  # parts -> (when, stat)
 
     def __repr__(self) -> str:
         return f"DicomfsProvider({self.store.folder})"
@@ -120,7 +124,11 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
             if real.is_file():
                 return UploadFile(path, environ, str(real))
         except (DicomfsError, OSError):
-            pass  # a name that could escape, or gone meanwhile: nothing there
+            return None  # a name that could escape, or gone meanwhile: nothing there
+        if environ.get("REQUEST_METHOD") in ("PROPFIND", "HEAD"):
+            info = self._stored_upload(parts)
+            if info is not None:
+                return StoredUpload(path, environ, info)
         return None
 
     def _loc_to_file_path(self, path: str, environ: dict[str, Any] | None = None) -> str:
@@ -163,6 +171,7 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
     def upload_removed(self, path: str) -> None:
         with self._awaiting_lock:
             self._awaiting_unlock.pop(util.quote(path), None)
+            self._submitted.pop(_upload_parts(path), None)
 
     def _arrived(self, ref_url: str, parts: tuple[str, ...], environ: dict[str, Any]) -> None:
         remote = _remote(environ)
@@ -173,7 +182,7 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
             with self._awaiting_lock:
                 self._awaiting_unlock[ref_url] = (parts, remote)
             return
-        self.queue.submit(parts, remote)
+        self._submit(parts, remote)
 
     def unlocked(self, ref_url: str) -> None:
         """A lock was released or expired: ingest what it held back."""
@@ -182,7 +191,28 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
             if waiting is None or (self.lock_manager is not None and self.lock_manager.is_url_locked(ref_url)):
                 return
             del self._awaiting_unlock[ref_url]
-        self.queue.submit(*waiting)
+        self._submit(*waiting)
+
+    def _submit(self, parts: tuple[str, ...], remote: str) -> None:
+        """Queue a complete upload for ingest, keeping its size and date for StoredUpload."""
+        try:
+            info: os.stat_result | None = self.uploads.path(parts).stat()
+        except (DicomfsError, OSError):
+            info = None
+        now = time.monotonic()
+        with self._awaiting_lock:
+            while self._submitted and next(iter(self._submitted.values()))[0] < now - _READ_BACK_SECONDS:
+                self._submitted.popitem(last=False)
+            self._submitted.pop(parts, None)
+            if info is not None:
+                self._submitted[parts] = (now, info)
+        self.queue.submit(parts, remote)
+
+    def _stored_upload(self, parts: tuple[str, ...]) -> os.stat_result | None:
+        """What a file just queued from ``uploads/<parts>`` was, for a few seconds after it was stored."""
+        with self._awaiting_lock:
+            when, info = self._submitted.get(parts, (0.0, None))
+        return info if when >= time.monotonic() - _READ_BACK_SECONDS else None
 
     def release_expired(self) -> None:
         """Ingest uploads whose lock expired without an UNLOCK (a client that went away)."""
@@ -197,6 +227,9 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
         return held | self.queue.busy()
 
     def _ingested(self, parts: tuple[str, ...], outcome: UploadOutcome) -> None:
+        if outcome.removed and not outcome.results:  # gone without being stored (deleted meanwhile, clutter)
+            with self._awaiting_lock:
+                self._submitted.pop(parts, None)
         if outcome.removed or outcome.results:
             self.tree.refresh()
 

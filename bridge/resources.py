@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,18 +22,17 @@ from wsgidav.dav_error import HTTP_FORBIDDEN, HTTP_NOT_FOUND, DAVError
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection
 from wsgidav.fs_dav_provider import FileResource, FolderResource
 
+from bridge.streams import open_stream
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.store.sources import is_os_junk
 from dicomfs.uploads import ERROR_XATTR
 from dicomfs.views import Entry, EntryKind
 from dicomfs.views.tags import META_PREFIX, PROTECTED, resource_attributes
 
-from bridge.streams import open_stream
-
 if TYPE_CHECKING:
     from bridge.provider import DicomfsProvider
 
-__all__ = ["NAMESPACE", "UploadFile", "UploadFolder", "ViewFile", "ViewFolder", "dav_error"]
+__all__ = ["NAMESPACE", "StoredUpload", "UploadFile", "UploadFolder", "ViewFile", "ViewFolder", "dav_error"]
 
 NAMESPACE = "urn:dicomfs"
 """Properties ``{urn:dicomfs}dicom.PatientID``, ``{urn:dicomfs}dicomfs.meta.<name>``, ...: the
@@ -102,9 +102,10 @@ class _ViewResource:
                 store.delete_metadata(resource_id, local[len(META_PREFIX):])
             else:
                 store.set_metadata(resource_id, local[len(META_PREFIX):], text)
-        except NotFoundError:
-            if value is not None:
-                raise DAVError(HTTP_NOT_FOUND) from None
+        except NotFoundError as error:
+            if value is not None:  # a metadata name the configuration does not define
+                raise DAVError(HTTP_FORBIDDEN, str(error)) from None
+            # removing a property that is not there is no error (RFC 4918 9.2)
         except DicomfsError as error:
             raise DAVError(HTTP_FORBIDDEN, str(error)) from None
         self.provider.changed()
@@ -336,6 +337,41 @@ class UploadFile(FileResource):  # type: ignore[misc]
     def handle_move(self, dest_path: str) -> bool:
         self.provider.check_in_uploads(dest_path)
         return False
+
+
+class StoredUpload(DAVNonCollection):  # type: ignore[misc]
+    """A file of ``uploads/`` that was stored moments ago and so is gone from the folder. For a few
+    seconds (half a minute) its path still answers PROPFIND and HEAD with what was uploaded (size, date, ETag): rclone
+    reads back every file right after its PUT and calls the copy failed ("object not found") if
+    it is not there. Every other method sees a free path."""
+
+    def __init__(self, path: str, environ: dict[str, Any], info: os.stat_result) -> None:
+        super().__init__(path, environ)
+        self.info = info
+
+    def get_content_length(self) -> int:
+        return self.info.st_size
+
+    def get_content_type(self) -> str:
+        return "application/dicom"
+
+    def get_creation_date(self) -> float:
+        return self.info.st_ctime
+
+    def get_last_modified(self) -> float:
+        return self.info.st_mtime
+
+    def support_etag(self) -> bool:
+        return True
+
+    def get_etag(self) -> str:
+        return f"{self.info.st_ino}-{int(self.info.st_mtime)}-{self.info.st_size}"  # as the PUT answered it (wsgidav's file ETag)
+
+    def support_ranges(self) -> bool:
+        return False
+
+    def get_content(self) -> Any:
+        raise DAVError(HTTP_NOT_FOUND)
 
 
 def _refuse_clutter(name: str) -> None:

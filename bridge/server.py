@@ -22,16 +22,15 @@ from wsgidav.http_authenticator import HTTPAuthenticator
 from wsgidav.request_resolver import RequestResolver
 from wsgidav.wsgidav_app import WsgiDAVApp
 
+from bridge.auth import USERS_KEY, UsersDomainController
+from bridge.errors import ErrorPages, PathGuard
+from bridge.properties import StorePropertyManager
+from bridge.provider import BridgeSettings, DicomfsProvider
 from dicomfs.config import Config, parse_bind
 from dicomfs.errors import DicomfsError
 from dicomfs.store import Store
 from dicomfs.uploads import UploadArea
 from dicomfs.views import Tree
-
-from bridge.auth import USERS_KEY, UsersDomainController
-from bridge.errors import ErrorPages, PathGuard
-from bridge.properties import StorePropertyManager
-from bridge.provider import BridgeSettings, DicomfsProvider
 
 __all__ = ["Bridge", "BridgeError"]
 

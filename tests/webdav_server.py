@@ -10,14 +10,15 @@ import os
 import signal
 import ssl
 import subprocess
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
 from tests.conftest import dicomfs_command
 
-__all__ = ["Answer", "Server", "serve"]
+__all__ = ["Answer", "Client", "Server", "serve"]
 
 
 @dataclass
@@ -28,13 +29,12 @@ class Answer:
 
 
 @dataclass
-class Server:
+class Client:
+    """Requests to a bridge at ``url``, sent exactly as given."""
+
     url: str
-    process: subprocess.Popen[str]
-    store: Path
     context: ssl.SSLContext | None = None
     auth: tuple[str, str] | None = None
-    log: list[str] = field(default_factory=list)
 
     @property
     def host(self) -> str:
@@ -66,6 +66,16 @@ class Server:
             connection.close()
 
 
+@dataclass
+class Server(Client):
+    """A ``dicomfs webdav`` process and a client for it."""
+
+    process: subprocess.Popen[str] | None = None
+    store: Path = Path()
+    log: Path = Path()
+    """The server's log (stderr), while it runs."""
+
+
 @contextlib.contextmanager
 def serve(store: Path, *, config: Path | None = None, args: tuple[str, ...] = (),
           context: ssl.SSLContext | None = None, auth: tuple[str, str] | None = None) -> Iterator[Server]:
@@ -74,15 +84,19 @@ def serve(store: Path, *, config: Path | None = None, args: tuple[str, ...] = ()
     if config is not None:
         command += ["--config", str(config)]
     env = {**os.environ, "DICOMFS_CONFIG": os.devnull if config is None else str(config)}
+    # The log goes to a file: a pipe nobody reads would fill and stall the server.
+    log = tempfile.NamedTemporaryFile("w+", prefix="dicomfs-webdav-", suffix=".log", delete=False)
     process = subprocess.Popen([*command, "webdav", "--bind", "127.0.0.1:0", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
+                               stderr=log, text=True, env=env)
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
         if not line.startswith("serving "):
             process.kill()
-            raise AssertionError(f"dicomfs webdav did not start: {line}{process.communicate(timeout=10)[1]}")
-        yield Server(line.rsplit(" at ", 1)[1].split()[0], process, store, context, auth)
+            process.wait()
+            raise AssertionError(f"dicomfs webdav did not start: {line}{Path(log.name).read_text()}")
+        yield Server(line.rsplit(" at ", 1)[1].split()[0], context, auth, process=process, store=store,
+                     log=Path(log.name))
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -91,3 +105,7 @@ def serve(store: Path, *, config: Path | None = None, args: tuple[str, ...] = ()
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+        log.close()
+        os.unlink(log.name)

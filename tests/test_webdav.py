@@ -1,0 +1,537 @@
+"""The WebDAV bridge through a real cheroot server on 127.0.0.1: reads, uploads, locks, deletes,
+properties, users and rights, hostile paths, HTTPS, load, and the command line around it."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from bridge.server import Bridge, BridgeError
+from dicomfs.cli import open_store
+from dicomfs.config import load_config
+from dicomfs.errors import ConfigError
+from dicomfs.passwords import hash_password, verify_password
+from dicomfs.samples import Corpus, SampleFile, make_instance, write_instance
+from dicomfs.store import Instance, Store
+from dicomfs.store.ids import Level
+from tests.conftest import dicomfs_command, run_cli
+from tests.webdav_server import Answer, Client, serve
+
+pytestmark = pytest.mark.timeout(120)
+
+DAV = "{DAV:}"
+UPLOADED_SERIES = "/by-uids/1.2.826.0.1.3680043.10.1/1.2.826.0.1.3680043.10.1.1"
+"""Where the instances ``dicom_file`` makes are shown."""
+ALICE_PASSWORD, BOB_PASSWORD = "correct horse battery", "bob's own secret"
+
+
+@dataclass
+class Running:
+    client: Client
+    store: Store
+    bridge: Bridge
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+                auth: tuple[str, str] | None = None) -> Answer:
+        return self.client.request(method, path, body, headers, auth)
+
+    def instances(self) -> list[Instance]:
+        return [r for r in self.store.walk(Level.INSTANCE) if isinstance(r, Instance)]
+
+    def uploads(self) -> list[str]:
+        root = self.store.folder / "uploads"
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+    def wait_ingested(self, timeout: float = 20) -> None:
+        assert self.bridge.provider.queue.wait_idle(timeout), "uploads still queued"
+
+
+@contextlib.contextmanager
+def running(tmp_path: Path, config: str = "", corpus: Corpus | None = None) -> Iterator[Running]:
+    """A bridge in this process over a fresh store (holding ``corpus``), on a free loopback port."""
+    config_file = tmp_path / "dicomfs.toml"
+    config_file.write_text(config)
+    loaded = load_config(config_file, store_folder=tmp_path / "store")
+    store = open_store(loaded, create=True)
+    try:
+        if corpus is not None:
+            list(store.ingest([corpus.root]))
+        bridge = Bridge(store, loaded.config, bind="127.0.0.1:0")
+        bridge.start()
+        try:
+            yield Running(Client(bridge.url), store, bridge)
+        finally:
+            bridge.stop()
+    finally:
+        store.close()
+
+
+def propfind(target: Running | Client, path: str, depth: str = "1", body: bytes | None = None,
+             auth: tuple[str, str] | None = None) -> dict[str, dict[str, ET.Element]]:
+    """href -> {property name: element} of a 207 answer (properties found, status 200)."""
+    answer = target.request("PROPFIND", path, body, {"Depth": depth}, auth=auth)
+    assert answer.status == 207, (answer.status, answer.body[:300])
+    found: dict[str, dict[str, ET.Element]] = {}
+    for response in ET.fromstring(answer.body).iter(DAV + "response"):
+        href = response.findtext(DAV + "href") or ""
+        props: dict[str, ET.Element] = {}
+        for propstat in response.iter(DAV + "propstat"):
+            if "200" in (propstat.findtext(DAV + "status") or ""):
+                for prop in propstat.find(DAV + "prop") or []:
+                    props[prop.tag] = prop
+        found[href] = props
+    return found
+
+
+def unique_files(corpus: Corpus) -> list[SampleFile]:
+    """Valid files whose SOP Instance UID no other file shares (the store keeps the first of those)."""
+    counts = Counter(f.sop_uid for f in corpus.valid_files)
+    return [f for f in corpus.valid_files if counts[f.sop_uid] == 1]
+
+
+def uid_path(corpus_file: object) -> str:
+    f = corpus_file
+    return f"/by-uids/{f.study_uid}/{f.series_uid}/{f.sop_uid}.dcm"  # type: ignore[attr-defined]
+
+
+def dicom_file(folder: Path, index: int, *, patient: str = "WEBDAV") -> Path:
+    """A small valid instance of its own (new UIDs for each ``index``)."""
+    ds = make_instance(patient_id=patient, patient_name="UP^LOAD", study_uid="1.2.826.0.1.3680043.10.1",
+                       series_uid="1.2.826.0.1.3680043.10.1.1", sop_uid=f"1.2.826.0.1.3680043.10.1.1.{index}",
+                       instance_number=index, rows=16, columns=16, seed=index)
+    path = folder / f"up{index:04d}.dcm"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_instance(path, ds)
+    return path
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def test_root_lists_the_views_and_uploads_and_infinite_depth_is_refused(tmp_path: Path, small_corpus: Corpus) -> None:
+    with running(tmp_path, corpus=small_corpus) as bridge:
+        listing = propfind(bridge, "/")
+        assert sorted(listing) == ["/", "/by-dates/", "/by-patients/", "/by-studies/", "/by-uids/", "/uploads/"]
+        for depth in ("infinity", None):
+            headers = {"Depth": depth} if depth else {}
+            refused = bridge.request("PROPFIND", "/by-uids/", headers=headers)
+            assert refused.status == 403
+            assert b"propfind-finite-depth" in refused.body
+        studies = propfind(bridge, "/by-uids/")
+        assert len(studies) - 1 == small_corpus.studies
+        options = bridge.request("OPTIONS", "/")
+        assert "2" in options.headers["dav"] and options.headers.get("ms-author-via") == "DAV"
+        assert bridge.request("PROPFIND", "/by-uids/desktop.ini", headers={"Depth": "0"}).status == 404
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_get_streams_exact_bytes_with_range_etag_and_types(tmp_path: Path, large_corpus: Corpus, codec: str) -> None:
+    with running(tmp_path, f"[storage]\ncompression = '{codec}'\n", corpus=large_corpus) as bridge:
+        for sample in large_corpus.valid_files:
+            path = uid_path(sample)
+            source = sample.path.read_bytes()
+            whole = bridge.request("GET", path)
+            assert whole.status == 200 and whole.body == source
+            assert whole.headers["content-type"] == "application/dicom"
+            assert int(whole.headers["content-length"]) == len(source)
+            etag, modified = whole.headers["etag"], whole.headers["last-modified"]
+            assert etag.startswith('"') and modified.endswith("GMT")
+            start, length = len(source) // 2 + 123, min(100_000, len(source) // 3)  # a later block when large
+            part = bridge.request("GET", path, headers={"Range": f"bytes={start}-{start + length - 1}"})
+            assert part.status == 206 and part.body == source[start:start + length]
+            assert part.headers["content-range"] == f"bytes {start}-{start + length - 1}/{len(source)}"
+            assert bridge.request("GET", path, headers={"If-None-Match": etag}).status == 304
+            head = bridge.request("HEAD", path)
+            assert head.status == 200 and int(head.headers["content-length"]) == len(source)
+            props = propfind(bridge, path, depth="0")[path]
+            assert props[DAV + "getcontentlength"].text == str(len(source))
+            assert DAV + "collection" not in ET.tostring(props[DAV + "resourcetype"]).decode()
+
+
+def test_study_json_is_served_as_json(tmp_path: Path, small_corpus: Corpus) -> None:
+    import json
+
+    with running(tmp_path, corpus=small_corpus) as bridge:
+        sample = small_corpus.valid_files[0]
+        answer = bridge.request("GET", f"/by-uids/{sample.study_uid}/study.json")
+        assert answer.status == 200 and answer.headers["content-type"] == "application/json"
+        assert json.loads(answer.body)["MainDicomTags"]["StudyInstanceUID"] == sample.study_uid
+
+
+def test_tags_and_metadata_are_properties_and_metadata_is_writable(tmp_path: Path, small_corpus: Corpus) -> None:
+    with running(tmp_path, "[metadata]\nReviewed = 1024\n", corpus=small_corpus) as bridge:
+        sample = small_corpus.valid_files[0]
+        path = uid_path(sample)
+        ask = (b'<?xml version="1.0"?><propfind xmlns="DAV:" xmlns:d="urn:dicomfs"><prop>'
+               b'<d:dicom.PatientID/><d:dicom.SOPInstanceUID/></prop></propfind>')
+        props = propfind(bridge, path, depth="0", body=ask)[path]
+        assert props["{urn:dicomfs}dicom.PatientID"].text == sample.patient_id
+        assert props["{urn:dicomfs}dicom.SOPInstanceUID"].text == sample.sop_uid
+        patch = (b'<?xml version="1.0"?><propertyupdate xmlns="DAV:" xmlns:d="urn:dicomfs"><set><prop>'
+                 b'<d:dicomfs.meta.Reviewed>yes, by Dr Who</d:dicomfs.meta.Reviewed></prop></set></propertyupdate>')
+        assert bridge.request("PROPPATCH", path, patch).status == 207
+        instance_id = bridge.store.resolve_one(sample.sop_uid).id
+        assert bridge.store.metadata(instance_id)["Reviewed"] == "yes, by Dr Who"
+        unknown = patch.replace(b"Reviewed", b"NotConfigured")
+        refused = bridge.request("PROPPATCH", path, unknown)
+        assert refused.status == 207 and b"403" in refused.body  # refused inside the 207, stored nowhere
+        assert "NotConfigured" not in bridge.store.metadata(instance_id)
+
+
+# -- uploads -------------------------------------------------------------------------------------
+
+
+def test_put_ingests_dicom_and_keeps_the_rest_with_its_reason(tmp_path: Path) -> None:
+    with running(tmp_path) as bridge:
+        good = dicom_file(tmp_path / "in", 1)
+        assert bridge.request("PUT", "/uploads/CD/good.dcm", good.read_bytes()).status == 409  # no such folder
+        assert bridge.request("MKCOL", "/uploads/CD").status == 201
+        assert bridge.request("PUT", "/uploads/CD/good.dcm", good.read_bytes()).status == 201
+        assert bridge.request("PUT", "/uploads/CD/notes.txt", b"not an image").status == 201
+        assert bridge.request("PUT", "/uploads/CD/empty.dcm", b"").status == 201
+        bridge.wait_ingested()
+        assert [i.sop_uid for i in bridge.instances()] == ["1.2.826.0.1.3680043.10.1.1.1"]
+        assert bridge.uploads() == ["CD/empty.dcm", "CD/notes.txt"]
+        reasons = propfind(bridge, "/uploads/CD/", body=b'<?xml version="1.0"?><propfind xmlns="DAV:">'
+                           b'<prop><error xmlns="urn:dicomfs" /><dicomfs.error xmlns="urn:dicomfs" /></prop></propfind>')
+        assert "not DICOM" in reasons["/uploads/CD/notes.txt"]["{urn:dicomfs}dicomfs.error"].text  # type: ignore[operator]
+        assert "empty" in reasons["/uploads/CD/empty.dcm"]["{urn:dicomfs}dicomfs.error"].text  # type: ignore[operator]
+        stored = bridge.request("GET", f"{UPLOADED_SERIES}/1.2.826.0.1.3680043.10.1.1.1.dcm")
+        assert stored.status == 200 and stored.body == good.read_bytes()
+        for clutter in (".DS_Store", "._good.dcm", "desktop.ini"):
+            assert bridge.request("PUT", f"/uploads/CD/{clutter}", b"junk").status == 403
+        assert bridge.uploads() == ["CD/empty.dcm", "CD/notes.txt"]
+
+
+def test_windows_explorer_copy_is_ingested_at_unlock_not_before(tmp_path: Path) -> None:
+    win32 = (b'<?xml version="1.0" encoding="utf-8" ?><D:propertyupdate xmlns:D="DAV:" '
+             b'xmlns:Z="urn:schemas-microsoft-com:"><D:set><D:prop>'
+             b'<Z:Win32CreationTime>Mon, 23 Nov 2026 10:00:00 GMT</Z:Win32CreationTime>'
+             b'<Z:Win32LastModifiedTime>Mon, 23 Nov 2026 10:00:00 GMT</Z:Win32LastModifiedTime>'
+             b'<Z:Win32FileAttributes>00000020</Z:Win32FileAttributes></D:prop></D:set></D:propertyupdate>')
+    lock = (b'<?xml version="1.0" encoding="utf-8" ?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/>'
+            b'</D:lockscope><D:locktype><D:write/></D:locktype><D:owner><D:href>WORKGROUP\\user</D:href>'
+            b'</D:owner></D:lockinfo>')
+    with running(tmp_path) as bridge:
+        data = dicom_file(tmp_path / "in", 2).read_bytes()
+        target = "/uploads/IM0002.dcm"
+        assert bridge.request("PUT", target, b"").status == 201
+        locked = bridge.request("LOCK", target, lock, {"Timeout": "Second-3600"})
+        assert locked.status == 200
+        token = locked.headers["lock-token"]
+        assert locked.body.count(b"<ns0:locktoken>") == 1 and token.strip("<>").encode() in locked.body
+        assert bridge.request("PROPPATCH", target, win32, {"If": f"({token})"}).status == 207
+        assert bridge.request("HEAD", target).status == 200
+        assert bridge.request("PUT", target, data, {"If": f"({token})"}).status == 204
+        assert bridge.request("PROPPATCH", target, win32, {"If": f"({token})"}).status == 207
+        time.sleep(0.3)
+        bridge.wait_ingested()
+        assert bridge.uploads() == ["IM0002.dcm"] and not bridge.instances()  # whole, and still there
+        assert bridge.request("GET", target).body == data
+        assert bridge.request("UNLOCK", target, headers={"Lock-Token": token}).status == 204
+        time.sleep(0.1)
+        bridge.wait_ingested()
+        assert bridge.uploads() == [] and len(bridge.instances()) == 1
+
+
+def test_new_folder_is_renamed_like_explorer_does(tmp_path: Path) -> None:
+    with running(tmp_path) as bridge:
+        assert bridge.request("MKCOL", "/uploads/New%20folder").status == 201
+        moved = bridge.request("MOVE", "/uploads/New%20folder",
+                               headers={"Destination": bridge.client.url + "uploads/Scans%20%C3%A9t%C3%A9", "Overwrite": "F"})
+        assert moved.status == 201
+        assert (bridge.store.folder / "uploads" / "Scans été").is_dir()
+        assert bridge.request("MKCOL", "/uploads/New%20folder").status == 201
+        clash = bridge.request("MOVE", "/uploads/New%20folder",
+                               headers={"Destination": bridge.client.url + "uploads/Scans%20%C3%A9t%C3%A9", "Overwrite": "F"})
+        assert clash.status == 412
+        outside = bridge.request("MOVE", "/uploads/New%20folder", headers={"Destination": bridge.client.url + "by-uids/x"})
+        assert outside.status == 403
+        assert bridge.request("DELETE", "/uploads/New%20folder").status == 204
+        assert bridge.request("DELETE", "/uploads").status == 403
+
+
+def test_writes_outside_uploads_get_403_never_500(tmp_path: Path, small_corpus: Corpus) -> None:
+    with running(tmp_path, corpus=small_corpus) as bridge:
+        sample = small_corpus.valid_files[0]
+        instance, series = uid_path(sample), f"/by-uids/{sample.study_uid}/{sample.series_uid}"
+        url = bridge.client.url
+        attempts = [
+            ("PUT", "/by-uids/new.dcm", b"x", {}),
+            ("PUT", instance, b"x", {}),
+            ("MKCOL", "/by-patients/new", None, {}),
+            ("MOVE", instance, None, {"Destination": url + "by-uids/renamed.dcm"}),
+            ("COPY", instance, None, {"Destination": url + "uploads/copy.dcm"}),
+            ("MOVE", series, None, {"Destination": url + "by-uids/x"}),
+            ("DELETE", "/by-uids", None, {}),
+            ("DELETE", f"/by-uids/{sample.study_uid}/study.json", None, {}),
+        ]
+        for method, path, body, headers in attempts:
+            answer = bridge.request(method, path, body, headers)
+            assert answer.status == 403, (method, path, answer.status, answer.body[:200])
+            assert b"Traceback" not in answer.body
+        assert len(bridge.instances()) == small_corpus.instances
+
+
+def test_delete_removes_an_instance_and_a_study(tmp_path: Path, small_corpus: Corpus) -> None:
+    with running(tmp_path, corpus=small_corpus) as bridge:
+        first, = [f for f in small_corpus.valid_files[:1]]
+        assert bridge.request("DELETE", uid_path(first)).status == 204
+        assert bridge.request("GET", uid_path(first)).status == 404
+        assert len(bridge.instances()) == small_corpus.instances - 1
+        in_study = {f.sop_uid for f in small_corpus.valid_files if f.study_uid == first.study_uid}
+        assert bridge.request("DELETE", f"/by-uids/{first.study_uid}").status == 204
+        assert {i.sop_uid for i in bridge.instances()}.isdisjoint(in_study)
+        assert bridge.request("PROPFIND", f"/by-uids/{first.study_uid}", headers={"Depth": "0"}).status == 404
+
+
+def test_delete_refused_when_turned_off(tmp_path: Path, small_corpus: Corpus) -> None:
+    with running(tmp_path, "[webdav]\ndelete_allowed = false\n", corpus=small_corpus) as bridge:
+        sample = small_corpus.valid_files[0]
+        answer = bridge.request("DELETE", uid_path(sample))
+        assert answer.status == 403 and b"delete_allowed" in answer.body
+        assert len(bridge.instances()) == small_corpus.instances
+
+
+def test_uploads_refused_when_turned_off(tmp_path: Path) -> None:
+    with running(tmp_path, "[webdav]\nupload_allowed = false\n") as bridge:
+        assert bridge.request("PUT", "/uploads/a.dcm", b"x").status == 403
+        assert bridge.request("MKCOL", "/uploads/a").status == 403
+        assert bridge.uploads() == []
+
+
+# -- who may do what -----------------------------------------------------------------------------
+
+
+def users_config() -> str:
+    return (f'[users.alice]\npassword_hash = "{hash_password(ALICE_PASSWORD)}"\nrights = ["read", "upload", "delete"]\n'
+            f'[users.bob]\npassword_hash = "{hash_password(BOB_PASSWORD)}"\nrights = ["read"]\n')
+
+
+def test_users_need_the_right_password_and_the_right_right(tmp_path: Path, small_corpus: Corpus) -> None:
+    with running(tmp_path, users_config(), corpus=small_corpus) as bridge:
+        sample = small_corpus.valid_files[0]
+        anonymous = bridge.request("PROPFIND", "/", headers={"Depth": "0"})
+        assert anonymous.status == 401 and anonymous.headers["www-authenticate"] == 'Basic realm="dicomfs"'
+        assert bridge.request("GET", uid_path(sample), auth=("alice", "wrong")).status == 401
+        assert bridge.request("GET", uid_path(sample), auth=("mallory", ALICE_PASSWORD)).status == 401
+        assert bridge.request("GET", uid_path(sample), headers={"Authorization": "Basic bm90LWJhc2U2NA=="}).status == 401
+        assert bridge.request("GET", uid_path(sample), headers={"Authorization": "Basic %%%"}).status == 401
+        assert bridge.request("GET", uid_path(sample), auth=("bob", BOB_PASSWORD)).body == sample.path.read_bytes()
+        refused = bridge.request("PUT", "/uploads/x.dcm", b"x", auth=("bob", BOB_PASSWORD))
+        assert refused.status == 403 and b"upload right" in refused.body
+        assert bridge.request("DELETE", uid_path(sample), auth=("bob", BOB_PASSWORD)).status == 403
+        assert bridge.request("PUT", "/uploads/x.txt", b"x", auth=("alice", ALICE_PASSWORD)).status == 201
+        started = time.monotonic()
+        for _ in range(20):  # a remembered check, not 20 scrypt runs
+            assert bridge.request("GET", uid_path(sample), auth=("alice", ALICE_PASSWORD)).status == 200
+        assert time.monotonic() - started < 5
+        assert bridge.request("DELETE", uid_path(sample), auth=("alice", ALICE_PASSWORD)).status == 204
+
+
+def test_open_bind_without_users_is_refused_unless_asked(tmp_path: Path) -> None:
+    loaded = load_config(Path(os.devnull), store_folder=tmp_path / "store")
+    with open_store(loaded, create=True) as store:
+        with pytest.raises(BridgeError, match="without users"):
+            Bridge(store, loaded.config, bind="0.0.0.0:8042")
+        Bridge(store, loaded.config, bind="0.0.0.0:8042", allow_anonymous=True).provider.close()  # built, never started
+
+
+def test_users_config_refuses_plaintext_and_bad_hashes(tmp_path: Path) -> None:
+    path = tmp_path / "dicomfs.toml"
+    for text, expected in (
+        ('[users.a]\npassword = "secret"\n', "unknown field"),
+        ('[users.a]\npassword_hash = "secret"\n', "never a plaintext"),
+        (f'[users.a]\npassword_hash = "{hash_password("x" * 8)}"\nrights = ["admin"]\n', "unknown right"),
+        ("[webdav]\ncertificate = '/x.pem'\n", "private_key"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=expected):
+            load_config(path)
+
+
+def test_passwd_prints_a_hash_the_config_accepts(tmp_path: Path) -> None:
+    done = subprocess.run([*dicomfs_command(), "passwd", "carol", "--rights", "read,upload"], input="a long password\n",
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "DICOMFS_CONFIG": os.devnull})
+    assert done.returncode == 0, done.stderr
+    assert "a long password" not in done.stdout
+    config_file = tmp_path / "dicomfs.toml"
+    config_file.write_text(done.stdout)
+    user = load_config(config_file).config.users["carol"]
+    assert user.rights == {"read", "upload"} and verify_password("a long password", user.password_hash)
+    short = subprocess.run([*dicomfs_command(), "passwd", "carol"], input="short\n", capture_output=True, text=True, timeout=60)
+    assert short.returncode == 1 and "8 characters" in short.stderr
+
+
+# -- hostile requests ------------------------------------------------------------------------------
+
+
+def test_paths_that_try_to_escape_reach_nothing(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not serve")
+    with running(tmp_path) as bridge:
+        attempts = [
+            ("GET", "/../secret.txt"), ("GET", "/uploads/../../secret.txt"), ("GET", "/uploads/%2e%2e/%2e%2e/secret.txt"),
+            ("GET", "/uploads/..%2F..%2Fsecret.txt"), ("GET", "/uploads/%2E%2E%2Fsecret.txt"), ("GET", "/uploads/a%00b"),
+            ("PUT", "/uploads/..%2F..%2Fescaped.txt"), ("PUT", "/uploads/%2e%2e/escaped.txt"), ("MKCOL", "/uploads/%2e%2e"),
+            ("GET", "http://evil.example/../secret.txt"), ("GET", "//etc/passwd"), ("GET", "/uploads//..//secret.txt"),
+        ]
+        for method, path in attempts:
+            answer = bridge.request(method, path, b"x" if method == "PUT" else None)
+            assert 400 <= answer.status < 500, (method, path, answer.status)
+            assert b"do not serve" not in answer.body and b"root:" not in answer.body
+        escape = bridge.request("MOVE", "/uploads", headers={"Destination": bridge.client.url + "../x"})
+        assert 400 <= escape.status < 500
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_https_with_a_self_signed_certificate(tmp_path: Path, small_corpus: Corpus) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (scripts/setup installs it)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    config = f"[webdav]\ncertificate = '{cert}'\nprivate_key = '{key}'\n" + users_config()
+    with running(tmp_path, config, corpus=small_corpus) as bridge:
+        assert bridge.client.url.startswith("https://")
+        secure = Client(bridge.client.url, ssl.create_default_context(cafile=str(cert)), ("alice", ALICE_PASSWORD))
+        sample = small_corpus.valid_files[0]
+        assert secure.request("GET", uid_path(sample)).body == sample.path.read_bytes()
+        assert secure.request("GET", uid_path(sample), auth=("alice", "nope")).status == 401
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # a client that does not trust the certificate
+            Client(bridge.client.url, ssl.create_default_context()).request("GET", "/")
+        plain = http.client.HTTPConnection("127.0.0.1", bridge.bridge.port, timeout=10)
+        with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+            plain.request("GET", "/")
+            plain.getresponse().read()
+
+
+# -- load and size ---------------------------------------------------------------------------------
+
+
+def test_eight_uploaders_and_four_readers_at_once(tmp_path: Path, small_corpus: Corpus) -> None:
+    per_uploader = 12
+    sources = [[dicom_file(tmp_path / f"u{u}", u * 100 + i) for i in range(per_uploader)] for u in range(8)]
+    with running(tmp_path, corpus=small_corpus) as bridge:
+        failures: list[str] = []
+        stop = threading.Event()
+        reads = [0]
+
+        def upload(files: list[Path], who: int) -> None:
+            for path in files:
+                answer = bridge.request("PUT", f"/uploads/{who}-{path.name}", path.read_bytes())
+                if answer.status != 201:
+                    failures.append(f"PUT {path.name}: {answer.status}")
+
+        def read() -> None:
+            samples = unique_files(small_corpus)
+            while not stop.is_set():
+                sample = samples[reads[0] % len(samples)]
+                if bridge.request("GET", uid_path(sample)).body != sample.path.read_bytes():
+                    failures.append(f"GET {sample.sop_uid}: wrong bytes")
+                reads[0] += 1
+
+        readers = [threading.Thread(target=read) for _ in range(4)]
+        uploaders = [threading.Thread(target=upload, args=(files, who)) for who, files in enumerate(sources)]
+        for thread in readers + uploaders:
+            thread.start()
+        for thread in uploaders:
+            thread.join()
+        stop.set()
+        for thread in readers:
+            thread.join()
+        bridge.wait_ingested()
+        assert failures == []
+        assert reads[0] > 0
+        assert len(bridge.instances()) == small_corpus.instances + 8 * per_uploader
+        assert bridge.uploads() == []
+        assert len(propfind(bridge, UPLOADED_SERIES + "/")) - 2 == 8 * per_uploader  # less the folder, series.json
+
+
+@pytest.mark.timeout(300)
+def test_a_2_gib_upload_streams_with_bounded_memory(tmp_path: Path) -> None:
+    run_cli("init", store=tmp_path / "store", check=True)
+    size, chunk = 2 << 30, b"\0" * (1 << 20)
+    with serve(tmp_path / "store") as server:
+        assert server.process is not None
+        connection = server.connection()
+        connection.putrequest("PUT", "/uploads/big.bin")
+        connection.putheader("Content-Length", str(size))
+        connection.endheaders()
+        for _ in range(size // len(chunk)):
+            connection.send(chunk)
+        answer = connection.getresponse()
+        assert answer.status == 201, answer.read()
+        answer.read()
+        connection.close()
+        peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{server.process.pid}/status").read_text())[1])  # type: ignore[index]
+        assert (tmp_path / "store" / "uploads" / "big.bin").stat().st_size == size
+        assert peak_kib < 300 * 1024, f"the server peaked at {peak_kib // 1024} MiB for a 2 GiB upload"
+        assert server.request("DELETE", "/uploads/big.bin").status == 204
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_mount_and_bridge_in_one_process(tmp_path: Path, small_corpus: Corpus) -> None:
+    store = tmp_path / "store"
+    run_cli("init", store=store, check=True)
+    run_cli("ingest", str(small_corpus.root), store=store)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    port = free_port()
+    done = run_cli("mount", str(mountpoint), "--auto-unmount", "--webdav", f"127.0.0.1:{port}", store=store)
+    assert done.returncode == 0, done.stderr
+    try:
+        client = Client(f"http://127.0.0.1:{port}/")
+        good = dicom_file(tmp_path / "in", 7)
+        assert client.request("PUT", "/uploads/seven.dcm", good.read_bytes()).status == 201
+        deadline = time.monotonic() + 10
+        shown = mountpoint / f"{UPLOADED_SERIES[1:]}/1.2.826.0.1.3680043.10.1.1.7.dcm"
+        while not shown.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert shown.read_bytes() == good.read_bytes()  # uploaded over WebDAV, read through FUSE
+        assert len(propfind(client, "/by-uids/")) - 1 == small_corpus.studies + 1
+    finally:
+        run_cli("umount", str(mountpoint), store=store)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            time.sleep(0.1)
+            continue
+        break
+    else:
+        raise AssertionError("the bridge outlived its mount")
+
+
+def test_webdav_command_serves_and_stops_on_sigterm(tmp_path: Path, small_corpus: Corpus) -> None:
+    run_cli("init", store=tmp_path / "store", check=True)
+    run_cli("ingest", str(small_corpus.root), store=tmp_path / "store")
+    with serve(tmp_path / "store") as server:
+        assert len(propfind(server, "/by-patients/")) - 1 == small_corpus.patients
+        assert server.process is not None
+        server.process.terminate()
+        assert server.process.wait(timeout=30) == 0
+
