@@ -154,6 +154,7 @@ def _serve(open_store: Callable[[], Store], config: Config, options: MountOption
             clean = True
         finally:
             pyfuse3.close(unmount=clean)
+            operations.detach()
             if bridge is not None:
                 bridge.stop()
         return 0
@@ -205,6 +206,7 @@ async def _sweep(operations: DicomOperations, uploads: UploadArea, config: Confi
     while True:
         await trio.sleep(_JANITOR_SECONDS)
         busy = {uploads.path(n.path[1:]) for n in operations.open_uploads()}
+        busy |= {uploads.path(parts) for parts in operations.queued_uploads()}
         sweep = functools.partial(uploads.sweep, rejected_ttl=config.uploads.rejected_ttl,
                                   empty_folder_idle=config.uploads.empty_folder_idle, busy=busy)
         try:
