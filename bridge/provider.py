@@ -31,7 +31,7 @@ from dicomfs.views import UPLOADS, Entry, Tree
 __all__ = ["BridgeSettings", "DicomfsProvider"]
 
 _log = logging.getLogger("dicomfs.webdav")
-_READ_BACK_SECONDS = -1.0  # how long a stored upload still answers PROPFIND and HEAD (StoredUpload)
+_READ_BACK_SECONDS = 10.0  # how long a stored upload still answers PROPFIND and HEAD (StoredUpload)
 
 
 @dataclass(frozen=True)

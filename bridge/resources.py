@@ -340,10 +340,10 @@ class UploadFile(FileResource):  # type: ignore[misc]
 
 
 class StoredUpload(DAVNonCollection):  # type: ignore[misc]
-    """A file of ``uploads/`` that was stored moments ago and so is gone from the folder. For a few
-    seconds (half a minute) its path still answers PROPFIND and HEAD with what was uploaded (size, date, ETag): rclone
-    reads back every file right after its PUT and calls the copy failed ("object not found") if
-    it is not there. Every other method sees a free path."""
+    """A file of ``uploads/`` that was stored moments ago and so is gone from the folder. For ten
+    seconds its path still answers PROPFIND and HEAD with what was uploaded (size, date, ETag):
+    rclone reads back every file right after its PUT and calls the copy failed ("object not found")
+    if it is not there. Every other method sees a free path."""
 
     def __init__(self, path: str, environ: dict[str, Any], info: os.stat_result) -> None:
         super().__init__(path, environ)
