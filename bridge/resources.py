@@ -18,10 +18,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wsgidav.dav_error import HTTP_FORBIDDEN, HTTP_NOT_FOUND, DAVError
+from wsgidav.dav_error import HTTP_FORBIDDEN, HTTP_METHOD_NOT_ALLOWED, HTTP_NOT_FOUND, DAVError
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection
 from wsgidav.fs_dav_provider import FileResource, FolderResource
 
+from bridge.auth import RIGHTS_KEY
 from bridge.streams import open_stream
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.store.sources import is_os_junk
@@ -89,6 +90,9 @@ class _ViewResource:
         local = name[len(NAMESPACE) + 2:] if name.startswith("{" + NAMESPACE + "}") else ""
         if resource_id is None or not (local.startswith(META_PREFIX) or local == PROTECTED):
             raise DAVError(HTTP_FORBIDDEN)
+        if local == PROTECTED and "delete" not in self.environ.get(RIGHTS_KEY, ()):
+            # lifting protection exposes a patient to recycling: as good as deleting it
+            raise DAVError(HTTP_FORBIDDEN, "changing dicomfs.protected needs the delete right")
         if dry_run:
             return True
         store = self.provider.store
@@ -254,7 +258,11 @@ class UploadFolder(FolderResource):  # type: ignore[misc]
 
     def create_collection(self, name: str) -> None:
         self.provider.check_upload(self.environ)
-        super().create_collection(name)
+        self.provider.uploads.path([*self.path.strip("/").split("/")[1:], name])  # refuses escaping names
+        try:
+            super().create_collection(name)
+        except FileExistsError:  # another client (rclone copies in parallel) made it a moment ago
+            raise DAVError(HTTP_METHOD_NOT_ALLOWED, f"{name} exists already") from None
 
     def delete(self) -> None:
         if self.path.strip("/") == "uploads":
@@ -310,6 +318,7 @@ class UploadFile(FileResource):  # type: ignore[misc]
     def begin_write(self, *, content_type: str | None = None) -> Any:
         self.provider.check_upload(self.environ)
         _refuse_clutter(self.name)
+        self.provider.uploads.clear_reason(self.file_path)  # Explorer's 0-byte PUT was marked empty
         return super().begin_write(content_type=content_type)
 
     def end_write(self, *, with_errors: bool) -> None:

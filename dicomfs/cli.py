@@ -10,6 +10,7 @@ import argparse
 import fnmatch
 import json
 import logging
+import re
 import sys
 import time
 from collections import Counter
@@ -341,7 +342,8 @@ def cmd_passwd(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     if len(password) < 8:
         raise ConfigError("a password needs 8 characters or more")
     print(f"# add to {loaded.path or 'your dicomfs.toml'} (the password itself is kept nowhere)")
-    print(f"[users.{args.name}]")
+    bare = re.fullmatch(r"[A-Za-z0-9_-]+", args.name) is not None  # else TOML needs the name quoted
+    print(f"[users.{args.name if bare else json.dumps(args.name)}]")
     print(f'password_hash = "{hash_password(password)}"')
     print(f"rights = {json.dumps(rights)}")
     return 0

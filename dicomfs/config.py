@@ -440,8 +440,8 @@ _SCHEMA: tuple[_Section | _NamedTable, ...] = (
     )),
     _Section("mount", MountConfig, (
         _Option("delete_allowed", True, _boolean,
-                "rm in the mount and DELETE over WebDAV delete stored data; a deleting front end logs "
-                "this at start. Set false to make the by-* views read-only while uploads stay open."),
+                "rm in the mount deletes stored data (webdav.delete_allowed does the same for DELETE over "
+                "WebDAV). Set false to make the by-* views read-only while uploads stay open."),
         _Option("refresh_ms", 1000, _integer(100, 60_000),
                 "How often a front end looks for changes made by other processes (the CLI, the other "
                 "front end); what they change shows within this time plus a listing."),
@@ -616,8 +616,11 @@ def _find_file(explicit: Path | None) -> Path | None:
     if not (config_home and Path(config_home).is_absolute()):  # the XDG spec says to ignore relative paths
         config_home = str(Path.home() / ".config")
     for candidate in (Path(config_home) / "dicomfs" / "dicomfs.toml", _SYSTEM_FILE):
-        if candidate.exists():
-            return candidate
+        try:
+            if candidate.exists():
+                return candidate
+        except PermissionError:
+            continue  # a home a hardened service may not enter (ProtectHome=): not a file to read
     return None
 
 

@@ -80,7 +80,7 @@ class UploadArea:
                 continue
             to_ingest.append((position, path, info.st_ino))
         results = list(store.ingest_sources([Source(str(path), str(path)) for _, path, _ in to_ingest],
-                                            origin=origin, remote=remote))
+                                            origin=origin, remote=remote, in_process=True))
         for (position, path, inode), own in zip(to_ingest, _split_by_source([str(p) for _, p, _ in to_ingest], results),
                                                 strict=True):
             label = "uploads/" + "/".join(batch[position])
@@ -113,6 +113,15 @@ class UploadArea:
                 raise
             self._reasons[str(path)] = reason
 
+    def clear_reason(self, path: Path) -> None:
+        """Forget why a file was not stored (it is being written again)."""
+        self._reasons.pop(str(path), None)
+        try:
+            os.removexattr(path, ERROR_XATTR)
+        except OSError as error:
+            if error.errno not in (errno.ENODATA, errno.ENOENT, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+
     def reason(self, path: Path) -> str | None:
         """Why the file at ``path`` was not stored, or None."""
         try:
@@ -124,7 +133,7 @@ class UploadArea:
 
     def sweep(self, *, rejected_ttl: int, empty_folder_idle: int, busy: Collection[Path] = (),
               now: float | None = None) -> list[Path]:
-        """Remove rejected files older than ``rejected_ttl`` s (0: never) and empty folders idle for
+        """Remove rejected (or empty) files older than ``rejected_ttl`` s (0: never) and empty folders idle for
         ``empty_folder_idle`` s; ``busy`` paths (open in a front end) are left alone."""
         now = time.time() if now is None else now
         removed: list[Path] = []
@@ -132,10 +141,14 @@ class UploadArea:
             here = Path(folder)
             for name in files:
                 path = here / name
-                if path in busy or not rejected_ttl or self.reason(path) is None:
+                if path in busy or not rejected_ttl:
                     continue
                 try:
-                    if now - path.stat().st_mtime >= rejected_ttl:
+                    info = path.stat()
+                    # A file with a reason, or an empty one nobody wrote into (a client's LOCK
+                    # makes one, and a client that went away never fills it).
+                    kept = self.reason(path) is not None or info.st_size == 0
+                    if kept and now - info.st_mtime >= rejected_ttl:
                         path.unlink()
                         removed.append(path)
                 except FileNotFoundError:

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.timeout(120)
 DAV = "{DAV:}"
 UPLOADED_SERIES = "/by-uids/1.2.826.0.1.3680043.10.1/1.2.826.0.1.3680043.10.1.1"
 """Where the instances ``dicom_file`` makes are shown."""
-ALICE_PASSWORD, BOB_PASSWORD = "correct horse battery", "bob's own secret"
+ALICE_PASSWORD, BOB_PASSWORD, CAROL_PASSWORD = "correct horse battery", "bob's own secret", "carol uploads"
 
 
 @dataclass
@@ -238,6 +238,8 @@ def test_windows_explorer_copy_is_ingested_at_unlock_not_before(tmp_path: Path) 
         assert bridge.request("PROPPATCH", target, win32, {"If": f"({token})"}).status == 207
         assert bridge.request("HEAD", target).status == 200
         assert bridge.request("PUT", target, data, {"If": f"({token})"}).status == 204
+        ask_error = b'<?xml version="1.0"?><propfind xmlns="DAV:"><prop><dicomfs.error xmlns="urn:dicomfs"/></prop></propfind>'
+        assert not propfind(bridge, target, depth="0", body=ask_error)[target]  # the 0-byte PUT's reason is gone
         assert bridge.request("PROPPATCH", target, win32, {"If": f"({token})"}).status == 207
         time.sleep(0.3)
         bridge.wait_ingested()
@@ -262,6 +264,7 @@ def test_new_folder_is_renamed_like_explorer_does(tmp_path: Path) -> None:
         assert clash.status == 412
         outside = bridge.request("MOVE", "/uploads/New%20folder", headers={"Destination": bridge.client.url + "by-uids/x"})
         assert outside.status == 403
+        assert bridge.request("MKCOL", "/uploads/New%20folder").status == 405  # rclone makes folders in parallel
         assert bridge.request("DELETE", "/uploads/New%20folder").status == 204
         assert bridge.request("DELETE", "/uploads").status == 403
 
@@ -320,7 +323,8 @@ def test_uploads_refused_when_turned_off(tmp_path: Path) -> None:
 
 def users_config() -> str:
     return (f'[users.alice]\npassword_hash = "{hash_password(ALICE_PASSWORD)}"\nrights = ["read", "upload", "delete"]\n'
-            f'[users.bob]\npassword_hash = "{hash_password(BOB_PASSWORD)}"\nrights = ["read"]\n')
+            f'[users.bob]\npassword_hash = "{hash_password(BOB_PASSWORD)}"\nrights = ["read"]\n'
+            f'[users.carol]\npassword_hash = "{hash_password(CAROL_PASSWORD)}"\nrights = ["read", "upload"]\n')
 
 
 def test_users_need_the_right_password_and_the_right_right(tmp_path: Path, small_corpus: Corpus) -> None:
@@ -341,6 +345,13 @@ def test_users_need_the_right_password_and_the_right_right(tmp_path: Path, small
         for _ in range(20):  # a remembered check, not 20 scrypt runs
             assert bridge.request("GET", uid_path(sample), auth=("alice", ALICE_PASSWORD)).status == 200
         assert time.monotonic() - started < 5
+        protect = (b'<?xml version="1.0"?><propertyupdate xmlns="DAV:"><set><prop><dicomfs.protected xmlns="urn:dicomfs">'
+                   b'1</dicomfs.protected></prop></set></propertyupdate>')
+        patient = next(href for href in propfind(bridge, "/by-patients/", auth=("carol", CAROL_PASSWORD)) if href != "/by-patients/")
+        refused = bridge.request("PROPPATCH", patient, protect, auth=("carol", CAROL_PASSWORD))
+        assert refused.status == 207 and b"403" in refused.body  # lifting protection could expose it to recycling
+        granted = bridge.request("PROPPATCH", patient, protect, auth=("alice", ALICE_PASSWORD))
+        assert granted.status == 207 and b"200 OK" in granted.body
         assert bridge.request("DELETE", uid_path(sample), auth=("alice", ALICE_PASSWORD)).status == 204
 
 
@@ -374,6 +385,10 @@ def test_passwd_prints_a_hash_the_config_accepts(tmp_path: Path) -> None:
     config_file.write_text(done.stdout)
     user = load_config(config_file).config.users["carol"]
     assert user.rights == {"read", "upload"} and verify_password("a long password", user.password_hash)
+    dotted = subprocess.run([*dicomfs_command(), "passwd", "jane.doe@site"], input="a long password\n", capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "DICOMFS_CONFIG": os.devnull})
+    config_file.write_text(dotted.stdout)
+    assert set(load_config(config_file).config.users) == {"jane.doe@site"}
     short = subprocess.run([*dicomfs_command(), "passwd", "carol"], input="short\n", capture_output=True, text=True, timeout=60)
     assert short.returncode == 1 and "8 characters" in short.stderr
 
@@ -535,3 +550,18 @@ def test_webdav_command_serves_and_stops_on_sigterm(tmp_path: Path, small_corpus
         server.process.terminate()
         assert server.process.wait(timeout=30) == 0
 
+
+
+def test_janitor_removes_old_rejected_and_never_filled_files_only(tmp_path: Path) -> None:
+    from dicomfs.uploads import UploadArea
+
+    area = UploadArea(tmp_path / "uploads")
+    locked_then_left = area.path(["left.dcm"])
+    locked_then_left.write_bytes(b"")  # what a LOCK on a new name leaves when its client goes away
+    rejected, waiting = area.path(["notes.txt"]), area.path(["fresh.dcm"])
+    rejected.write_bytes(b"text")
+    area.set_reason(rejected, "not DICOM")
+    waiting.write_bytes(b"DICM")  # complete, not judged yet: never the janitor's to remove
+    now = time.time() + 3600
+    removed = area.sweep(rejected_ttl=600, empty_folder_idle=30, now=now)
+    assert sorted(p.name for p in removed) == ["left.dcm", "notes.txt"] and waiting.exists()

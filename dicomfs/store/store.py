@@ -288,17 +288,20 @@ class Store:
         """
         return self.ingest_sources(iter_sources(list(paths)), origin=origin, remote=remote)
 
-    def ingest_sources(self, sources: Iterable[Source], *, origin: str = "cli", remote: str = "") -> Iterator[IngestResult]:
+    def ingest_sources(self, sources: Iterable[Source], *, origin: str = "cli", remote: str = "",
+                       in_process: bool = False) -> Iterator[IngestResult]:
         """Ingest sources already listed (see ``sources.iter_sources``); results as for ``ingest``.
 
-        Many files go through worker processes (see ``bulk``); a few, through the committer thread.
+        Many files go through worker processes (see ``bulk``); a few, or all when ``in_process``,
+        through the committer thread. A front end ingesting what clients uploaded meanwhile passes
+        ``in_process``: its groups are small and frequent, and starting workers costs ~1 s each time.
         """
         committer = self._writer()
         remaining = iter(sources)
         first = list(itertools.islice(remaining, _BULK_MIN_FILES))
         sources = itertools.chain(first, remaining)  # listing goes on while the first files go in
         workers = self.settings.workers or os.cpu_count() or 1
-        if workers > 1 and len(first) >= _BULK_MIN_FILES and _mean_size(first) < _BULK_MAX_MEAN_SIZE:
+        if not in_process and workers > 1 and len(first) >= _BULK_MIN_FILES and _mean_size(first) < _BULK_MAX_MEAN_SIZE:
             yield from ingest_in_workers(committer, self.folder, self.settings, sources,
                                          origin=origin, remote=remote, workers=workers)
             return
