@@ -303,6 +303,7 @@ def cmd_webdav(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     import threading
 
     from bridge.server import Bridge  # wsgidav and cheroot: only this command needs them
+    from dicomfs.jobs.service import start_jobs
     from dicomfs.systemd import notify_systemd
 
     _log_to(loaded.config, foreground=True)
@@ -312,6 +313,7 @@ def cmd_webdav(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     with open_store(loaded, readonly=args.read_only) as store:
         bridge = Bridge(store, loaded.config, bind=args.bind, allow_anonymous=args.allow_anonymous)
         bridge.start()
+        jobs = start_jobs(store, loaded.config) if not args.read_only else None
         try:
             print(f"serving {store.folder} at {bridge.url} (Ctrl-C stops)", flush=True)
             notify_systemd("READY=1")
@@ -319,6 +321,8 @@ def cmd_webdav(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             notify_systemd("STOPPING=1")
         finally:
             bridge.stop()
+            if jobs is not None:
+                jobs.stop()
     return 0
 
 
@@ -346,6 +350,133 @@ def cmd_passwd(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     print(f"[users.{args.name if bare else json.dumps(args.name)}]")
     print(f'password_hash = "{hash_password(password)}"')
     print(f"rights = {json.dumps(rights)}")
+    return 0
+
+
+def _instances_selected(store: Store, selector: str) -> list[Instance]:
+    """The instances a selector names: a path in a mounted tree (its user.dicomfs.id), a resource
+    id, a DICOM UID or a PatientID."""
+    import os
+
+    if os.path.exists(selector):
+        try:
+            selector = os.getxattr(selector, "user.dicomfs.id").decode()
+        except OSError:
+            raise NotFoundError(f"{selector} is not a file or folder of a dicomfs mount (it has no user.dicomfs.id)") from None
+    found: list[Instance] = []
+    for record in store.resolve(selector):
+        if isinstance(record, Instance):
+            found.append(record)
+        else:
+            found.extend(r for r in store.walk(Level.INSTANCE, record.id) if isinstance(r, Instance))
+    return found
+
+
+def cmd_export(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from dicomfs.errors import ConfigError
+    from dicomfs.jobs.model import EXPORT
+    from dicomfs.jobs.storage import JobStore
+
+    destination = loaded.config.destinations.get(args.to)
+    if destination is None:
+        known = ", ".join(loaded.config.destinations) or "none configured"
+        raise ConfigError(f"no destination {args.to!r} in the configuration (known: {known})")
+    from dicomfs.jobs.transcode import parse_syntaxes  # pydicom: only once there is something to check
+
+    parse_syntaxes(destination.transfer_syntaxes)  # a typo fails now, not when the job runs
+    with open_store(loaded) as store:
+        instances = [i for selector in args.selectors for i in _instances_selected(store, selector)]
+        jobs = JobStore(store.folder / "jobs")
+        try:
+            job = jobs.create(EXPORT, {"destination": args.to}, [(i.id, i.size) for i in instances],
+                              f"export {len(instances)} instances ({' '.join(args.selectors)[:80]}) to {args.to}")
+            print(f"job {job.id}: {job.description}")
+            if not args.wait:
+                return 0
+            return _wait_for(store, jobs, loaded.config, job.id)
+        finally:
+            jobs.close()
+
+
+def _wait_for(store: Store, jobs: Any, config: Config, job_id: str) -> int:
+    """Run the job here (another runner may take it too: the lease decides) and show its progress."""
+    from tqdm import tqdm
+
+    from dicomfs.jobs.model import FINAL, JobState
+    from dicomfs.jobs.service import runner_for
+
+    runner = runner_for(store, jobs, config, only=job_id)
+    runner.start()
+    try:
+        job = jobs.get(job_id)
+        with tqdm(total=job.total_items, unit="inst", disable=not sys.stderr.isatty()) as bar:
+            while job.state not in FINAL:
+                time.sleep(0.2)
+                job = jobs.get(job_id)
+                bar.n = job.done_items + job.failed_items
+                bar.set_postfix_str(job.waiting_for[:60] if job.state is JobState.PENDING else "")
+                bar.refresh()
+    finally:
+        runner.stop()
+    print(f"job {job.id}: {job.state.value}: {job.done_items} of {job.total_items} sent, {job.failed_items} failed"
+          + (f" ({job.last_error})" if job.last_error else ""))
+    return 0 if job.state is JobState.SUCCESS else 1
+
+
+def cmd_jobs(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from dicomfs.jobs.storage import JobStore
+
+    with open_store(loaded, readonly=args.action in ("ls", "show")) as store:
+        jobs = JobStore(store.folder / "jobs")
+        try:
+            if args.action == "ls":
+                listed = jobs.all()
+                if args.json:
+                    print(json.dumps([j.as_json() for j in listed], indent=2))
+                for job in [] if args.json else listed:
+                    note = job.waiting_for if job.state.value == "pending" else job.last_error
+                    print(f"{job.id}  {job.state.value:<8} {job.done_items:>6}/{job.total_items:<6} "
+                          f"failed {job.failed_items:<5} {job.description}" + (f"  [{note}]" if note else ""))
+                return 0
+            job_id = args.job
+            if not job_id:
+                raise NotFoundError(f"jobs {args.action} needs a job id (see dicomfs jobs ls)")
+            if args.action == "show":
+                data = jobs.get(job_id).as_json()
+                data["failures"] = [{"item": item, "reason": reason} for item, reason in jobs.failures(job_id)]
+                print(json.dumps(data, indent=2))
+                return 0
+            steer = {"pause": jobs.pause, "resume": jobs.resume, "cancel": jobs.cancel, "retry": jobs.retry}[args.action]
+            changed = steer(job_id)
+            print(f"job {changed.id}: {changed.state.value}")
+            return 0
+        finally:
+            jobs.close()
+
+
+def cmd_worker(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    import signal
+    import threading
+
+    from dicomfs.jobs.service import open_jobs, runner_for
+    from dicomfs.systemd import notify_systemd
+
+    _log_to(loaded.config, foreground=True)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with open_store(loaded) as store:
+        jobs = open_jobs(store)
+        runner = runner_for(store, jobs, loaded.config)
+        runner.start()
+        print(f"running jobs of {store.folder} (Ctrl-C stops)", flush=True)
+        notify_systemd("READY=1")
+        try:
+            stop.wait()
+        finally:
+            notify_systemd("STOPPING=1")
+            runner.stop()
+            jobs.close()
     return 0
 
 
@@ -474,6 +605,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true", help="refuse uploads and deletes")
     p.add_argument("--allow-anonymous", action="store_true",
                    help="listen beyond loopback with no users configured (anyone who reaches it can read and write)")
+    p = add("export", cmd_export, "send instances to a configured DICOMweb archive (STOW-RS), as a job")
+    p.add_argument("selectors", nargs="+", metavar="SELECTOR",
+                   help="a path in a mounted tree, a resource id, a DICOM UID or a PatientID")
+    p.add_argument("--to", required=True, metavar="NAME", help="a [destinations.NAME] of the configuration")
+    p.add_argument("--wait", action="store_true", help="run it here and wait; exit 1 unless it succeeds")
+    p = add("jobs", cmd_jobs, "list and steer jobs (exports)")
+    p.add_argument("action", choices=["ls", "show", "pause", "resume", "cancel", "retry"])
+    p.add_argument("job", nargs="?", metavar="JOB", help="the job id (all but ls)")
+    p.add_argument("--json", action="store_true")
+    add("worker", cmd_worker, "run queued jobs until stopped (beside or instead of a mount)")
     p = add("passwd", cmd_passwd, "make a WebDAV user's salted password hash for the configuration")
     p.add_argument("name", metavar="NAME", help="the user name")
     p.add_argument("--rights", default="read", help="comma-separated: read, upload, delete (default: read)")

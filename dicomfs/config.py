@@ -22,6 +22,7 @@ misspelt safety switch that is silently ignored is worse than a service that doe
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import difflib
 import os
@@ -29,6 +30,7 @@ import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,40 @@ RIGHTS = ("read", "upload", "delete")
 
 
 @dataclass(frozen=True)
+class JobsConfig:
+    """How processes run jobs (exports): leases, polling, retries."""
+
+    run: bool
+    lease: int
+    poll_ms: int
+    retry_delay: int
+    retry_max_delay: int
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOMweb archive exports go to (``[destinations.NAME]``)."""
+
+    name: str
+    type: str
+    url: str
+    authorization: str | None = dataclass_field(repr=False)
+    """The Authorization header value, made from the configured secret; never shown."""
+    auth_source: str
+    """Where the secret came from ("bearer_token_env PACS_TOKEN", ...), for ``dicomfs config``."""
+    chunked: bool
+    concurrency: int
+    instances_per_request: int
+    transfer_syntaxes: tuple[str, ...]
+    tls_verify: bool
+    tls_verify_hostname: bool
+    tls_ca_file: str
+    schedule: tuple[str, ...]
+    timeout: int
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """How much is logged and where to."""
 
@@ -148,10 +184,12 @@ class Config:
     mount: MountConfig
     uploads: UploadsConfig
     webdav: WebdavConfig
+    jobs: JobsConfig
     log: LogConfig
     metadata: Mapping[str, int]
     attachments: Mapping[str, AttachmentType]
     users: Mapping[str, User]
+    destinations: Mapping[str, Destination]
 
 
 # -- values ---------------------------------------------------------------------------------------
@@ -342,6 +380,80 @@ def _user_entry(name: str, value: object) -> User:
     return User(value["password_hash"], frozenset(rights))
 
 
+_DESTINATION_FIELDS = {
+    "type", "url", "bearer_token", "bearer_token_file", "bearer_token_env", "basic_auth", "basic_auth_file",
+    "basic_auth_env", "chunked", "concurrency", "instances_per_request", "transfer_syntaxes", "tls_verify",
+    "tls_verify_hostname", "tls_ca_file", "schedule", "timeout",
+}
+
+
+def _destination_entry(name: str, value: object) -> Destination:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        raise ConfigError("destination names may hold only letters, digits and _ . - (64 at most)")
+    if not isinstance(value, dict):
+        raise ConfigError('must be a table: { type = "stowrs", url = "https://pacs/dicom-web" }')
+    unknown = sorted(set(value) - _DESTINATION_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown field {unknown[0]!r}{_did_you_mean(unknown[0], sorted(_DESTINATION_FIELDS))}")
+    kind = _one_of("stowrs")(value.get("type", "stowrs"))
+    url = _text(value.get("url", ""))
+    if not re.match(r"https?://[^/\s]+", url):
+        raise ConfigError(f"url must be an http:// or https:// address (got {url!r})")
+    authorization, source = _destination_secret(value)
+    syntaxes = value.get("transfer_syntaxes", [])
+    if isinstance(syntaxes, str):
+        syntaxes = [s.strip() for s in syntaxes.split(",") if s.strip()]
+    if not isinstance(syntaxes, list) or not all(isinstance(s, str) for s in syntaxes):
+        raise ConfigError("transfer_syntaxes must be a list of UIDs or keywords, e.g. [\"ExplicitVRLittleEndian\"]")
+    schedule = value.get("schedule", [])
+    schedule = [schedule] if isinstance(schedule, str) else schedule
+    if not isinstance(schedule, list) or not all(isinstance(s, str) for s in schedule):
+        raise ConfigError('schedule must be a window such as "hour=18-6 dayOfWeek=*" or a list of them')
+    from dicomfs.jobs.schedule import parse_schedules  # pure and small; checked here so a typo fails at start
+
+    parse_schedules(schedule)
+    return Destination(
+        name=name, type=kind, url=url, authorization=authorization, auth_source=source,
+        chunked=_boolean(value.get("chunked", False)), concurrency=_integer(1, 64)(value.get("concurrency", 1)),
+        instances_per_request=_integer(1, 10_000)(value.get("instances_per_request", 16)),
+        transfer_syntaxes=tuple(syntaxes), tls_verify=_boolean(value.get("tls_verify", True)),
+        tls_verify_hostname=_boolean(value.get("tls_verify_hostname", True)),
+        tls_ca_file=_text(value.get("tls_ca_file", "")), schedule=tuple(schedule),
+        timeout=_integer(1, 3600)(value.get("timeout", 120)),
+    )
+
+
+def _destination_secret(value: dict[str, Any]) -> tuple[str | None, str]:
+    """The Authorization header from the one secret configured (inline, a file or a variable)."""
+    given = [key for key in ("bearer_token", "bearer_token_file", "bearer_token_env",
+                             "basic_auth", "basic_auth_file", "basic_auth_env") if key in value]
+    if len(given) > 1:
+        raise ConfigError(f"give one secret, not {' and '.join(given)}")
+    if not given:
+        return None, "none"
+    key = given[0]
+    where = _text(value[key])
+    if key.endswith("_file"):
+        try:
+            secret = Path(where).read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise ConfigError(f"{key}: cannot read {where} ({error.strerror})") from None
+        source = f"{key} {where}"
+    elif key.endswith("_env"):
+        if where not in os.environ:
+            raise ConfigError(f"{key}: the environment variable {where} is not set")
+        secret, source = os.environ[where].strip(), f"{key} {where}"
+    else:
+        secret, source = where, f"{key} (inline)"
+    if not secret:
+        raise ConfigError(f"{key}: the secret is empty")
+    if key.startswith("basic_auth"):
+        if ":" not in secret:
+            raise ConfigError(f"{key}: must be user:password")
+        return "Basic " + base64.b64encode(secret.encode("utf-8")).decode("ascii"), source
+    return "Bearer " + secret, source
+
+
 # -- the schema -----------------------------------------------------------------------------------
 
 
@@ -478,6 +590,25 @@ _SCHEMA: tuple[_Section | _NamedTable, ...] = (
                 "Request threads: Windows Explorer opens many connections at once, and a thread "
                 "waiting on a slow client holds one."),
     ), _check_webdav),
+    _Section("jobs", JobsConfig, (
+        _Option("run", True, _boolean,
+                "Whether the mount and the bridge also run queued jobs (exports); `dicomfs worker` always "
+                "does. Several processes share the queue safely: a job is leased to one at a time."),
+        _Option("lease", 60, _integer(5, 3600),
+                "Seconds a runner holds a job between renewals; a runner that died loses its jobs to "
+                "another after this long."),
+        _Option("poll_ms", 1000, _integer(50, 60_000),
+                "How often an idle runner looks for due jobs (a job queued in the same process starts "
+                "at once)."),
+        _Option("retry_delay", 2, _integer(0, 3600),
+                "Seconds before the first retry after a transient error (destination down, 5xx, "
+                "timeout); each further retry waits twice as long."),
+        _Option("retry_max_delay", 300, _integer(1, 86_400),
+                "The longest wait between two retries."),
+        _Option("max_attempts", 10, _integer(1, 1000),
+                "Failed attempts in a row, without progress, before a job fails; `dicomfs jobs retry` "
+                "starts it again."),
+    )),
     _Section("log", LogConfig, (
         _Option("level", "info", _one_of("debug", "info", "warning", "error"),
                 "info tells what was stored and rejected without the per-block detail of debug."),
@@ -494,6 +625,11 @@ _SCHEMA: tuple[_Section | _NamedTable, ...] = (
                 "WebDAV users: [users.NAME] with password_hash (from `dicomfs passwd NAME`) and rights "
                 "drawn from read, upload, delete. None configured: the bridge asks for no password and "
                 "binds only to loopback unless told --allow-anonymous."),
+    _NamedTable("destinations", _destination_entry, None,
+                "Archives exports go to: [destinations.NAME] with type = \"stowrs\", url, one secret "
+                "(bearer_token or basic_auth, inline or from a _file or an _env variable), chunked, "
+                "concurrency, instances_per_request, transfer_syntaxes, tls_verify, tls_verify_hostname, "
+                "tls_ca_file, schedule, timeout (see docs/configuration.md)."),
 )
 
 
@@ -530,6 +666,10 @@ def _plain(entry: object) -> object:
     """A named-table entry as JSON can show it (a user's hash is shown only as set)."""
     if isinstance(entry, User):
         return {"password_hash": "(set)", "rights": sorted(entry.rights)}
+    if isinstance(entry, Destination):
+        plain = dataclasses.asdict(entry)
+        del plain["authorization"]
+        return plain
     if isinstance(entry, AttachmentType):
         return dataclasses.asdict(entry)
     return entry

@@ -26,9 +26,9 @@ import pyfuse3
 import trio
 
 from bridge.server import Bridge
-
 from dicomfs.config import Config
 from dicomfs.errors import DicomfsError
+from dicomfs.jobs.service import start_jobs
 from dicomfs.mount.operations import DicomOperations, MountSettings
 from dicomfs.store import Store
 from dicomfs.systemd import notify_systemd
@@ -139,11 +139,14 @@ def _serve(open_store: Callable[[], Store], config: Config, options: MountOption
         if options.auto_unmount:
             fuse_options.add("auto_unmount")
         bridge = _start_bridge(store, config, options)
+        jobs = start_jobs(store, config) if not options.read_only else None
         try:
             pyfuse3.init(operations, str(mountpoint), fuse_options)
         except RuntimeError as error:
             if bridge is not None:
                 bridge.stop()
+            if jobs is not None:
+                jobs.stop()
             raise MountError(f"cannot mount {mountpoint}: {error} (is /dev/fuse there, and fuse3 installed?)") from None
         _log.info("mounted %s at %s (%s; deletes %s)", store_folder, mountpoint,
                   "read-only" if options.read_only else "read-write",
@@ -157,6 +160,8 @@ def _serve(open_store: Callable[[], Store], config: Config, options: MountOption
             operations.detach()
             if bridge is not None:
                 bridge.stop()
+            if jobs is not None:
+                jobs.stop()
         return 0
     finally:
         store.close()
