@@ -136,6 +136,7 @@ class JobStore:
                     if value[:1] == _FAILED:
                         txn.put(key, _PENDING + value[1:1 + _SIZE.size], db=self._items)
             job.failed_items = 0
+            job.extra.pop("first_failure", None)
             job.state, job.attempts, job.next_attempt, job.last_error, job.finished = JobState.PENDING, 0, 0.0, "", 0.0
             job.lease_owner, job.lease_until, job.waiting_for = "", 0.0, ""
             self._save(txn, job)
@@ -211,6 +212,7 @@ class JobStore:
             for item, reason in failed:
                 if self._mark(txn, job_id, item, _FAILED, reason) is not None:
                     job.failed_items += 1
+                    job.extra.setdefault("first_failure", f"{item}: {reason}")
             if progressed:
                 job.attempts, job.last_error = 0, ""  # backoff counts failures in a row, not since the job began
             self._save(txn, job)
@@ -223,7 +225,8 @@ class JobStore:
             if job.state is JobState.RUNNING:
                 job.state = JobState.FAILURE if job.failed_items else JobState.SUCCESS
                 if job.failed_items and not job.last_error:
-                    job.last_error = f"{job.failed_items} of {job.total_items} items failed"
+                    job.last_error = (f"{job.failed_items} of {job.total_items} items failed, the first "
+                                      f"{job.extra.get('first_failure', '')}")
                 job.finished, job.lease_owner, job.lease_until = self._clock(), "", 0.0
                 self._save(txn, job)
             return job
