@@ -28,6 +28,7 @@ from bridge.properties import StorePropertyManager
 from bridge.provider import BridgeSettings, DicomfsProvider
 from dicomfs.config import Config, parse_bind
 from dicomfs.errors import DicomfsError
+from dicomfs.jobs.service import open_jobs
 from dicomfs.store import Store
 from dicomfs.uploads import UploadArea
 from dicomfs.views import Tree
@@ -59,7 +60,7 @@ class Bridge:
         self.tls = bool(webdav.certificate)
         uploads = UploadArea(store.folder / "uploads")
         writable = not store.readonly
-        self.provider = DicomfsProvider(store, Tree(store, uploads=writable), uploads,
+        self.provider = DicomfsProvider(store, Tree(store, uploads=writable, jobs=open_jobs(store)), uploads,
                                         BridgeSettings(webdav.upload_allowed and writable, webdav.delete_allowed and writable))
         self.properties = StorePropertyManager(store.folder / "webdav" / "properties")
         self.app = PathGuard(WsgiDAVApp(self._wsgidav_config()))

@@ -384,6 +384,7 @@ def cmd_export(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     from dicomfs.jobs.transcode import parse_syntaxes  # pydicom: only once there is something to check
 
     parse_syntaxes(destination.transfer_syntaxes)  # a typo fails now, not when the job runs
+    destination.authorization()  # so does a secret that cannot be read
     with open_store(loaded) as store:
         instances = [i for selector in args.selectors for i in _instances_selected(store, selector)]
         jobs = JobStore(store.folder / "jobs")
@@ -476,7 +477,6 @@ def cmd_worker(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         finally:
             notify_systemd("STOPPING=1")
             runner.stop()
-            jobs.close()
     return 0
 
 

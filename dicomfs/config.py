@@ -144,10 +144,11 @@ class Destination:
     name: str
     type: str
     url: str
-    authorization: str | None = dataclass_field(repr=False)
-    """The Authorization header value, made from the configured secret; never shown."""
+    secret: tuple[str, str] | None = dataclass_field(repr=False)
+    """The configured secret as (key, value): ``("bearer_token_env", "PACS_TOKEN")``; read only when
+    used (``authorization()``), so a command that sends nothing works without it."""
     auth_source: str
-    """Where the secret came from ("bearer_token_env PACS_TOKEN", ...), for ``dicomfs config``."""
+    """Where the secret comes from ("bearer_token_env PACS_TOKEN", ...), for ``dicomfs config``."""
     chunked: bool
     concurrency: int
     instances_per_request: int
@@ -157,6 +158,11 @@ class Destination:
     tls_ca_file: str
     schedule: tuple[str, ...]
     timeout: int
+
+    def authorization(self) -> str | None:
+        """The Authorization header value; ConfigError naming the file or variable (never the
+        secret) when it cannot be read."""
+        return None if self.secret is None else _authorization(*self.secret)
 
 
 @dataclass(frozen=True)
@@ -399,7 +405,7 @@ def _destination_entry(name: str, value: object) -> Destination:
     url = _text(value.get("url", ""))
     if not re.match(r"https?://[^/\s]+", url):
         raise ConfigError(f"url must be an http:// or https:// address (got {url!r})")
-    authorization, source = _destination_secret(value)
+    secret, source = _destination_secret(value)
     syntaxes = value.get("transfer_syntaxes", [])
     if isinstance(syntaxes, str):
         syntaxes = [s.strip() for s in syntaxes.split(",") if s.strip()]
@@ -413,7 +419,7 @@ def _destination_entry(name: str, value: object) -> Destination:
 
     parse_schedules(schedule)
     return Destination(
-        name=name, type=kind, url=url, authorization=authorization, auth_source=source,
+        name=name, type=kind, url=url, secret=secret, auth_source=source,
         chunked=_boolean(value.get("chunked", False)), concurrency=_integer(1, 64)(value.get("concurrency", 1)),
         instances_per_request=_integer(1, 10_000)(value.get("instances_per_request", 16)),
         transfer_syntaxes=tuple(syntaxes), tls_verify=_boolean(value.get("tls_verify", True)),
@@ -423,8 +429,8 @@ def _destination_entry(name: str, value: object) -> Destination:
     )
 
 
-def _destination_secret(value: dict[str, Any]) -> tuple[str | None, str]:
-    """The Authorization header from the one secret configured (inline, a file or a variable)."""
+def _destination_secret(value: dict[str, Any]) -> tuple[tuple[str, str] | None, str]:
+    """The one secret configured (inline, a file or a variable) as (key, value), and its description."""
     given = [key for key in ("bearer_token", "bearer_token_file", "bearer_token_env",
                              "basic_auth", "basic_auth_file", "basic_auth_env") if key in value]
     if len(given) > 1:
@@ -433,25 +439,33 @@ def _destination_secret(value: dict[str, Any]) -> tuple[str | None, str]:
         return None, "none"
     key = given[0]
     where = _text(value[key])
+    if key.endswith(("_file", "_env")):
+        return (key, where), f"{key} {where}"
+    _authorization(key, where)  # an inline secret can be checked now
+    return (key, where), f"{key} (inline)"
+
+
+def _authorization(key: str, where: str) -> str:
     if key.endswith("_file"):
         try:
             secret = Path(where).read_text(encoding="utf-8").strip()
         except OSError as error:
             raise ConfigError(f"{key}: cannot read {where} ({error.strerror})") from None
-        source = f"{key} {where}"
     elif key.endswith("_env"):
         if where not in os.environ:
             raise ConfigError(f"{key}: the environment variable {where} is not set")
-        secret, source = os.environ[where].strip(), f"{key} {where}"
+        secret = os.environ[where].strip()
     else:
-        secret, source = where, f"{key} (inline)"
+        secret = where
     if not secret:
         raise ConfigError(f"{key}: the secret is empty")
+    if any(ord(c) < 32 or ord(c) == 127 for c in secret):
+        raise ConfigError(f"{key}: the secret holds control characters (several lines?)")
     if key.startswith("basic_auth"):
         if ":" not in secret:
             raise ConfigError(f"{key}: must be user:password")
-        return "Basic " + base64.b64encode(secret.encode("utf-8")).decode("ascii"), source
-    return "Bearer " + secret, source
+        return "Basic " + base64.b64encode(secret.encode("utf-8")).decode("ascii")
+    return "Bearer " + secret
 
 
 # -- the schema -----------------------------------------------------------------------------------
@@ -668,7 +682,7 @@ def _plain(entry: object) -> object:
         return {"password_hash": "(set)", "rights": sorted(entry.rights)}
     if isinstance(entry, Destination):
         plain = dataclasses.asdict(entry)
-        del plain["authorization"]
+        del plain["secret"]
         return plain
     if isinstance(entry, AttachmentType):
         return dataclasses.asdict(entry)

@@ -205,3 +205,20 @@ def test_jobs_command_lists_shows_and_steers(tmp_path: Path, small_corpus: Corpu
     assert job_id in listed and "paused" in listed
     assert run_cli("jobs", "retry", job_id, store=store, config=config).returncode == 1  # only failed or canceled
     assert "canceled" in run_cli("jobs", "cancel", job_id, store=store, config=config, check=True).stdout
+
+
+def test_a_secret_is_read_only_when_something_is_sent(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    config = tmp_path / "dicomfs.toml"
+    config.write_text('[destinations.pacs2]\ntype = "stowrs"\nurl = "http://127.0.0.1:9/dicom-web"\n'
+                      'bearer_token_env = "DICOMFS_TEST_UNSET_TOKEN"\n')
+    run_cli("init", store=store, check=True)
+    assert run_cli("jobs", "ls", store=store, config=config).returncode == 0  # no secret needed to look
+    shown = run_cli("config", store=store, config=config, check=True).stdout
+    assert "bearer_token_env DICOMFS_TEST_UNSET_TOKEN" in shown
+    refused = run_cli("export", "--to", "pacs2", "PAT00001", store=store, config=config)
+    assert refused.returncode == 1 and "DICOMFS_TEST_UNSET_TOKEN is not set" in refused.stderr
+    config.write_text('[destinations.pacs2]\ntype = "stowrs"\nurl = "http://127.0.0.1:9/dicom-web"\n'
+                      'bearer_token = "abc\\r\\nX-Evil: 1"\n')
+    injected = run_cli("jobs", "ls", store=store, config=config)
+    assert injected.returncode == 1 and "control characters" in injected.stderr and "X-Evil" not in injected.stderr

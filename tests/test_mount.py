@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -69,7 +70,7 @@ def _instances(root: Path) -> list[Path]:
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_mount_every_view_lists_every_instance_byte_equal(mount: Callable[..., Mounted], small_corpus: Corpus, compression: str) -> None:
     m = mount(ingest=(small_corpus.root,), config=f'[storage]\ncompression = "{compression}"\n')
-    assert sorted(os.listdir(m.path)) == ["by-dates", "by-patients", "by-studies", "by-uids", "uploads"]
+    assert sorted(os.listdir(m.path)) == ["by-dates", "by-patients", "by-studies", "by-uids", "jobs", "uploads"]
     sources: dict[str, set[str]] = defaultdict(set)
     for sample in small_corpus.valid_files:
         sources[sample.sop_uid].add(_sha(sample.path))
@@ -235,3 +236,23 @@ def test_mount_uploads_janitor_removes_idle_empty_folders_rejected_files_and_jun
     while os.listdir(uploads):
         assert time.monotonic() < deadline, os.listdir(uploads)
         time.sleep(0.2)
+
+
+def test_mount_jobs_folder_follows_the_jobs(mount: Callable[..., Mounted], small_corpus: Corpus) -> None:
+    m = mount(ingest=(small_corpus.root,), config='[destinations.pacs2]\ntype = "stowrs"\n'
+              'url = "http://127.0.0.1:9/dicom-web"\n[jobs]\nrun = false\n')
+    assert os.listdir(m.path / "jobs") == []
+    queued = run_cli("export", "--to", "pacs2", "PAT00001", store=m.store, config=m.config, check=True)
+    job_id = queued.stdout.split()[1].rstrip(":")
+    shown = m.path / "jobs" / f"{job_id}.json"
+    deadline = time.monotonic() + 5
+    while not shown.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert json.loads(shown.read_text())["state"] == "pending"
+    run_cli("jobs", "pause", job_id, store=m.store, config=m.config, check=True)
+    deadline = time.monotonic() + 5
+    while json.loads(shown.read_text())["state"] != "paused" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert json.loads(shown.read_text())["state"] == "paused"
+    with pytest.raises(OSError):
+        shown.write_text("{}")

@@ -126,7 +126,7 @@ def dicom_file(folder: Path, index: int, *, patient: str = "WEBDAV") -> Path:
 def test_root_lists_the_views_and_uploads_and_infinite_depth_is_refused(tmp_path: Path, small_corpus: Corpus) -> None:
     with running(tmp_path, corpus=small_corpus) as bridge:
         listing = propfind(bridge, "/")
-        assert sorted(listing) == ["/", "/by-dates/", "/by-patients/", "/by-studies/", "/by-uids/", "/uploads/"]
+        assert sorted(listing) == ["/", "/by-dates/", "/by-patients/", "/by-studies/", "/by-uids/", "/jobs/", "/uploads/"]
         for depth in ("infinity", None):
             headers = {"Depth": depth} if depth else {}
             refused = bridge.request("PROPFIND", "/by-uids/", headers=headers)
@@ -565,3 +565,22 @@ def test_janitor_removes_old_rejected_and_never_filled_files_only(tmp_path: Path
     now = time.time() + 3600
     removed = area.sweep(rejected_ttl=600, empty_folder_idle=30, now=now)
     assert sorted(p.name for p in removed) == ["left.dcm", "notes.txt"] and waiting.exists()
+
+
+def test_jobs_folder_shows_each_job_as_json_and_is_read_only(tmp_path: Path, small_corpus: Corpus) -> None:
+    import json
+
+    from dicomfs.jobs.service import open_jobs
+
+    with running(tmp_path, corpus=small_corpus) as bridge:
+        assert list(propfind(bridge, "/jobs/")) == ["/jobs/"]  # none yet
+        jobs = open_jobs(bridge.store)
+        job = jobs.create("export", {"destination": "pacs2"}, [(i.id, i.size) for i in bridge.instances()[:3]], "three")
+        listed = propfind(bridge, "/jobs/")
+        assert f"/jobs/{job.id}.json" in listed
+        shown = json.loads(bridge.request("GET", f"/jobs/{job.id}.json").body)
+        assert shown["state"] == "pending" and shown["total_items"] == 3
+        jobs.pause(job.id)
+        assert json.loads(bridge.request("GET", f"/jobs/{job.id}.json").body)["state"] == "paused"  # at once
+        assert bridge.request("PUT", f"/jobs/{job.id}.json", b"{}").status == 403
+        assert bridge.request("DELETE", f"/jobs/{job.id}.json").status == 403

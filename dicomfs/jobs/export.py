@@ -54,7 +54,7 @@ class StowExporter:
 
     def run(self, job: Job, work: JobWork) -> None:
         destination = self.destinations[job.params["destination"]]
-        target = StowTarget(url=destination.url, authorization=destination.authorization, chunked=destination.chunked,
+        target = StowTarget(url=destination.url, authorization=destination.authorization(), chunked=destination.chunked,
                             tls_verify=destination.tls_verify, tls_verify_hostname=destination.tls_verify_hostname,
                             tls_ca_file=destination.tls_ca_file or None, timeout=float(destination.timeout))
         accepted = parse_syntaxes(destination.transfer_syntaxes)

@@ -131,6 +131,9 @@ class JobRunner:
             delay = self.retry.delay(attempts)
             self.jobs.defer(job.id, self.owner, str(error), delay, give_up=give_up)
             _log.warning("job %s: %s; %s", job.id, error, "giving up" if give_up else f"retry {attempts} in {delay:.0f} s")
+        except DicomfsError as error:  # e.g. a secret that cannot be read: a person must act
+            _log.error("job %s failed: %s", job.id, error)
+            self.jobs.defer(job.id, self.owner, str(error), 0, give_up=True)
         except Exception as error:  # a bug or a broken store: fail the job with it, visibly
             _log.exception("job %s failed", job.id)
             self.jobs.defer(job.id, self.owner, f"internal error: {error}", 0, give_up=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 from dicomfs.config import Config
 from dicomfs.jobs.export import StowExporter
 from dicomfs.jobs.model import EXPORT
@@ -12,9 +15,22 @@ from dicomfs.store import Store
 __all__ = ["RunningJobs", "open_jobs", "runner_for", "start_jobs"]
 
 
+_OPEN: dict[Path, JobStore] = {}
+_OPEN_LOCK = threading.Lock()
+
+
 def open_jobs(store: Store) -> JobStore:
-    """The jobs of ``store`` (kept in ``<store>/jobs``)."""
-    return JobStore(store.folder / "jobs")
+    """The jobs of ``store`` (kept in ``<store>/jobs``), one JobStore per process.
+
+    LMDB must not open one environment twice in a process, and the mount's runner, the views'
+    ``jobs/`` folder and a bridge in the same process all need it: they share this one, which
+    stays open for the life of the process.
+    """
+    folder = (store.folder / "jobs").resolve()
+    with _OPEN_LOCK:
+        if folder not in _OPEN:
+            _OPEN[folder] = JobStore(folder)
+        return _OPEN[folder]
 
 
 def runner_for(store: Store, jobs: JobStore, config: Config, *, only: str | None = None) -> JobRunner:
@@ -32,7 +48,6 @@ class RunningJobs:
 
     def stop(self) -> None:
         self.runner.stop()
-        self.jobs.close()
 
 
 def start_jobs(store: Store, config: Config) -> RunningJobs | None:

@@ -22,13 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import lmdb
 import pyfuse3
 import trio
 
 from bridge.server import Bridge
 from dicomfs.config import Config
 from dicomfs.errors import DicomfsError
-from dicomfs.jobs.service import start_jobs
+from dicomfs.jobs.service import open_jobs, start_jobs
+from dicomfs.jobs.storage import JobStore
 from dicomfs.mount.operations import DicomOperations, MountSettings
 from dicomfs.store import Store
 from dicomfs.systemd import notify_systemd
@@ -125,7 +127,7 @@ def _serve(open_store: Callable[[], Store], config: Config, options: MountOption
     store = open_store()
     store_folder = store.folder
     try:
-        tree = Tree(store, uploads=not options.read_only)
+        tree = Tree(store, uploads=not options.read_only, jobs=_jobs_of(store))
         uploads = None if options.read_only else UploadArea(store_folder / "uploads")
         mount_settings = MountSettings(read_only=options.read_only, delete_allowed=config.mount.delete_allowed)
         operations = DicomOperations(store, tree, uploads, mount_settings)
@@ -165,6 +167,16 @@ def _serve(open_store: Callable[[], Store], config: Config, options: MountOption
         return 0
     finally:
         store.close()
+
+
+def _jobs_of(store: Store) -> JobStore | None:
+    """The store's jobs for the ``jobs/`` folder; None where they cannot be opened (a read-only
+    mount of a store this user may not write)."""
+    try:
+        return open_jobs(store)
+    except (OSError, lmdb.Error) as error:
+        _log.warning("no jobs/ folder: cannot open %s: %s", store.folder / "jobs", error)
+        return None
 
 
 def _start_bridge(store: Store, config: Config, options: MountOptions) -> Bridge | None:

@@ -34,7 +34,7 @@ from dicomfs.store import Instance, Store
 from dicomfs.store.blobs import BlobReader
 from dicomfs.upload_queue import UploadQueue
 from dicomfs.uploads import ERROR_XATTR, UploadArea, UploadOutcome
-from dicomfs.views import UPLOADS, Entry, EntryKind, Listing, NotAFolderError, Tree
+from dicomfs.views import JOBS, UPLOADS, Entry, EntryKind, Listing, NotAFolderError, Tree
 from dicomfs.views.tags import META_PREFIX, PROTECTED, resource_attributes
 
 __all__ = ["DicomOperations", "MountSettings"]
@@ -147,7 +147,8 @@ class DicomOperations(pyfuse3.Operations):
         attributes.st_blocks = (size + 511) // 512
         attributes.st_uid, attributes.st_gid = self.settings.uid, self.settings.gid
         attributes.st_atime_ns = attributes.st_mtime_ns = attributes.st_ctime_ns = int(mtime * 1e9)
-        timeout = _UPLOAD_TIMEOUT if node.kind == "upload" else _VIEW_TIMEOUT
+        # uploads/ and jobs/ change without a store change the kernel would hear of: short timeouts
+        timeout = _UPLOAD_TIMEOUT if node.kind == "upload" or node.path[:1] == (JOBS,) else _VIEW_TIMEOUT
         attributes.entry_timeout = attributes.attr_timeout = timeout
         return attributes
 
@@ -343,7 +344,9 @@ class DicomOperations(pyfuse3.Operations):
             handle.content = await self._thread(self.tree.document, entry)
             fh = self._new_fh()
             self._handles[fh] = handle
-            return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False)
+            # A job's file grows as the job runs: direct I/O reads what it holds now, whatever
+            # size the kernel last saw.
+            return pyfuse3.FileInfo(fh=fh, direct_io=node.path[:1] == (JOBS,), keep_cache=False)
         if node.kind != "instance" or node.resource_id is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
         try:

@@ -26,13 +26,14 @@ Pure: no pyfuse3, wsgidav or HTTP here. One stored instance appears in every vie
     │       └── <SeriesInstanceUID>/
     │           ├── series.json
     │           └── <SOPInstanceUID>.dcm
-    └── uploads/                            writable staging area: what is copied in is ingested
+    ├── uploads/                            writable staging area: what is copied in is ingested
+    └── jobs/                               read-only: <job id>.json for every export job
 
 Names are made safe for every client and never change as data arrives (``names``); listings
 come from the index and are cached until the store changes (``tree``).
 """
 
 from dicomfs.views.entries import Entry, EntryKind, Listing
-from dicomfs.views.tree import UPLOADS, VIEWS, NotAFolderError, Tree
+from dicomfs.views.tree import JOBS, UPLOADS, VIEWS, NotAFolderError, Tree
 
-__all__ = ["UPLOADS", "VIEWS", "Entry", "EntryKind", "Listing", "NotAFolderError", "Tree"]
+__all__ = ["JOBS", "UPLOADS", "VIEWS", "Entry", "EntryKind", "Listing", "NotAFolderError", "Tree"]

@@ -13,21 +13,26 @@ published under it.
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
 from typing import Callable, Sequence
 
 from dicomfs.errors import NotFoundError
+from dicomfs.jobs.storage import JobStore
 from dicomfs.store import Instance, Patient, Record, Series, Store, Study
 from dicomfs.views.documents import series_document, study_document
 from dicomfs.views.entries import Entry, EntryKind, Listing, Node
 from dicomfs.views.names import disambiguate, join_fields, safe_text
 
-__all__ = ["UPLOADS", "VIEWS", "NotAFolderError", "Path", "Tree"]
+__all__ = ["JOBS", "UPLOADS", "VIEWS", "NotAFolderError", "Path", "Tree"]
 
 Path = tuple[str, ...]
 VIEWS = ("by-patients", "by-studies", "by-dates", "by-uids")
 UPLOADS = "uploads"
+JOBS = "jobs"
+"""A read-only folder of ``<job id>.json`` files: what is queued, running and failed, for people browsing."""
+_FAILURES_SHOWN = 1000
 UNDATED = "unknown"
 """The by-dates folder of studies without a valid StudyDate (Orthanc leaves them out entirely)."""
 STUDY_DOCUMENT, SERIES_DOCUMENT = "study.json", "series.json"
@@ -43,9 +48,12 @@ class NotAFolderError(NotFoundError):
 class Tree:
     """The browsable tree of one store (see the package docstring for its shape)."""
 
-    def __init__(self, store: Store, *, uploads: bool = True, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, *, uploads: bool = True, jobs: JobStore | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.uploads = uploads
+        self.jobs = jobs
+        self._jobs_token = jobs.change_token() if jobs is not None else 0
         self._started = clock()
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[Path, Listing] = collections.OrderedDict()
@@ -55,8 +63,19 @@ class Tree:
     # -- freshness ---------------------------------------------------------------------------------
 
     def refresh(self) -> bool:
-        """Drop every cached listing if the store changed since; True when it did."""
+        """Drop every cached listing if the store changed since; True when it did.
+
+        A change of the jobs alone drops only the ``jobs/`` folder (and says False: no stored
+        resource changed)."""
         change = self.store.change_number()
+        if self.jobs is not None:
+            token = self.jobs.change_token()
+            if token != self._jobs_token:
+                with self._lock:
+                    self._jobs_token = token
+                    self._cache.pop((JOBS,), None)
+                    for node in [n for n in self._documents if n[0] == "job-document"]:
+                        del self._documents[node]
         with self._lock:
             if change == self._change:
                 return False
@@ -121,6 +140,8 @@ class Tree:
         if cached is not None:
             return cached
         kind, resource_id = entry.node[0], entry.node[-1]
+        if kind == "job-document":
+            return self._job_document(resource_id)
         if kind == "study-document":
             return self._study_document(resource_id, [r for r in self.store.children(resource_id) if isinstance(r, Series)])
         return self._series_document(resource_id, [r for r in self.store.children(resource_id) if isinstance(r, Instance)])
@@ -144,6 +165,27 @@ class Tree:
             self._documents[("series-document", series_id)] = content
         return content
 
+    def _job_document(self, job_id: str) -> bytes:
+        assert self.jobs is not None
+        job = self.jobs.get(job_id)
+        data = job.as_json()
+        failures = self.jobs.failures(job_id)
+        data["failures"] = [{"instance": item, "reason": reason} for item, reason in failures[:_FAILURES_SHOWN]]
+        if len(failures) > _FAILURES_SHOWN:
+            data["failures_not_shown"] = len(failures) - _FAILURES_SHOWN
+        content = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock:
+            self._documents[("job-document", job_id)] = content
+        return content
+
+    def _jobs(self) -> Listing:
+        assert self.jobs is not None
+        entries = []
+        for job in self.jobs.all():
+            content = self._job_document(job.id)
+            entries.append(Entry(f"{job.id}.json", EntryKind.DOCUMENT, len(content), job.updated, ("job-document", job.id)))
+        return Listing.of(entries, max((e.mtime for e in entries), default=self._started))
+
     # -- listing each kind of folder ---------------------------------------------------------------
 
     def _list_node(self, node: Node) -> Listing:
@@ -165,12 +207,16 @@ class Tree:
             return self._studies_on(node[1] + node[2][5:7])
         if kind == "undated":
             return self._studies_on("")
+        if kind == JOBS and self.jobs is not None:
+            return self._jobs()
         raise NotFoundError(f"unknown folder kind {kind!r}")
 
     def _root(self) -> Listing:
         entries = [Entry(view, EntryKind.FOLDER, 0, self._started, ("view", view)) for view in VIEWS]
         if self.uploads:
             entries.append(Entry(UPLOADS, EntryKind.FOLDER, 0, self._started, ("uploads",)))
+        if self.jobs is not None:
+            entries.append(Entry(JOBS, EntryKind.FOLDER, 0, self._started, (JOBS,)))
         return Listing.of(entries, self._started)
 
     def _patients(self, view: str) -> Listing:
