@@ -166,6 +166,17 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class Route:
+    """A routing rule (``[[routes]]``): newly stored instances whose tags match go to a destination."""
+
+    destination: str
+    match: tuple[tuple[str, str], ...]
+    """(DICOM keyword, glob) pairs, all of which must match (case does not matter)."""
+    quiet_seconds: int
+    """A series is exported once no instance of it arrived for this long: one job per series."""
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """How much is logged and where to."""
 
@@ -196,6 +207,7 @@ class Config:
     attachments: Mapping[str, AttachmentType]
     users: Mapping[str, User]
     destinations: Mapping[str, Destination]
+    routes: tuple[Route, ...]
 
 
 # -- values ---------------------------------------------------------------------------------------
@@ -673,6 +685,9 @@ class LoadedConfig:
                 for option in part.options:
                     key = f"{part.name}.{option.name}"
                     rows.append((key, getattr(value, option.name), self.sources[key]))
+        routes = [{"destination": r.destination, "match": dict(r.match), "quiet_seconds": r.quiet_seconds}
+                  for r in self.config.routes]
+        rows.append(("routes", routes, self.sources["routes"]))
         return rows
 
 
@@ -735,7 +750,7 @@ def load_config(path: Path | None = None, *, store_folder: Path | None = None) -
     origin = str(found) if found is not None else DEFAULT_SOURCE
     sources: dict[str, str] = {}
     sections: dict[str, Any] = {}
-    known = [part.name for part in _SCHEMA]
+    known = [part.name for part in _SCHEMA] + ["routes"]
     for name in raw:
         if name not in known:
             raise ConfigError(f"{origin}: {name}: unknown section{_did_you_mean(name, known)}")
@@ -749,6 +764,8 @@ def load_config(path: Path | None = None, *, store_folder: Path | None = None) -
             sources[part.name] = source
         else:
             sections[part.name] = _load_section(part, table, origin, sources)
+    sections["routes"] = _load_routes(raw.get("routes", []), origin, sections["destinations"])
+    sources["routes"] = origin if "routes" in raw else DEFAULT_SOURCE
     config = Config(**sections)
     if store_folder is not None:
         config = dataclasses.replace(config, storage=dataclasses.replace(config.storage, folder=store_folder))
@@ -812,6 +829,46 @@ def _load_section(section: _Section, table: dict[str, Any], origin: str, sources
         key = f"{section.name}.{name}"
         raise ConfigError(f"{sources[key]}: {key}: {reason}")
     return section.build(**values)
+
+
+ROUTES_REASON = ("Routing rules, each a [[routes]] table (see \"Routing rules\" below); none by default. In a "
+                 "file they go after the tables, as [[routes]] entries.")
+"""Why ``routes`` is as it is (an array of tables, outside the schema of fixed sections)."""
+
+_ROUTE_KEYWORDS = {
+    "PatientID", "PatientName", "PatientSex", "PatientBirthDate", "StudyInstanceUID", "StudyDate", "StudyTime",
+    "StudyDescription", "AccessionNumber", "StudyID", "SeriesInstanceUID", "Modality", "SeriesNumber",
+    "SeriesDescription", "SOPClassUID", "TransferSyntaxUID",
+}
+
+
+def _load_routes(entries: object, origin: str, destinations: Mapping[str, Destination]) -> tuple[Route, ...]:
+    """``[[routes]]``: { destination = "pacs2", match = { Modality = "CT", StudyDescription = "*CHEST*" } }."""
+    if not isinstance(entries, list):
+        raise ConfigError(f"{origin}: routes: must be an array of tables ([[routes]])")
+    routes = []
+    for number, entry in enumerate(entries, 1):
+        where = f"{origin}: routes[{number}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: must be a table")
+        unknown = sorted(set(entry) - {"destination", "match", "quiet_seconds"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown field {unknown[0]!r} (known: destination, match, quiet_seconds)")
+        destination = entry.get("destination")
+        if destination not in destinations:
+            raise ConfigError(f"{where}: destination {destination!r} is not a [destinations.NAME]")
+        match = entry.get("match", {})
+        if not isinstance(match, dict) or not all(isinstance(v, str) for v in match.values()):
+            raise ConfigError(f'{where}: match must be a table of keyword = "glob", e.g. {{ Modality = "CT" }}')
+        for keyword in match:
+            if keyword not in _ROUTE_KEYWORDS:
+                raise ConfigError(f"{where}: cannot match on {keyword!r}{_did_you_mean(keyword, sorted(_ROUTE_KEYWORDS))}")
+        try:
+            quiet = _integer(0, 86_400)(entry.get("quiet_seconds", 10))
+        except ConfigError as error:
+            raise ConfigError(f"{where}: quiet_seconds: {error}") from None
+        routes.append(Route(str(destination), tuple(sorted(match.items())), quiet))
+    return tuple(routes)
 
 
 def _load_named_table(table: _NamedTable, entries: dict[str, Any], source: str) -> Mapping[str, object]:

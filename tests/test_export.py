@@ -180,3 +180,32 @@ def test_a_job_outside_the_schedule_waits_visibly(tmp_path: Path, filled_store: 
         assert waiting["state"] == "pending" and f"hour={later}" in str(waiting["waiting_for"])
         assert server.sop_uids() == set()
 
+
+
+def test_a_routing_rule_exports_matching_series_as_they_arrive(tmp_path: Path, small_corpus: Corpus) -> None:
+    store = tmp_path / "store"
+    run_cli("init", store=store, check=True)
+    with orthanc(tmp_path / "orthanc") as server:
+        config = export_config(tmp_path / "dicomfs.toml", server)
+        config.write_text(config.read_text() + '[[routes]]\ndestination = "orthanc"\nmatch = { Modality = "CT" }\n'
+                          "quiet_seconds = 1\n")
+        worker = server.popen([*dicomfs_command(), "--store", str(store), "--config", str(config), "worker"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            assert worker.stdout is not None and worker.stdout.readline().startswith("running jobs")
+            time.sleep(0.5)  # the router's first step marks where routing starts
+            run_cli("ingest", str(small_corpus.root), store=store)
+            ct = {f.sop_uid for f in small_corpus.valid_files
+                  if pydicom.dcmread(f.path, stop_before_pixels=True).get("Modality") == "CT"}
+            assert ct
+            deadline = time.monotonic() + 30
+            while server.sop_uids() != ct and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
+            if worker.stdout is not None:
+                worker.stdout.close()
+        assert server.sop_uids() == ct
+        listed = run_cli("jobs", "ls", store=store, config=config, check=True).stdout
+        assert "route Modality=CT" in listed and "success" in listed

@@ -222,3 +222,34 @@ def test_a_secret_is_read_only_when_something_is_sent(tmp_path: Path) -> None:
                       'bearer_token = "abc\\r\\nX-Evil: 1"\n')
     injected = run_cli("jobs", "ls", store=store, config=config)
     assert injected.returncode == 1 and "control characters" in injected.stderr and "X-Evil" not in injected.stderr
+
+
+def test_routes_make_one_job_per_quiet_series_and_never_repeat(tmp_path: Path, small_corpus: Corpus) -> None:
+    from dicomfs.config import Route
+    from dicomfs.jobs.routes import Router
+    from dicomfs.store import Instance, Series, Store
+    from dicomfs.store.ids import Level
+
+    clock = Clock()
+    store = Store.create(tmp_path / "store")
+    jobs = JobStore(tmp_path / "jobs", clock=clock)
+    try:
+        route = Route("pacs2", (("Modality", "ct"),), quiet_seconds=10)  # case does not matter
+        router = Router(store, jobs, [route], owner="me", lease=60, clock=clock)
+        assert router.step() == 0  # the first step only marks where routing starts
+        list(store.ingest([small_corpus.root]))
+        ct_series = {s.id for s in store.walk(Level.SERIES) if isinstance(s, Series) and s.modality == "CT"}
+        assert ct_series, "the corpus should hold CT series"
+        assert router.step() == 0  # gathering: the series are not quiet yet
+        clock.now += 11
+        assert router.step() == len(ct_series)
+        exported = {item for job in jobs.all() for item, _ in jobs.pending_items(job.id, 10_000)}
+        expected = {i.id for i in store.walk(Level.INSTANCE) if isinstance(i, Instance) and i.parent in ct_series}
+        assert exported == expected and all(job.params["destination"] == "pacs2" for job in jobs.all())
+        clock.now += 11
+        assert router.step() == 0  # nothing new: nothing again
+        other = Router(store, jobs, [route], owner="someone else", lease=60, clock=clock)
+        assert other.step() == 0  # my lease holds
+    finally:
+        jobs.close()
+        store.close()

@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 from dicomfs.errors import DicomfsError
 from dicomfs.jobs.model import Job, JobState
@@ -81,9 +81,12 @@ class JobRunner:
     """A thread that runs jobs of the kinds it has executors for, one at a time."""
 
     def __init__(self, jobs: JobStore, executors: Mapping[str, Executor], *, lease: float = 30.0, poll: float = 1.0,
-                 retry: RetryPolicy = RetryPolicy(), name: str | None = None, only: str | None = None) -> None:
+                 retry: RetryPolicy = RetryPolicy(), name: str | None = None, only: str | None = None,
+                 router: Callable[[], int] | None = None) -> None:
         self.jobs, self.executors, self.lease, self.poll, self.retry = jobs, executors, lease, poll, retry
         self.only = only
+        self.router = router
+        """Called before each look for work: turns new instances into jobs (``jobs.routes``)."""
         self.owner = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._stopping = threading.Event()
         self._wake = threading.Event()
@@ -148,6 +151,8 @@ class JobRunner:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
+                if self.router is not None:
+                    self.router()
                 ran = self.run_once()
             except Exception:  # the store went away for a moment: the loop must outlive it
                 _log.exception("job runner step failed")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 from dicomfs.config import Config
 from dicomfs.jobs.export import StowExporter
 from dicomfs.jobs.model import EXPORT
+from dicomfs.jobs.routes import Router
 from dicomfs.jobs.runner import JobRunner, RetryPolicy
 from dicomfs.jobs.storage import JobStore
 from dicomfs.store import Store
@@ -36,8 +38,11 @@ def open_jobs(store: Store) -> JobStore:
 def runner_for(store: Store, jobs: JobStore, config: Config, *, only: str | None = None) -> JobRunner:
     """A runner with an executor for every kind of job this configuration can run."""
     c = config.jobs
-    return JobRunner(jobs, {EXPORT: StowExporter(store, config.destinations)}, lease=c.lease, poll=c.poll_ms / 1000,
-                     retry=RetryPolicy(c.retry_delay, c.retry_max_delay, c.max_attempts), only=only)
+    runner = JobRunner(jobs, {EXPORT: StowExporter(store, config.destinations)}, lease=c.lease, poll=c.poll_ms / 1000,
+                       retry=RetryPolicy(c.retry_delay, c.retry_max_delay, c.max_attempts), only=only)
+    if config.routes and only is None and not store.readonly:
+        runner.router = Router(store, jobs, config.routes, owner=runner.owner, lease=c.lease, clock=time.time).step
+    return runner
 
 
 class RunningJobs:

@@ -1,7 +1,7 @@
 """Jobs kept in the store folder, in an LMDB environment of their own (``<store>/jobs``).
 
-Two tables: ``jobs`` (id -> the job as JSON) and ``items`` (``<job id>\\0<item>`` -> its state, size
-and failure reason). Every change is one write transaction, so a job and its items never disagree
+Three tables: ``jobs`` (id -> the job as JSON), ``items`` (``<job id>\\0<item>`` -> its state,
+size and failure reason) and ``meta`` (the router's cursor). Every change is one write transaction, so a job and its items never disagree
 and several processes (the mount, the bridge, ``dicomfs worker``, the CLI) can share them: the one
 that *claims* a job takes a lease on it, renews it while working, and only the lease holder may
 record progress. A runner that died loses its lease when it runs out and another takes the job
@@ -18,7 +18,7 @@ import os
 import struct
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import lmdb
 
@@ -47,9 +47,10 @@ class JobStore:
 
     def __init__(self, folder: Path, *, clock: Callable[[], float] = time.time) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(str(folder), map_size=_MAP_SIZE, max_dbs=2, subdir=True)
+        self._env = lmdb.open(str(folder), map_size=_MAP_SIZE, max_dbs=3, subdir=True)
         self._jobs = self._env.open_db(b"jobs")
         self._items = self._env.open_db(b"items")
+        self._meta = self._env.open_db(b"meta")
         self._clock = clock
 
     def close(self) -> None:
@@ -95,20 +96,42 @@ class JobStore:
 
     def create(self, kind: str, params: dict[str, object], items: Iterable[tuple[str, int]], description: str) -> Job:
         """A new pending job over ``items`` (item, size); an item listed twice counts once."""
+        with self._env.begin(write=True) as txn:
+            return self._create_in(txn, kind, params, items, description)
+
+    def meta(self, name: str) -> Any:
+        """A small JSON value kept with the jobs (the router's cursor), or None."""
+        with self._env.begin(db=self._meta) as txn:
+            value = txn.get(name.encode())
+        return json.loads(bytes(value)) if value is not None else None
+
+    def create_with_meta(self, jobs: Sequence[tuple[str, dict[str, object], list[tuple[str, int]], str]], name: str,
+                         state: dict[str, Any], *, expected_cursor: int) -> list[Job]:
+        """Create ``jobs`` and save ``state`` as meta ``name`` in one transaction, unless another
+        process moved the meta's cursor since it was read (then nothing happens: it routed first)."""
+        with self._env.begin(write=True) as txn:
+            current = txn.get(name.encode(), db=self._meta)
+            if current is not None and json.loads(bytes(current)).get("cursor") != expected_cursor:
+                return []
+            created = [self._create_in(txn, *job) for job in jobs]
+            txn.put(name.encode(), json.dumps(state).encode(), db=self._meta)
+            return created
+
+    def _create_in(self, txn: lmdb.Transaction, kind: str, params: dict[str, object], items: Iterable[tuple[str, int]],
+                   description: str) -> Job:
         now = self._clock()
         job = Job(id=_new_id(now), kind=kind, params=dict(params), description=description, created=now, updated=now)
         seen: set[str] = set()
-        with self._env.begin(write=True) as txn:
-            for item, size in items:
-                if item in seen:
-                    continue
-                seen.add(item)
-                txn.put(_item_key(job.id, item), _PENDING + _SIZE.pack(size), db=self._items)
-                job.total_items += 1
-                job.total_bytes += size
-            if not job.total_items:
-                job.state, job.finished = JobState.SUCCESS, now  # nothing to do is done
-            self._save(txn, job)
+        for item, size in items:
+            if item in seen:
+                continue
+            seen.add(item)
+            txn.put(_item_key(job.id, item), _PENDING + _SIZE.pack(size), db=self._items)
+            job.total_items += 1
+            job.total_bytes += size
+        if not job.total_items:
+            job.state, job.finished = JobState.SUCCESS, now  # nothing to do is done
+        self._save(txn, job)
         return job
 
     def pause(self, job_id: str) -> Job:
