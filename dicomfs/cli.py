@@ -381,9 +381,10 @@ def cmd_export(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     if destination is None:
         known = ", ".join(loaded.config.destinations) or "none configured"
         raise ConfigError(f"no destination {args.to!r} in the configuration (known: {known})")
-    from dicomfs.jobs.transcode import parse_syntaxes  # pydicom: only once there is something to check
+    if destination.transfer_syntaxes:  # a typo fails now, not when the job runs (pydicom only then)
+        from dicomfs.jobs.transcode import parse_syntaxes
 
-    parse_syntaxes(destination.transfer_syntaxes)  # a typo fails now, not when the job runs
+        parse_syntaxes(destination.transfer_syntaxes)
     destination.authorization()  # so does a secret that cannot be read
     with open_store(loaded) as store:
         instances = [i for selector in args.selectors for i in _instances_selected(store, selector)]
@@ -412,7 +413,7 @@ def _wait_for(store: Store, jobs: Any, config: Config, job_id: str) -> int:
         job = jobs.get(job_id)
         with tqdm(total=job.total_items, unit="inst", disable=not sys.stderr.isatty()) as bar:
             while job.state not in FINAL:
-                time.sleep(0.2)
+                time.sleep(0.05)
                 job = jobs.get(job_id)
                 bar.n = job.done_items + job.failed_items
                 bar.set_postfix_str(job.waiting_for[:60] if job.state is JobState.PENDING else "")

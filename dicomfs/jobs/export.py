@@ -13,7 +13,7 @@ otherwise it is decoded to Explicit (or Implicit) VR Little Endian first (``tran
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import datetime
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -23,7 +23,6 @@ from dicomfs.jobs.model import Job
 from dicomfs.jobs.runner import JobWork, TransientJobError
 from dicomfs.jobs.schedule import allowed, next_allowed, parse_schedules
 from dicomfs.jobs.stowrs import Outgoing, StowRefusedError, StowTarget, StowTransientError, send
-from dicomfs.jobs.transcode import TranscodeError, choose_syntax, parse_syntaxes, transcoded
 from dicomfs.store import Instance, Store
 
 __all__ = ["StowExporter"]
@@ -57,25 +56,37 @@ class StowExporter:
         target = StowTarget(url=destination.url, authorization=destination.authorization(), chunked=destination.chunked,
                             tls_verify=destination.tls_verify, tls_verify_hostname=destination.tls_verify_hostname,
                             tls_ca_file=destination.tls_ca_file or None, timeout=float(destination.timeout))
-        accepted = parse_syntaxes(destination.transfer_syntaxes)
-        per_request = destination.instances_per_request
-        with ThreadPoolExecutor(destination.concurrency, thread_name_prefix=f"export-{destination.name}") as pool:
-            while work.keep_going():
-                pending = work.pending(per_request * destination.concurrency)
-                if not pending:
-                    return
-                batches = [[item for item, _ in pending[i:i + per_request]] for i in range(0, len(pending), per_request)]
-                futures = [pool.submit(self._send, target, accepted, batch) for batch in batches]
-                transient: StowTransientError | None = None
-                for future in futures:
+        accepted = _accepted(destination.transfer_syntaxes)
+        per_request, concurrency = destination.instances_per_request, destination.concurrency
+        # Requests are pipelined: a new one starts as soon as one ends, so `concurrency` stay in
+        # flight while answers are recorded (a step-by-step barrier left ~15% of the time idle).
+        in_flight: dict[Future[tuple[list[str], list[tuple[str, str]]]], list[str]] = {}
+        sending: set[str] = set()
+        transient: StowTransientError | None = None
+        with ThreadPoolExecutor(concurrency, thread_name_prefix=f"export-{destination.name}") as pool:
+            while True:
+                if transient is None and work.keep_going():
+                    free = concurrency - len(in_flight)
+                    if free:
+                        waiting = [item for item, _ in work.pending(per_request * free + len(sending)) if item not in sending]
+                        for start in range(0, min(len(waiting), per_request * free), per_request):
+                            batch = waiting[start:start + per_request]
+                            in_flight[pool.submit(self._send, target, accepted, batch)] = batch
+                            sending.update(batch)
+                if not in_flight:
+                    break
+                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    batch = in_flight.pop(future)
+                    sending.difference_update(batch)
                     try:
                         done, failed = future.result()
                     except StowTransientError as error:
                         transient = error  # nothing of that request counts as sent: it goes again
                         continue
                     work.record(done, failed)
-                if transient is not None:
-                    raise TransientJobError(f"{destination.name}: {transient}")
+        if transient is not None:
+            raise TransientJobError(f"{destination.name}: {transient}")
 
     def _send(self, target: StowTarget, accepted: frozenset[str],
               batch: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -113,16 +124,26 @@ class StowExporter:
         record = self.store.get(item)
         if not isinstance(record, Instance):
             raise NotFoundError(f"{item} is not an instance")
-        syntax = choose_syntax(record.transfer_syntax, accepted)
-        if syntax is None:  # as stored, streamed from the blob a megabyte at a time
+        if not accepted:  # the destination takes every syntax: as stored, streamed a megabyte at a time
             return Outgoing(record.sop_uid, record.sop_class_uid, record.size, lambda: self._stream(item))
-        try:
-            with self.store.open_instance(item) as reader:
-                data = transcoded(b"".join(reader.iter_chunks(_CHUNK)), syntax)
-        except TranscodeError:
-            raise
+        from dicomfs.jobs.transcode import choose_syntax, transcoded
+
+        syntax = choose_syntax(record.transfer_syntax, accepted)
+        if syntax is None:
+            return Outgoing(record.sop_uid, record.sop_class_uid, record.size, lambda: self._stream(item))
+        with self.store.open_instance(item) as reader:
+            data = transcoded(b"".join(reader.iter_chunks(_CHUNK)), syntax)
         return Outgoing(record.sop_uid, record.sop_class_uid, len(data), lambda: iter((data,)))
 
     def _stream(self, item: str) -> Iterator[bytes]:
         with self.store.open_instance(item) as reader:
             yield from reader.iter_chunks(_CHUNK)
+
+
+def _accepted(syntaxes: Sequence[str]) -> frozenset[str]:
+    """The destination's transfer syntaxes as UIDs; pydicom is imported (~0.4 s) only when there are some."""
+    if not syntaxes:
+        return frozenset()
+    from dicomfs.jobs.transcode import parse_syntaxes
+
+    return parse_syntaxes(syntaxes)
