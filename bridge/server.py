@@ -28,7 +28,7 @@ from bridge.properties import StorePropertyManager
 from bridge.provider import BridgeSettings, DicomfsProvider
 from dicomfs.config import Config, parse_bind
 from dicomfs.errors import DicomfsError
-from dicomfs.jobs.service import open_jobs
+from dicomfs.jobs.storage import open_jobs
 from dicomfs.store import Store
 from dicomfs.uploads import UploadArea
 from dicomfs.views import Tree

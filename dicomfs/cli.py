@@ -298,27 +298,33 @@ def cmd_mount(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     return mount(lambda: open_store(loaded, readonly=args.read_only), loaded.config, options)
 
 
-def cmd_webdav(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+def _serve_until_stopped(started: str) -> None:
+    """Print ``started``, tell systemd, and wait for SIGTERM or SIGINT (for the foreground servers)."""
     import signal
     import threading
 
-    from bridge.server import Bridge  # wsgidav and cheroot: only this command needs them
-    from dicomfs.jobs.service import start_jobs
     from dicomfs.systemd import notify_systemd
 
-    _log_to(loaded.config, foreground=True)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    print(f"{started} (Ctrl-C stops)", flush=True)
+    notify_systemd("READY=1")
+    stop.wait()
+    notify_systemd("STOPPING=1")
+
+
+def cmd_webdav(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from bridge.server import Bridge  # wsgidav and cheroot: only this command needs them
+    from dicomfs.jobs.service import start_jobs
+
+    _log_to(loaded.config, foreground=True)
     with open_store(loaded, readonly=args.read_only) as store:
         bridge = Bridge(store, loaded.config, bind=args.bind, allow_anonymous=args.allow_anonymous)
         bridge.start()
         jobs = start_jobs(store, loaded.config) if not args.read_only else None
         try:
-            print(f"serving {store.folder} at {bridge.url} (Ctrl-C stops)", flush=True)
-            notify_systemd("READY=1")
-            stop.wait()
-            notify_systemd("STOPPING=1")
+            _serve_until_stopped(f"serving {store.folder} at {bridge.url}")
         finally:
             bridge.stop()
             if jobs is not None:
@@ -375,7 +381,7 @@ def _instances_selected(store: Store, selector: str) -> list[Instance]:
 def cmd_export(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     from dicomfs.errors import ConfigError
     from dicomfs.jobs.model import EXPORT
-    from dicomfs.jobs.storage import JobStore
+    from dicomfs.jobs.storage import open_jobs
 
     destination = loaded.config.destinations.get(args.to)
     if destination is None:
@@ -388,16 +394,13 @@ def cmd_export(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     destination.authorization()  # so does a secret that cannot be read
     with open_store(loaded) as store:
         instances = [i for selector in args.selectors for i in _instances_selected(store, selector)]
-        jobs = JobStore(store.folder / "jobs")
-        try:
-            job = jobs.create(EXPORT, {"destination": args.to}, [(i.id, i.size) for i in instances],
-                              f"export {len(instances)} instances ({' '.join(args.selectors)[:80]}) to {args.to}")
-            print(f"job {job.id}: {job.description}")
-            if not args.wait:
-                return 0
-            return _wait_for(store, jobs, loaded.config, job.id)
-        finally:
-            jobs.close()
+        jobs = open_jobs(store)
+        job = jobs.create(EXPORT, {"destination": args.to}, [(i.id, i.size) for i in instances],
+                          f"export {len(instances)} instances ({' '.join(args.selectors)[:80]}) to {args.to}")
+        print(f"job {job.id}: {job.description}")
+        if not args.wait:
+            return 0
+        return _wait_for(store, jobs, loaded.config, job.id)
 
 
 def _wait_for(store: Store, jobs: Any, config: Config, job_id: str) -> int:
@@ -426,57 +429,42 @@ def _wait_for(store: Store, jobs: Any, config: Config, job_id: str) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    from dicomfs.jobs.storage import JobStore
+    from dicomfs.jobs.storage import open_jobs
 
     with open_store(loaded, readonly=args.action in ("ls", "show")) as store:
-        jobs = JobStore(store.folder / "jobs")
-        try:
-            if args.action == "ls":
-                listed = jobs.all()
-                if args.json:
-                    print(json.dumps([j.as_json() for j in listed], indent=2))
-                for job in [] if args.json else listed:
-                    note = job.waiting_for if job.state.value == "pending" else job.last_error
-                    print(f"{job.id}  {job.state.value:<8} {job.done_items:>6}/{job.total_items:<6} "
-                          f"failed {job.failed_items:<5} {job.description}" + (f"  [{note}]" if note else ""))
-                return 0
-            job_id = args.job
-            if not job_id:
-                raise NotFoundError(f"jobs {args.action} needs a job id (see dicomfs jobs ls)")
-            if args.action == "show":
-                data = jobs.get(job_id).as_json()
-                data["failures"] = [{"item": item, "reason": reason} for item, reason in jobs.failures(job_id)]
-                print(json.dumps(data, indent=2))
-                return 0
-            steer = {"pause": jobs.pause, "resume": jobs.resume, "cancel": jobs.cancel, "retry": jobs.retry}[args.action]
-            changed = steer(job_id)
-            print(f"job {changed.id}: {changed.state.value}")
+        jobs = open_jobs(store)
+        if args.action == "ls":
+            listed = jobs.all()
+            if args.json:
+                print(json.dumps([j.as_json() for j in listed], indent=2))
+            for job in [] if args.json else listed:
+                note = job.waiting_for if job.state.value == "pending" else job.last_error
+                print(f"{job.id}  {job.state.value:<8} {job.done_items:>6}/{job.total_items:<6} "
+                      f"failed {job.failed_items:<5} {job.description}" + (f"  [{note}]" if note else ""))
             return 0
-        finally:
-            jobs.close()
+        job_id = args.job
+        if not job_id:
+            raise NotFoundError(f"jobs {args.action} needs a job id (see dicomfs jobs ls)")
+        if args.action == "show":
+            print(json.dumps(jobs.report(jobs.get(job_id)), indent=2))
+            return 0
+        steer = {"pause": jobs.pause, "resume": jobs.resume, "cancel": jobs.cancel, "retry": jobs.retry}[args.action]
+        changed = steer(job_id)
+        print(f"job {changed.id}: {changed.state.value}")
+        return 0
 
 
 def cmd_worker(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    import signal
-    import threading
-
-    from dicomfs.jobs.service import open_jobs, runner_for
-    from dicomfs.systemd import notify_systemd
+    from dicomfs.jobs.service import runner_for
+    from dicomfs.jobs.storage import open_jobs
 
     _log_to(loaded.config, foreground=True)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     with open_store(loaded) as store:
-        jobs = open_jobs(store)
-        runner = runner_for(store, jobs, loaded.config)
+        runner = runner_for(store, open_jobs(store), loaded.config)
         runner.start()
-        print(f"running jobs of {store.folder} (Ctrl-C stops)", flush=True)
-        notify_systemd("READY=1")
         try:
-            stop.wait()
+            _serve_until_stopped(f"running jobs of {store.folder}")
         finally:
-            notify_systemd("STOPPING=1")
             runner.stop()
     return 0
 

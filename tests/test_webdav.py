@@ -570,7 +570,7 @@ def test_janitor_removes_old_rejected_and_never_filled_files_only(tmp_path: Path
 def test_jobs_folder_shows_each_job_as_json_and_is_read_only(tmp_path: Path, small_corpus: Corpus) -> None:
     import json
 
-    from dicomfs.jobs.service import open_jobs
+    from dicomfs.jobs.storage import open_jobs
 
     with running(tmp_path, corpus=small_corpus) as bridge:
         assert list(propfind(bridge, "/jobs/")) == ["/jobs/"]  # none yet

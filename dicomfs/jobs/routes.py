@@ -68,6 +68,9 @@ class Router:
                     gathering["last"] = now
         due = {key: gathering for key, gathering in pending.items()
                if now - float(gathering["last"]) >= self.routes[int(key.split(":")[0])].quiet_seconds}  # type: ignore[arg-type]
+        holding = state.get("owner") == self.owner and float(state.get("lease_until", 0)) - now > self.lease / 2
+        if latest == cursor and not due and holding:
+            return 0  # nothing new, nothing due, lease good: no write (each would refresh every jobs/ view)
         jobs: list[tuple[str, dict[str, object], list[tuple[str, int]], str]] = []
         for key, gathering in due.items():
             route = self.routes[int(key.split(":")[0])]

@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from pathlib import Path
 
 from dicomfs.config import Config
 from dicomfs.jobs.export import StowExporter
 from dicomfs.jobs.model import EXPORT
 from dicomfs.jobs.routes import Router
 from dicomfs.jobs.runner import JobRunner, RetryPolicy
-from dicomfs.jobs.storage import JobStore
+from dicomfs.jobs.storage import JobStore, open_jobs
 from dicomfs.store import Store
 
-__all__ = ["RunningJobs", "open_jobs", "runner_for", "start_jobs"]
-
-
-_OPEN: dict[Path, JobStore] = {}
-_OPEN_LOCK = threading.Lock()
-
-
-def open_jobs(store: Store) -> JobStore:
-    """The jobs of ``store`` (kept in ``<store>/jobs``), one JobStore per process.
-
-    LMDB must not open one environment twice in a process, and the mount's runner, the views'
-    ``jobs/`` folder and a bridge in the same process all need it: they share this one, which
-    stays open for the life of the process.
-    """
-    folder = (store.folder / "jobs").resolve()
-    with _OPEN_LOCK:
-        if folder not in _OPEN:
-            _OPEN[folder] = JobStore(folder)
-        return _OPEN[folder]
+__all__ = ["runner_for", "start_jobs"]
 
 
 def runner_for(store: Store, jobs: JobStore, config: Config, *, only: str | None = None) -> JobRunner:
@@ -45,21 +25,10 @@ def runner_for(store: Store, jobs: JobStore, config: Config, *, only: str | None
     return runner
 
 
-class RunningJobs:
-    """A runner started by a front end (the mount, the bridge) and the job store it holds open."""
-
-    def __init__(self, jobs: JobStore, runner: JobRunner) -> None:
-        self.jobs, self.runner = jobs, runner
-
-    def stop(self) -> None:
-        self.runner.stop()
-
-
-def start_jobs(store: Store, config: Config) -> RunningJobs | None:
-    """Run queued jobs in this process too, unless ``jobs.run`` is off."""
+def start_jobs(store: Store, config: Config) -> JobRunner | None:
+    """Run queued jobs in this process too (stop the runner at the end), unless ``jobs.run`` is off."""
     if not config.jobs.run:
         return None
-    jobs = open_jobs(store)
-    runner = runner_for(store, jobs, config)
+    runner = runner_for(store, open_jobs(store), config)
     runner.start()
-    return RunningJobs(jobs, runner)
+    return runner

@@ -17,16 +17,20 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import lmdb
 
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.jobs.model import ACTIVE, FINAL, Job, JobState
 
-__all__ = ["JobStateError", "JobStore", "LeaseLostError"]
+if TYPE_CHECKING:
+    from dicomfs.store import Store
+
+__all__ = ["JobStateError", "JobStore", "LeaseLostError", "open_jobs"]
 
 _MAP_SIZE = 4 << 30  # address space only
 _PENDING, _DONE, _FAILED = b"P", b"D", b"F"
@@ -94,6 +98,19 @@ class JobStore:
     def failures(self, job_id: str) -> list[tuple[str, str]]:
         """(item, reason) of every failed item."""
         return [(item, reason) for item, state, _, reason in self._scan(job_id) if state == _FAILED]
+
+    def report(self, job: Job, *, most_failures: int | None = None) -> dict[str, Any]:
+        """The job as people read it (``dicomfs jobs show``, ``jobs/<id>.json``): its JSON form and
+        its failed items with their reasons, the first ``most_failures`` of them."""
+        data = job.as_json()
+        # Only a job with failures has items worth reading: a big export that went well has
+        # thousands, and jobs/ makes the report of every job to show its size.
+        failures = self.failures(job.id) if job.failed_items else []
+        shown = failures if most_failures is None else failures[:most_failures]
+        data["failures"] = [{"item": item, "reason": reason} for item, reason in shown]
+        if len(shown) < len(failures):
+            data["failures_not_shown"] = len(failures) - len(shown)
+        return data
 
     def _scan(self, job_id: str) -> Iterator[tuple[str, bytes, int, str]]:
         prefix = job_id.encode() + b"\0"
@@ -325,6 +342,24 @@ class JobStore:
     def _save(self, txn: lmdb.Transaction, job: Job) -> None:
         job.updated = self._clock()
         txn.put(job.id.encode(), json.dumps(job.as_json(), sort_keys=True).encode(), db=self._jobs)
+
+
+_OPEN: dict[Path, JobStore] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def open_jobs(store: Store) -> JobStore:
+    """The jobs of ``store`` (kept in ``<store>/jobs``), one JobStore per process.
+
+    LMDB must not open one environment twice in a process, and the mount's runner, the views'
+    ``jobs/`` folder, a bridge and the command line may all need it in one process: they share
+    this one, which stays open for the life of the process.
+    """
+    folder = (store.folder / "jobs").resolve()
+    with _OPEN_LOCK:
+        if folder not in _OPEN:
+            _OPEN[folder] = JobStore(folder)
+        return _OPEN[folder]
 
 
 def _item_key(job_id: str, item: str) -> bytes:

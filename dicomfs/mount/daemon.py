@@ -29,8 +29,8 @@ import trio
 from bridge.server import Bridge
 from dicomfs.config import Config
 from dicomfs.errors import DicomfsError
-from dicomfs.jobs.service import open_jobs, start_jobs
-from dicomfs.jobs.storage import JobStore
+from dicomfs.jobs.service import start_jobs
+from dicomfs.jobs.storage import JobStore, open_jobs
 from dicomfs.mount.operations import DicomOperations, MountSettings
 from dicomfs.store import Store
 from dicomfs.systemd import notify_systemd

@@ -19,6 +19,7 @@ import time
 from typing import Callable, Sequence
 
 from dicomfs.errors import NotFoundError
+from dicomfs.jobs.model import Job
 from dicomfs.jobs.storage import JobStore
 from dicomfs.store import Instance, Patient, Record, Series, Store, Study
 from dicomfs.views.documents import series_document, study_document
@@ -141,7 +142,8 @@ class Tree:
             return cached
         kind, resource_id = entry.node[0], entry.node[-1]
         if kind == "job-document":
-            return self._job_document(resource_id)
+            assert self.jobs is not None
+            return self._job_document(self.jobs.get(resource_id))
         if kind == "study-document":
             return self._study_document(resource_id, [r for r in self.store.children(resource_id) if isinstance(r, Series)])
         return self._series_document(resource_id, [r for r in self.store.children(resource_id) if isinstance(r, Instance)])
@@ -165,24 +167,19 @@ class Tree:
             self._documents[("series-document", series_id)] = content
         return content
 
-    def _job_document(self, job_id: str) -> bytes:
+    def _job_document(self, job: Job) -> bytes:
         assert self.jobs is not None
-        job = self.jobs.get(job_id)
-        data = job.as_json()
-        failures = self.jobs.failures(job_id)
-        data["failures"] = [{"instance": item, "reason": reason} for item, reason in failures[:_FAILURES_SHOWN]]
-        if len(failures) > _FAILURES_SHOWN:
-            data["failures_not_shown"] = len(failures) - _FAILURES_SHOWN
+        data = self.jobs.report(job, most_failures=_FAILURES_SHOWN)
         content = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
-            self._documents[("job-document", job_id)] = content
+            self._documents[("job-document", job.id)] = content
         return content
 
     def _jobs(self) -> Listing:
         assert self.jobs is not None
         entries = []
         for job in self.jobs.all():
-            content = self._job_document(job.id)
+            content = self._job_document(job)
             entries.append(Entry(f"{job.id}.json", EntryKind.DOCUMENT, len(content), job.updated, ("job-document", job.id)))
         return Listing.of(entries, max((e.mtime for e in entries), default=self._started))
 
