@@ -28,7 +28,7 @@ from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.store.sources import is_os_junk
 from dicomfs.uploads import ERROR_XATTR
 from dicomfs.views import Entry, EntryKind
-from dicomfs.views.tags import META_PREFIX, PROTECTED, resource_attributes
+from dicomfs.views.tags import META_PREFIX, PROTECTED, protection, resource_attributes
 
 if TYPE_CHECKING:
     from bridge.provider import DicomfsProvider
@@ -38,17 +38,14 @@ __all__ = ["NAMESPACE", "StoredUpload", "UploadFile", "UploadFolder", "ViewFile"
 NAMESPACE = "urn:dicomfs"
 """Properties ``{urn:dicomfs}dicom.PatientID``, ``{urn:dicomfs}dicomfs.meta.<name>``, ...: the
 names the mount shows as extended attributes ``user.<name>``."""
-_ERROR_PROPERTY = "{" + NAMESPACE + "}" + ERROR_XATTR.removeprefix("user.")
+_PREFIX = "{" + NAMESPACE + "}"
+_ERROR_PROPERTY = _PREFIX + ERROR_XATTR.removeprefix("user.")
 _WIN32 = "{urn:schemas-microsoft-com:}"
 
 
 def dav_error(error: DicomfsError) -> DAVError:
     """The WebDAV answer for a dicomfs error: its HTTP status and its one-line message."""
     return DAVError(error.http_status, str(error))
-
-
-def _property(name: str) -> str:
-    return "{" + NAMESPACE + "}" + name
 
 
 # -- the views -----------------------------------------------------------------------------------
@@ -73,12 +70,12 @@ class _ViewResource:
     def get_property_names(self, *, is_allprop: bool) -> list[str]:
         names: list[str] = super().get_property_names(is_allprop=is_allprop)  # type: ignore[misc]
         if not is_allprop:  # allprop is RFC 4918's live properties: tags only when asked for
-            names.extend(_property(name) for name in self._attributes())
+            names.extend(_PREFIX + name for name in self._attributes())
         return names
 
     def get_property_value(self, name: str) -> Any:
-        if name.startswith("{" + NAMESPACE + "}"):
-            value = self._attributes().get(name[len(NAMESPACE) + 2:])
+        if name.startswith(_PREFIX):
+            value = self._attributes().get(name[len(_PREFIX):])
             if value is None:
                 raise DAVError(HTTP_NOT_FOUND)
             return value
@@ -87,7 +84,7 @@ class _ViewResource:
     def set_property_value(self, name: str, value: Any, *, dry_run: bool = False) -> Any:
         """User metadata and patient protection are writable; the rest of the tree is read-only."""
         resource_id = self.entry.resource_id
-        local = name[len(NAMESPACE) + 2:] if name.startswith("{" + NAMESPACE + "}") else ""
+        local = name[len(_PREFIX):] if name.startswith(_PREFIX) else ""
         if resource_id is None or not (local.startswith(META_PREFIX) or local == PROTECTED):
             raise DAVError(HTTP_FORBIDDEN)
         if local == PROTECTED and "delete" not in self.environ.get(RIGHTS_KEY, ()):
@@ -99,9 +96,10 @@ class _ViewResource:
         text = "" if value is None else "".join(value.itertext()).strip()
         try:
             if local == PROTECTED:
-                if text.lower() not in ("0", "1", "true", "false", "yes", "no"):
+                flag = protection(text)
+                if flag is None:
                     raise DAVError(HTTP_FORBIDDEN, "dicomfs.protected takes 1 or 0")
-                store.set_protected(resource_id, text.lower() in ("1", "true", "yes"))
+                store.set_protected(resource_id, flag)
             elif value is None:
                 store.delete_metadata(resource_id, local[len(META_PREFIX):])
             else:
@@ -251,13 +249,13 @@ class UploadFolder(FolderResource):  # type: ignore[misc]
     provider: DicomfsProvider
 
     def create_empty_resource(self, name: str) -> Any:
-        self.provider.check_upload(self.environ)
+        self.provider.check_upload()
         _refuse_clutter(name)
         self.provider.uploads.path([*self.path.strip("/").split("/")[1:], name])  # refuses escaping names
         return super().create_empty_resource(name)
 
     def create_collection(self, name: str) -> None:
-        self.provider.check_upload(self.environ)
+        self.provider.check_upload()
         self.provider.uploads.path([*self.path.strip("/").split("/")[1:], name])  # refuses escaping names
         try:
             super().create_collection(name)
@@ -316,7 +314,7 @@ class UploadFile(FileResource):  # type: ignore[misc]
         return Path(self._file_path)
 
     def begin_write(self, *, content_type: str | None = None) -> Any:
-        self.provider.check_upload(self.environ)
+        self.provider.check_upload()
         _refuse_clutter(self.name)
         self.provider.uploads.clear_reason(self.file_path)  # Explorer's 0-byte PUT was marked empty
         return super().begin_write(content_type=content_type)

@@ -35,7 +35,7 @@ from dicomfs.store.blobs import BlobReader
 from dicomfs.upload_queue import UploadQueue
 from dicomfs.uploads import ERROR_XATTR, UploadArea, UploadOutcome
 from dicomfs.views import JOBS, UPLOADS, Entry, EntryKind, Listing, NotAFolderError, Tree
-from dicomfs.views.tags import META_PREFIX, PROTECTED, resource_attributes
+from dicomfs.views.tags import META_PREFIX, PROTECTED, protection, resource_attributes
 
 __all__ = ["DicomOperations", "MountSettings"]
 
@@ -632,9 +632,10 @@ class DicomOperations(pyfuse3.Operations):
         resource_id = node.resource_id
         try:
             if key == _PROTECTED:
-                if text.lower() not in ("0", "1", "true", "false", "yes", "no"):
+                flag = protection(text)
+                if flag is None:
                     raise pyfuse3.FUSEError(errno.EINVAL)
-                await self._thread(self.store.set_protected, resource_id, text.lower() in ("1", "true", "yes"))
+                await self._thread(self.store.set_protected, resource_id, flag)
             elif key.startswith(_META_PREFIX):
                 await self._thread(self.store.set_metadata, resource_id, key[len(_META_PREFIX):], text)
             else:

@@ -11,11 +11,16 @@ from typing import Sequence
 
 from dicomfs.store import Instance, Patient, Record, Series, Store, Study
 
-__all__ = ["ID", "META_PREFIX", "PROTECTED", "TAG_PREFIX", "main_tags", "resource_attributes"]
+__all__ = ["ID", "META_PREFIX", "PROTECTED", "TAG_PREFIX", "main_tags", "protection", "resource_attributes"]
 
 TAG_PREFIX, META_PREFIX = "dicom.", "dicomfs.meta."
 """``dicom.PatientID`` (read-only, from the index) and ``dicomfs.meta.<name>`` (user metadata)."""
 PROTECTED, ID = "dicomfs.protected", "dicomfs.id"
+
+
+def protection(text: str) -> bool | None:
+    """The value written to ``dicomfs.protected`` as a flag: 1/true/yes or 0/false/no; None otherwise."""
+    return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(text.strip().lower())
 
 
 def resource_attributes(store: Store, resource_id: str) -> dict[str, str]:
