@@ -28,7 +28,7 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from decimal import Decimal
@@ -346,13 +346,21 @@ def _metadata_entry(name: str, value: object) -> int:
     return _user_key(value)
 
 
+def _fields(value: object, known: Sequence[str], example: str) -> dict[str, Any]:
+    """``value`` as a table of ``known`` fields only; ConfigError naming the first stranger."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"must be a table: {example}")
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown field {unknown[0]!r} (known: {', '.join(known)})")
+    return value
+
+
 def _attachment_entry(name: str, value: object) -> AttachmentType:
     _user_name(name)
     if not isinstance(value, dict):
         return AttachmentType(_user_key(value), "application/octet-stream")
-    for field in value:
-        if field not in ("key", "mime"):
-            raise ConfigError(f"unknown field {field!r} (known: key, mime)")
+    _fields(value, ("key", "mime"), "")
     if "key" not in value:
         raise ConfigError("needs a key, e.g. { key = 1025, mime = \"application/pdf\" }")
     mime = _text(value.get("mime", "application/octet-stream"))
@@ -381,11 +389,7 @@ def _bind(value: object) -> str:
 def _user_entry(name: str, value: object) -> User:
     if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
         raise ConfigError("user names may hold only letters, digits and _ . @ - (64 at most)")
-    if not isinstance(value, dict):
-        raise ConfigError('must be a table: { password_hash = "scrypt$...", rights = ["read"] }')
-    for field in value:
-        if field not in ("password_hash", "rights"):
-            raise ConfigError(f"unknown field {field!r} (known: password_hash, rights)")
+    value = _fields(value, ("password_hash", "rights"), '{ password_hash = "scrypt$...", rights = ["read"] }')
     if "password" in value or "password_hash" not in value:
         raise ConfigError("needs a password_hash made by `dicomfs passwd NAME`")
     check_hash_format(_text(value["password_hash"]))
@@ -398,21 +402,17 @@ def _user_entry(name: str, value: object) -> User:
     return User(value["password_hash"], frozenset(rights))
 
 
-_DESTINATION_FIELDS = {
+_DESTINATION_FIELDS = (
     "type", "url", "bearer_token", "bearer_token_file", "bearer_token_env", "basic_auth", "basic_auth_file",
     "basic_auth_env", "chunked", "concurrency", "instances_per_request", "transfer_syntaxes", "tls_verify",
     "tls_verify_hostname", "tls_ca_file", "schedule", "timeout",
-}
+)
 
 
 def _destination_entry(name: str, value: object) -> Destination:
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
         raise ConfigError("destination names may hold only letters, digits and _ . - (64 at most)")
-    if not isinstance(value, dict):
-        raise ConfigError('must be a table: { type = "stowrs", url = "https://pacs/dicom-web" }')
-    unknown = sorted(set(value) - _DESTINATION_FIELDS)
-    if unknown:
-        raise ConfigError(f"unknown field {unknown[0]!r}{_did_you_mean(unknown[0], sorted(_DESTINATION_FIELDS))}")
+    value = _fields(value, _DESTINATION_FIELDS, '{ type = "stowrs", url = "https://pacs/dicom-web" }')
     kind = _one_of("stowrs")(value.get("type", "stowrs"))
     url = _text(value.get("url", ""))
     if not re.match(r"https?://[^/\s]+", url):
@@ -849,11 +849,11 @@ def _load_routes(entries: object, origin: str, destinations: Mapping[str, Destin
     routes = []
     for number, entry in enumerate(entries, 1):
         where = f"{origin}: routes[{number}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: must be a table")
-        unknown = sorted(set(entry) - {"destination", "match", "quiet_seconds"})
-        if unknown:
-            raise ConfigError(f"{where}: unknown field {unknown[0]!r} (known: destination, match, quiet_seconds)")
+        try:
+            entry = _fields(entry, ("destination", "match", "quiet_seconds"),
+                            '{ destination = "pacs2", match = { Modality = "CT" } }')
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
         destination = entry.get("destination")
         if destination not in destinations:
             raise ConfigError(f"{where}: destination {destination!r} is not a [destinations.NAME]")

@@ -61,6 +61,15 @@ def shared_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture
+def filled_store(tmp_path: Path, small_corpus: Corpus) -> Path:
+    """A store made with the command line and holding ``small_corpus``."""
+    store = tmp_path / "store"
+    run_cli("init", store=store, check=True)
+    run_cli("ingest", str(small_corpus.root), store=store)
+    return store
+
+
 def dicomfs_command() -> list[str]:
     """How tests run the real command line: this interpreter, module mode."""
     return [sys.executable, "-m", "dicomfs"]

@@ -40,14 +40,6 @@ def job_json(store: Path, config: Path, job_id: str) -> dict[str, object]:
     return json.loads(run_cli("jobs", "show", job_id, store=store, config=config, check=True).stdout)  # type: ignore[no-any-return]
 
 
-@pytest.fixture
-def filled_store(tmp_path: Path, small_corpus: Corpus) -> Path:
-    store = tmp_path / "store"
-    run_cli("init", store=store, check=True)
-    run_cli("ingest", str(small_corpus.root), store=store)
-    return store
-
-
 def stored_sources(corpus: Corpus) -> dict[str, bytes]:
     """SOP Instance UID -> the bytes the store kept (the first file of a duplicated UID)."""
     kept: dict[str, bytes] = {}

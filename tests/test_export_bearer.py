@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from dicomfs.samples import Corpus
-from tests.conftest import dicomfs_command, run_cli
+from tests.conftest import dicomfs_command
 from tests.orthanc_server import Orthanc, orthanc
 
 pytestmark = pytest.mark.timeout(180)
@@ -229,14 +229,6 @@ def job_id_of(done: subprocess.CompletedProcess[str]) -> str:
 
 def sop_uids_of(corpus: Corpus, patient: str) -> set[str]:
     return {f.sop_uid for f in corpus.valid_files if f.patient_id == patient}
-
-
-@pytest.fixture
-def filled_store(tmp_path: Path, small_corpus: Corpus) -> Path:
-    store = tmp_path / "store"
-    run_cli("init", store=store, check=True)
-    run_cli("ingest", str(small_corpus.root), store=store)
-    return store
 
 
 def test_bearer_token_file_exports_everything_and_never_shows_the_token(
