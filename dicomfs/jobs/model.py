@@ -12,7 +12,7 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["ACTIVE", "EXPORT", "FINAL", "Job", "JobState"]
+__all__ = ["EXPORT", "FINAL", "Job", "JobState"]
 
 EXPORT = "export"
 """The kind of job that sends instances to a DICOMweb archive (``jobs.export``)."""
@@ -28,7 +28,6 @@ class JobState(str, enum.Enum):
     CANCELED = "canceled"
 
 
-ACTIVE = frozenset({JobState.PENDING, JobState.RUNNING})
 FINAL = frozenset({JobState.SUCCESS, JobState.FAILURE, JobState.CANCELED})
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import lmdb
 
 from dicomfs.errors import DicomfsError, NotFoundError
-from dicomfs.jobs.model import ACTIVE, FINAL, Job, JobState
+from dicomfs.jobs.model import FINAL, Job, JobState
 
 if TYPE_CHECKING:
     from dicomfs.store import Store
@@ -226,14 +226,17 @@ class JobStore:
         limits the choice to one job (``dicomfs export --wait`` runs just its own).
         """
         now = self._clock()
+        # Look first in a read transaction: an idle runner polls every second, and a write
+        # transaction (a commit, an fsync, a new change token for every jobs/ view) each time
+        # would be paid for nothing.
+        with self._env.begin(db=self._jobs) as txn:
+            due = [job.id for job in (Job.from_json(json.loads(bytes(v))) for _, v in txn.cursor()) if _due(job, now, only)]
+        if not due:
+            return None
         with self._env.begin(write=True) as txn:
-            for _, value in txn.cursor(db=self._jobs):
-                job = Job.from_json(json.loads(bytes(value)))
-                if job.state not in ACTIVE or (only is not None and job.id != only):
-                    continue
-                if job.state is JobState.RUNNING and job.lease_until > now:
-                    continue
-                if job.state is JobState.PENDING and job.next_attempt > now:
+            for job_id in due:
+                job = self._load(txn, job_id)
+                if not _due(job, now, only):  # another runner took it meanwhile
                     continue
                 waiting = eligible(job)
                 if waiting is not None:
@@ -360,6 +363,15 @@ def open_jobs(store: Store) -> JobStore:
         if folder not in _OPEN:
             _OPEN[folder] = JobStore(folder)
         return _OPEN[folder]
+
+
+def _due(job: Job, now: float, only: str | None) -> bool:
+    """Whether a runner may take ``job`` now: pending and due, or running on a lease that ran out."""
+    if only is not None and job.id != only:
+        return False
+    if job.state is JobState.PENDING:
+        return job.next_attempt <= now
+    return job.state is JobState.RUNNING and job.lease_until <= now
 
 
 def _item_key(job_id: str, item: str) -> bytes:
