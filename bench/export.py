@@ -63,7 +63,6 @@ every subprocess has a timeout.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -73,7 +72,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -85,6 +83,9 @@ import pydicom
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from _shared import CannotRun, Row, dicomfs_command, options, print_report, progress, work_folder, write_json  # noqa: E402
+from _shared import py_spy as find_py_spy  # noqa: E402
 
 from dicomfs.samples import make_instance, write_corpus, write_instance  # noqa: E402
 
@@ -189,40 +190,6 @@ sys.exit(1 if errors else 0)
 """
 
 
-class CannotRun(Exception):
-    """The benchmark cannot go on (exit status 2)."""
-
-
-@dataclass
-class Row:
-    """One line of the report: a dicomfs figure and the reference it is compared with."""
-
-    section: str
-    name: str
-    value: float
-    unit: str  # "inst/s" or "MB/s"
-    reference: float | None = None
-    limit: float | None = None  # the target ratio (higher is better); None: no target
-    detail: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def ratio(self) -> float | None:
-        if self.reference is None or self.reference <= 0 or self.value != self.value:
-            return None
-        return self.value / self.reference
-
-    @property
-    def target(self) -> str:
-        return "-" if self.limit is None else f">= {self.limit:g}x"
-
-    @property
-    def passed(self) -> bool | None:
-        if self.limit is None:
-            return None
-        ratio = self.ratio
-        return ratio is not None and ratio >= self.limit
-
-
 @dataclass(frozen=True)
 class Set:
     """One set of instances to export, with its batching."""
@@ -249,10 +216,6 @@ class Measured:
     cpu_seconds: float  # the client's user + system time
     orthanc_cpu_seconds: float
     extra: dict[str, object] = field(default_factory=dict)
-
-
-def progress(text: str) -> None:
-    print(text, flush=True)
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -524,25 +487,6 @@ def measure(command: list[str], workdir: Path, rows: list[Row], *, quick: bool, 
 # -- report ---------------------------------------------------------------------------------------
 
 
-def _figure(value: float | None, unit: str) -> str:
-    if value is None or value != value:
-        return "-"
-    return f"{value:,.1f} {unit}" if unit == "MB/s" else f"{value:,.0f} {unit}"
-
-
-def print_report(rows: list[Row]) -> None:
-    print("\n| measure | dicomfs | reference | ratio | target | met? |")
-    print("|---|---:|---:|---:|---|---|")
-    for row in rows:
-        ratio = row.ratio
-        met = "-" if row.passed is None else ("PASS" if row.passed else "FAIL")
-        print(f"| {row.name} | {_figure(row.value, row.unit)} | {_figure(row.reference, row.unit)} "
-              f"| {'-' if ratio is None else f'{ratio:.2f}'} | {row.target} | {met} |")
-    checks = [r for r in rows if r.limit is not None]
-    failed = sum(not r.passed for r in checks)
-    print(f"\n{len(checks) - failed} of {len(checks)} targets met.")
-
-
 def leftover_orthancs(workdir: Path) -> list[str]:
     """Orthanc processes still running on this run's folders (others' Orthancs are not ours)."""
     done = subprocess.run(["pgrep", "-a", "Orthanc"], capture_output=True, text=True)
@@ -551,31 +495,13 @@ def leftover_orthancs(workdir: Path) -> list[str]:
 
 def main() -> int:
     """Parse the options, run every measurement, print the report; return the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="800 small + 20 large instances instead of 2,000 + 50, "
-                        "one round instead of two")
-    parser.add_argument("--workdir", type=Path, help="empty or absent folder on the disk to measure "
-                        "(default: a new folder under /var/tmp)")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
-    parser.add_argument("--dicomfs", metavar="CMD", help="the dicomfs command (default: this Python's `-m dicomfs`)")
-    parser.add_argument("--profile", type=Path, metavar="DIR", help="run each export under py-spy, stacks into DIR "
-                        "(slows the export: figures not comparable)")
+    parser = options(__doc__.splitlines()[0] if __doc__ else None,
+                     "800 small + 20 large instances instead of 2,000 + 50, one round instead of two",
+                     profile="run each export under py-spy, stacks into DIR (slows the export: figures not comparable)")
     args = parser.parse_args()
-    command = shlex.split(args.dicomfs) if args.dicomfs else [sys.executable, "-m", "dicomfs"]
-    if not command or not shutil.which(command[0]):
-        parser.error(f"no such command: {args.dicomfs}")
-    py_spy = None
-    if args.profile:
-        py_spy = shutil.which("py-spy") or next((p for p in ("/work/perf/tools/bin/py-spy",) if os.access(p, os.X_OK)), None)
-        if py_spy is None:
-            parser.error("--profile needs py-spy (on PATH or /work/perf/tools/bin/py-spy)")
-        args.profile = args.profile.resolve()
-        args.profile.mkdir(parents=True, exist_ok=True)
-    if args.workdir and args.workdir.exists() and any(args.workdir.iterdir()):
-        parser.error(f"{args.workdir} is not empty")
-    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="dicomfs-export-bench-", dir="/var/tmp"))).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    command = dicomfs_command(parser, args)
+    py_spy = find_py_spy(parser, args)
+    workdir = work_folder(parser, args, "export")
     orthanc_version = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "orthanc", "orthanc-dicomweb"],
                                      capture_output=True, text=True).stdout or "?"
     machine = {"nproc": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
@@ -607,10 +533,7 @@ def main() -> int:
     if rows:
         print_report(rows)
     print(f"\n{total:.0f} s in all.", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "rows": [{**asdict(r), "ratio": r.ratio, "target": r.target,
-                                                                        "passed": r.passed} for r in rows],
-                                         "complete": status == 0}, indent=2, default=str) + "\n")
+    write_json(args.json, machine, rows, complete=status == 0)
     return status
 
 

@@ -41,7 +41,6 @@ umount``, else ``fusermount3 -u -z``) and every subprocess has a timeout.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -52,13 +51,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import pydicom
+from _shared import CannotRun, dicomfs_command, options, progress, work_folder, write_json
 
 from dicomfs.samples import Corpus, write_corpus
 
@@ -72,10 +71,6 @@ UPLOAD_VS_CLI = 0.7
 REPEATS = 3
 CHUNK = 1 << 20
 SHORT, LONG = 120, 3600  # subprocess timeouts, seconds
-
-
-class CannotRun(Exception):
-    """The benchmark cannot go on (exit status 2)."""
 
 
 @dataclass
@@ -259,10 +254,6 @@ def shell(command: str, timeout: float = LONG) -> tuple[float, str, int]:
     if done.returncode:
         print(f"  `{command}` exited {done.returncode}: {done.stderr.strip()[-500:]}", flush=True)
     return seconds, done.stdout.strip(), done.returncode
-
-
-def progress(text: str) -> None:
-    print(text, flush=True)
 
 
 # -- 1. reading -----------------------------------------------------------------------------------
@@ -499,25 +490,13 @@ def print_report(rows: list[Row]) -> None:
 
 def main() -> int:
     """Parse the options, run every measurement, print the report; return the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="40 large files, a 3,000-instance walk store")
-    parser.add_argument("--workdir", type=Path, help="empty or absent folder on the disk to measure "
-                        "(default: a new folder under /var/tmp)")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
-    parser.add_argument("--dicomfs", metavar="CMD", help="the dicomfs command (default: this Python's "
-                        "`-m dicomfs`)")
+    parser = options(__doc__.splitlines()[0] if __doc__ else None, "40 large files, a 3,000-instance walk store")
     args = parser.parse_args()
-    command = shlex.split(args.dicomfs) if args.dicomfs else [sys.executable, "-m", "dicomfs"]
-    if not command or not shutil.which(command[0]):
-        parser.error(f"no such command: {args.dicomfs}")
+    command = dicomfs_command(parser, args)
     if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
         print("needs /dev/fuse and fusermount3 (apt install fuse3)", file=sys.stderr)
         return 2
-    if args.workdir and args.workdir.exists() and any(args.workdir.iterdir()):
-        parser.error(f"{args.workdir} is not empty")
-    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="dicomfs-fuse-bench-", dir="/var/tmp"))).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = work_folder(parser, args, "fuse")
     machine = {"nproc": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                "pydicom": pydicom.__version__, "dicomfs": shlex.join(command), "workdir": str(workdir),
                "quick": args.quick}
@@ -549,9 +528,7 @@ def main() -> int:
     if rows:
         print_report(rows)
     print(f"\n{total:.0f} s in all.", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "rows": [{**asdict(r), "ratio": r.ratio} for r in rows],
-                                         "complete": status == 0}, indent=2, default=str) + "\n")
+    write_json(args.json, machine, rows, complete=status == 0)
     return status
 
 

@@ -51,7 +51,6 @@ measurement, and 2 only when it cannot run. Both servers are stopped with SIGTER
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import http.client
@@ -65,16 +64,17 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import pydicom
+from _shared import CannotRun, Row, dicomfs_command, options, print_report, progress, work_folder, write_json
+from _shared import py_spy as find_py_spy
 
 from dicomfs.samples import Corpus, make_instance, write_corpus, write_instance
 
@@ -125,50 +125,6 @@ print(f"serving {folder} at http://127.0.0.1:{server.bind_addr[1]}/", flush=True
 stop.wait()
 server.stop()
 """
-
-
-class CannotRun(Exception):
-    """The benchmark cannot go on (exit status 2)."""
-
-
-@dataclass
-class Row:
-    """One line of the report: a dicomfs figure and the reference it is compared with."""
-
-    section: str
-    name: str
-    value: float
-    unit: str  # "MB/s", "ms" or "files/s"
-    reference: float | None = None
-    higher_is_better: bool = True
-    limit: float | None = None  # the target ratio; None: no target
-    detail: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def ratio(self) -> float | None:
-        """dicomfs / reference (rates) or dicomfs time / reference time (times)."""
-        if self.reference is None or self.reference <= 0 or self.value != self.value:
-            return None
-        return self.value / self.reference
-
-    @property
-    def target(self) -> str:
-        if self.limit is None:
-            return "-"
-        return f"{'>=' if self.higher_is_better else '<='} {self.limit:g}x"
-
-    @property
-    def passed(self) -> bool | None:
-        if self.limit is None:
-            return None
-        ratio = self.ratio
-        if ratio is None:
-            return False
-        return ratio >= self.limit if self.higher_is_better else ratio <= self.limit
-
-
-def progress(text: str) -> None:
-    print(text, flush=True)
 
 
 # -- servers --------------------------------------------------------------------------------------
@@ -662,54 +618,14 @@ def measure(command: list[str], workdir: Path, rows: list[Row], *, quick: bool, 
 # -- report ---------------------------------------------------------------------------------------
 
 
-def _figure(value: float | None, unit: str) -> str:
-    if value is None or value != value:
-        return "-"
-    if unit == "ms":
-        return f"{value:,.1f} ms"
-    return f"{value:,.0f} {unit}"
-
-
-def print_report(rows: list[Row]) -> None:
-    print("\n| measure | dicomfs | reference | ratio | target | met? |")
-    print("|---|---:|---:|---:|---|---|")
-    for row in rows:
-        ratio = row.ratio
-        shown = "-" if ratio is None else f"{ratio:.2f}" + ("" if row.higher_is_better else " (time)")
-        met = "-" if row.passed is None else ("PASS" if row.passed else "FAIL")
-        print(f"| {row.name} | {_figure(row.value, row.unit)} | {_figure(row.reference, row.unit)} | {shown} "
-              f"| {row.target} | {met} |")
-    checks = [r for r in rows if r.limit is not None]
-    failed = sum(not r.passed for r in checks)
-    print(f"\n{len(checks) - failed} of {len(checks)} targets met.")
-
-
 def main() -> int:
     """Parse the options, run every measurement, print the report; return the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds, 200 uploads instead of 500")
-    parser.add_argument("--workdir", type=Path, help="empty or absent folder on the disk to measure "
-                        "(default: a new folder under /var/tmp)")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
-    parser.add_argument("--dicomfs", metavar="CMD", help="the dicomfs command (default: this Python's "
-                        "`-m dicomfs`)")
-    parser.add_argument("--profile", type=Path, metavar="DIR", help="record the bridge with py-spy into DIR "
-                        "(slows the bridge: figures not comparable)")
+    parser = options(__doc__.splitlines()[0] if __doc__ else None, "fewer rounds, 200 uploads instead of 500",
+                     profile="record the bridge with py-spy into DIR (slows the bridge: figures not comparable)")
     args = parser.parse_args()
-    command = shlex.split(args.dicomfs) if args.dicomfs else [sys.executable, "-m", "dicomfs"]
-    if not command or not shutil.which(command[0]):
-        parser.error(f"no such command: {args.dicomfs}")
-    py_spy = None
-    if args.profile:
-        py_spy = shutil.which("py-spy") or next((p for p in ("/work/perf/tools/bin/py-spy",) if os.access(p, os.X_OK)), None)
-        if py_spy is None:
-            parser.error("--profile needs py-spy (on PATH or /work/perf/tools/bin/py-spy)")
-        args.profile.mkdir(parents=True, exist_ok=True)
-    if args.workdir and args.workdir.exists() and any(args.workdir.iterdir()):
-        parser.error(f"{args.workdir} is not empty")
-    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="dicomfs-webdav-bench-", dir="/var/tmp"))).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    command = dicomfs_command(parser, args)
+    py_spy = find_py_spy(parser, args)
+    workdir = work_folder(parser, args, "webdav")
     import cheroot
     import wsgidav
 
@@ -734,10 +650,7 @@ def main() -> int:
     if rows:
         print_report(rows)
     print(f"\n{total:.0f} s in all.", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "rows": [{**asdict(r), "ratio": r.ratio, "target": r.target,
-                                                                        "passed": r.passed} for r in rows],
-                                         "complete": status == 0}, indent=2, default=str) + "\n")
+    write_json(args.json, machine, rows, complete=status == 0)
     return status
 
 

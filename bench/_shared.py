@@ -1,0 +1,139 @@
+"""What the benchmarks share: their common options, the work folder, the ratio rows and their
+report, and the JSON they write. Imported as ``_shared`` (a benchmark runs as a script, so its
+own folder is on ``sys.path``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CannotRun", "Row", "dicomfs_command", "options", "print_report", "progress", "py_spy", "work_folder",
+           "write_json"]
+
+
+class CannotRun(Exception):
+    """The benchmark cannot go on (exit status 2)."""
+
+
+def progress(text: str) -> None:
+    print(text, flush=True)
+
+
+def options(description: str | None, quick: str, *, profile: str | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark takes; ``profile`` is the help of --profile where there is one."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--workdir", type=Path, help="empty or absent folder on the disk to measure "
+                        "(default: a new folder under /var/tmp)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
+    parser.add_argument("--dicomfs", metavar="CMD", help="the dicomfs command (default: this Python's `-m dicomfs`)")
+    if profile is not None:
+        parser.add_argument("--profile", type=Path, metavar="DIR", help=profile)
+    return parser
+
+
+def dicomfs_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    command = shlex.split(args.dicomfs) if args.dicomfs else [sys.executable, "-m", "dicomfs"]
+    if not command or not shutil.which(command[0]):
+        parser.error(f"no such command: {args.dicomfs}")
+    return command
+
+
+def py_spy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The py-spy to record with when --profile is given (its folder made), else None."""
+    if not args.profile:
+        return None
+    found = shutil.which("py-spy") or next((p for p in ("/work/perf/tools/bin/py-spy",) if os.access(p, os.X_OK)), None)
+    if found is None:
+        parser.error("--profile needs py-spy (on PATH or /work/perf/tools/bin/py-spy)")
+    args.profile = args.profile.resolve()
+    args.profile.mkdir(parents=True, exist_ok=True)
+    return found
+
+
+def work_folder(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> Path:
+    """--workdir (which must be empty), or a new folder under /var/tmp: on disk, not tmpfs."""
+    if args.workdir and args.workdir.exists() and any(args.workdir.iterdir()):
+        parser.error(f"{args.workdir} is not empty")
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix=f"dicomfs-{name}-bench-", dir="/var/tmp"))).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
+def write_json(path: Path | None, machine: dict[str, object], rows: list[Any], *, complete: bool) -> None:
+    """The figures as JSON, when --json asked for them (a row's derived figures included)."""
+    if path is None:
+        return
+    plain = []
+    for row in rows:
+        data = asdict(row)
+        for derived in ("ratio", "target", "passed"):
+            if hasattr(row, derived):
+                data[derived] = getattr(row, derived)
+        plain.append(data)
+    path.write_text(json.dumps({"machine": machine, "rows": plain, "complete": complete}, indent=2, default=str) + "\n")
+
+
+@dataclass
+class Row:
+    """One line of a ratio report: a dicomfs figure and the reference it is compared with."""
+
+    section: str
+    name: str
+    value: float
+    unit: str  # "MB/s", "inst/s", "files/s", "ms"
+    reference: float | None = None
+    higher_is_better: bool = True
+    limit: float | None = None  # the target ratio; None: no target
+    detail: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        """dicomfs / reference (rates) or dicomfs time / reference time (times)."""
+        if self.reference is None or self.reference <= 0 or self.value != self.value:
+            return None
+        return self.value / self.reference
+
+    @property
+    def target(self) -> str:
+        if self.limit is None:
+            return "-"
+        return f"{'>=' if self.higher_is_better else '<='} {self.limit:g}x"
+
+    @property
+    def passed(self) -> bool | None:
+        if self.limit is None:
+            return None
+        ratio = self.ratio
+        if ratio is None:
+            return False
+        return ratio >= self.limit if self.higher_is_better else ratio <= self.limit
+
+
+def _figure(value: float | None, unit: str) -> str:
+    if value is None or value != value:
+        return "-"
+    return f"{value:,.1f} {unit}" if unit in ("ms", "MB/s") else f"{value:,.0f} {unit}"
+
+
+def print_report(rows: list[Row]) -> None:
+    print("\n| measure | dicomfs | reference | ratio | target | met? |")
+    print("|---|---:|---:|---:|---|---|")
+    for row in rows:
+        ratio = row.ratio
+        shown = "-" if ratio is None else f"{ratio:.2f}" + ("" if row.higher_is_better else " (time)")
+        met = "-" if row.passed is None else ("PASS" if row.passed else "FAIL")
+        print(f"| {row.name} | {_figure(row.value, row.unit)} | {_figure(row.reference, row.unit)} | {shown} "
+              f"| {row.target} | {met} |")
+    checks = [r for r in rows if r.limit is not None]
+    failed = sum(not r.passed for r in checks)
+    print(f"\n{len(checks) - failed} of {len(checks)} targets met.")
