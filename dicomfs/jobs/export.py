@@ -124,16 +124,16 @@ class StowExporter:
         record = self.store.get(item)
         if not isinstance(record, Instance):
             raise NotFoundError(f"{item} is not an instance")
-        if not accepted:  # the destination takes every syntax: as stored, streamed a megabyte at a time
-            return Outgoing(record.sop_uid, record.sop_class_uid, record.size, lambda: self._stream(item))
-        from dicomfs.jobs.transcode import choose_syntax, transcoded
+        if accepted:  # pydicom is imported only for a destination that names its syntaxes
+            from dicomfs.jobs.transcode import choose_syntax, transcoded
 
-        syntax = choose_syntax(record.transfer_syntax, accepted)
-        if syntax is None:
-            return Outgoing(record.sop_uid, record.sop_class_uid, record.size, lambda: self._stream(item))
-        with self.store.open_instance(item) as reader:
-            data = transcoded(b"".join(reader.iter_chunks(_CHUNK)), syntax)
-        return Outgoing(record.sop_uid, record.sop_class_uid, len(data), lambda: iter((data,)))
+            syntax = choose_syntax(record.transfer_syntax, accepted)
+            if syntax is not None:
+                with self.store.open_instance(item) as reader:
+                    data = transcoded(b"".join(reader.iter_chunks(_CHUNK)), syntax)
+                return Outgoing.from_bytes(record.sop_uid, record.sop_class_uid, data)
+        # As stored, streamed a megabyte at a time.
+        return Outgoing(record.sop_uid, record.sop_class_uid, record.size, lambda: self._stream(item))
 
     def _stream(self, item: str) -> Iterator[bytes]:
         with self.store.open_instance(item) as reader:
