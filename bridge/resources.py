@@ -58,14 +58,20 @@ class _ViewResource:
     entry: Entry
     environ: dict[str, Any]
     path: str
+    _attributes_read: dict[str, str] | None = None
 
     def _attributes(self) -> dict[str, str]:
+        """Read once per resource: a PROPFIND asks for each named property separately."""
+        if self._attributes_read is not None:
+            return self._attributes_read
         if self.entry.resource_id is None:
             return {}
         try:
-            return resource_attributes(self.provider.store, self.entry.resource_id)
+            cached = resource_attributes(self.provider.store, self.entry.resource_id)
         except NotFoundError:
             raise DAVError(HTTP_NOT_FOUND) from None
+        self._attributes_read = cached
+        return cached
 
     def get_property_names(self, *, is_allprop: bool) -> list[str]:
         names: list[str] = super().get_property_names(is_allprop=is_allprop)  # type: ignore[misc]
@@ -110,6 +116,7 @@ class _ViewResource:
             # removing a property that is not there is no error (RFC 4918 9.2)
         except DicomfsError as error:
             raise DAVError(HTTP_FORBIDDEN, str(error)) from None
+        self._attributes_read = None
         self.provider.changed()
         return True
 
