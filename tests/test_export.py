@@ -3,12 +3,14 @@ network namespace (tests/orthanc_server.py). The exporting ``dicomfs`` runs in t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import subprocess
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pydicom
 import pytest
@@ -46,6 +48,27 @@ def stored_sources(corpus: Corpus) -> dict[str, bytes]:
     for sample in corpus.valid_files:
         kept.setdefault(sample.sop_uid, sample.path.read_bytes())
     return kept
+
+
+@contextlib.contextmanager
+def worker_running(server: Orthanc, store: Path, config: Path) -> Iterator[None]:
+    """``dicomfs worker`` in Orthanc's namespace, from the moment it runs jobs to the block's end."""
+    worker = server.popen([*dicomfs_command(), "--store", str(store), "--config", str(config), "worker"],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().startswith("running jobs")
+        yield
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        if worker.stdout is not None:
+            worker.stdout.close()
+
+
+def wait_until(condition: Callable[[], bool], seconds: float, step: float = 0.2) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(step)
 
 
 def test_export_delivers_every_instance_byte_for_byte(tmp_path: Path, filled_store: Path, small_corpus: Corpus) -> None:
@@ -106,24 +129,15 @@ def test_an_archive_that_goes_away_mid_job_loses_and_duplicates_nothing(tmp_path
         config.write_text(config.read_text().replace("max_attempts = 3", "max_attempts = 50"))
         queued = run_cli("export", "--to", "orthanc", "PAT00001", store=store, config=config, check=True)
         job_id = queued.stdout.split()[1].rstrip(":")
-        worker = server.popen([*dicomfs_command(), "--store", str(store), "--config", str(config), "worker"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 30
-            while job_json(store, config, job_id)["done_items"] < 20 and time.monotonic() < deadline:  # type: ignore[operator]
-                time.sleep(0.02)
+        with worker_running(server, store, config):
+            wait_until(lambda: job_json(store, config, job_id)["done_items"] >= 20, 30, step=0.02)  # type: ignore[operator]
             server.stop()  # killed mid-job
             time.sleep(1.5)
             stalled = job_json(store, config, job_id)
             assert stalled["state"] in ("pending", "running"), json.dumps(stalled)
             assert 0 < stalled["done_items"] < len(expected), json.dumps(stalled)  # type: ignore[operator]
             server.start()
-            deadline = time.monotonic() + 60
-            while job_json(store, config, job_id)["state"] != "success" and time.monotonic() < deadline:
-                time.sleep(0.2)
-        finally:
-            worker.terminate()
-            worker.wait(timeout=30)
+            wait_until(lambda: job_json(store, config, job_id)["state"] == "success", 60)
         final = job_json(store, config, job_id)
         assert final["state"] == "success", json.dumps(final)
         assert server.sop_uids() == expected and final["done_items"] == len(expected)
@@ -141,15 +155,8 @@ def test_failures_then_jobs_retry_succeeds(tmp_path: Path, filled_store: Path) -
         job_id = failed.stdout.split()[1].rstrip(":")
         server.start()
         assert "pending" in run_cli("jobs", "retry", job_id, store=filled_store, config=config, check=True).stdout
-        worker = server.popen([*dicomfs_command(), "--store", str(filled_store), "--config", str(config), "worker"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 60
-            while job_json(filled_store, config, job_id)["state"] != "success" and time.monotonic() < deadline:
-                time.sleep(0.2)
-        finally:
-            worker.terminate()
-            worker.wait(timeout=30)
+        with worker_running(server, filled_store, config):
+            wait_until(lambda: job_json(filled_store, config, job_id)["state"] == "success", 60)
         assert job_json(filled_store, config, job_id)["state"] == "success"
 
 
@@ -159,19 +166,11 @@ def test_a_job_outside_the_schedule_waits_visibly(tmp_path: Path, filled_store: 
         config = export_config(tmp_path / "dicomfs.toml", server, schedule=f"hour={later}")
         queued = run_cli("export", "--to", "orthanc", "PAT00001", store=filled_store, config=config, check=True)
         job_id = queued.stdout.split()[1].rstrip(":")
-        worker = server.popen([*dicomfs_command(), "--store", str(filled_store), "--config", str(config), "worker"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 20
-            while not job_json(filled_store, config, job_id)["waiting_for"] and time.monotonic() < deadline:
-                time.sleep(0.1)
-        finally:
-            worker.terminate()
-            worker.wait(timeout=30)
+        with worker_running(server, filled_store, config):
+            wait_until(lambda: bool(job_json(filled_store, config, job_id)["waiting_for"]), 20, step=0.1)
         waiting = job_json(filled_store, config, job_id)
         assert waiting["state"] == "pending" and f"hour={later}" in str(waiting["waiting_for"])
         assert server.sop_uids() == set()
-
 
 
 def test_a_routing_rule_exports_matching_series_as_they_arrive(tmp_path: Path, small_corpus: Corpus) -> None:
@@ -181,23 +180,13 @@ def test_a_routing_rule_exports_matching_series_as_they_arrive(tmp_path: Path, s
         config = export_config(tmp_path / "dicomfs.toml", server)
         config.write_text(config.read_text() + '[[routes]]\ndestination = "orthanc"\nmatch = { Modality = "CT" }\n'
                           "quiet_seconds = 1\n")
-        worker = server.popen([*dicomfs_command(), "--store", str(store), "--config", str(config), "worker"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        try:
-            assert worker.stdout is not None and worker.stdout.readline().startswith("running jobs")
+        with worker_running(server, store, config):
             time.sleep(0.5)  # the router's first step marks where routing starts
             run_cli("ingest", str(small_corpus.root), store=store)
             ct = {f.sop_uid for f in small_corpus.valid_files
                   if pydicom.dcmread(f.path, stop_before_pixels=True).get("Modality") == "CT"}
             assert ct
-            deadline = time.monotonic() + 30
-            while server.sop_uids() != ct and time.monotonic() < deadline:
-                time.sleep(0.2)
-        finally:
-            worker.terminate()
-            worker.wait(timeout=30)
-            if worker.stdout is not None:
-                worker.stdout.close()
+            wait_until(lambda: server.sop_uids() == ct, 30)
         assert server.sop_uids() == ct
         listed = run_cli("jobs", "ls", store=store, config=config, check=True).stdout
         assert "route Modality=CT" in listed and "success" in listed
