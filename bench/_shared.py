@@ -11,12 +11,13 @@ import shlex
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
-__all__ = ["CannotRun", "Row", "dicomfs_command", "options", "print_report", "progress", "py_spy", "work_folder",
-           "write_json"]
+__all__ = ["CannotRun", "Row", "dicomfs_command", "finish", "options", "print_report", "progress", "py_spy",
+           "work_folder", "write_json"]
 
 
 class CannotRun(Exception):
@@ -81,6 +82,18 @@ def write_json(path: Path | None, machine: dict[str, object], rows: list[Any], *
                 data[derived] = getattr(row, derived)
         plain.append(data)
     path.write_text(json.dumps({"machine": machine, "rows": plain, "complete": complete}, indent=2, default=str) + "\n")
+
+
+def finish(args: argparse.Namespace, machine: dict[str, object], rows: Sequence[Any], status: int, started: float,
+           report: Callable[[Any], None]) -> int:
+    """The end of every benchmark: the report, the total time, the JSON; returns the exit status."""
+    total = time.perf_counter() - started
+    machine["seconds"] = round(total, 1)
+    if rows:
+        report(rows)
+    print(f"\n{total:.0f} s in all.", flush=True)
+    write_json(args.json, machine, list(rows), complete=status == 0)
+    return status
 
 
 @dataclass

@@ -84,7 +84,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from _shared import CannotRun, Row, dicomfs_command, options, print_report, progress, work_folder, write_json  # noqa: E402
+from _shared import CannotRun, Row, dicomfs_command, finish, options, print_report, progress, work_folder  # noqa: E402
 from _shared import py_spy as find_py_spy  # noqa: E402
 
 from dicomfs.samples import make_instance, write_corpus, write_instance  # noqa: E402
@@ -528,13 +528,7 @@ def main() -> int:
     left = leftover_orthancs(workdir)
     if left:
         print(f"Orthanc processes still running: {left}", file=sys.stderr, flush=True)
-    total = time.perf_counter() - started
-    machine["seconds"] = round(total, 1)
-    if rows:
-        print_report(rows)
-    print(f"\n{total:.0f} s in all.", flush=True)
-    write_json(args.json, machine, rows, complete=status == 0)
-    return status
+    return finish(args, machine, rows, status, started, print_report)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pydicom
-from _shared import CannotRun, dicomfs_command, options, progress, work_folder, write_json
+from _shared import CannotRun, dicomfs_command, finish, options, progress, work_folder
 
 from dicomfs.samples import Corpus, write_corpus
 
@@ -522,14 +522,8 @@ def main() -> int:
                 print(f"{workdir} still has mounts: not removed", file=sys.stderr, flush=True)
             else:
                 shutil.rmtree(workdir, ignore_errors=True)
-    total = time.perf_counter() - started
-    machine["seconds"] = round(total, 1)
     machine["caches_dropped"] = caches.dropped
-    if rows:
-        print_report(rows)
-    print(f"\n{total:.0f} s in all.", flush=True)
-    write_json(args.json, machine, rows, complete=status == 0)
-    return status
+    return finish(args, machine, rows, status, started, print_report)
 
 
 if __name__ == "__main__":

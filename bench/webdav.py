@@ -73,7 +73,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import pydicom
-from _shared import CannotRun, Row, dicomfs_command, options, print_report, progress, work_folder, write_json
+from _shared import CannotRun, Row, dicomfs_command, finish, options, print_report, progress, work_folder
 from _shared import py_spy as find_py_spy
 
 from dicomfs.samples import Corpus, make_instance, write_corpus, write_instance
@@ -645,13 +645,7 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    total = time.perf_counter() - started
-    machine["seconds"] = round(total, 1)
-    if rows:
-        print_report(rows)
-    print(f"\n{total:.0f} s in all.", flush=True)
-    write_json(args.json, machine, rows, complete=status == 0)
-    return status
+    return finish(args, machine, rows, status, started, print_report)
 
 
 if __name__ == "__main__":
