@@ -11,6 +11,7 @@ exactly when the mount works, or prints why not and returns 1.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -20,13 +21,12 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import lmdb
 import pyfuse3
 import trio
 
-from bridge.server import Bridge
 from dicomfs.config import Config
 from dicomfs.errors import DicomfsError
 from dicomfs.jobs.service import start_jobs
@@ -36,6 +36,9 @@ from dicomfs.store import Store
 from dicomfs.systemd import notify_systemd
 from dicomfs.uploads import UploadArea
 from dicomfs.views import Tree
+
+if TYPE_CHECKING:
+    from bridge.server import Bridge
 
 __all__ = ["MountError", "MountOptions", "mount", "unmount"]
 
@@ -140,30 +143,27 @@ def _serve(open_store: Callable[[], Store], config: Config, options: MountOption
             fuse_options.add("allow_other")
         if options.auto_unmount:
             fuse_options.add("auto_unmount")
-        bridge = _start_bridge(store, config, options)
-        jobs = start_jobs(store, config) if not options.read_only else None
-        try:
-            pyfuse3.init(operations, str(mountpoint), fuse_options)
-        except RuntimeError as error:
+        with contextlib.ExitStack() as companions:  # stopped after the unmount, whatever happens
+            bridge = _start_bridge(store, config, options)
             if bridge is not None:
-                bridge.stop()
+                companions.callback(bridge.stop)
+            jobs = start_jobs(store, config) if not options.read_only else None
             if jobs is not None:
-                jobs.stop()
-            raise MountError(f"cannot mount {mountpoint}: {error} (is /dev/fuse there, and fuse3 installed?)") from None
-        _log.info("mounted %s at %s (%s; deletes %s)", store_folder, mountpoint,
-                  "read-only" if options.read_only else "read-write",
-                  "allowed" if config.mount.delete_allowed and not options.read_only else "refused")
-        clean = False
-        try:
-            trio.run(_main, operations, config, uploads, ready_fd, instruments=[_SlowStepWarning()])
-            clean = True
-        finally:
-            pyfuse3.close(unmount=clean)
-            operations.detach()
-            if bridge is not None:
-                bridge.stop()
-            if jobs is not None:
-                jobs.stop()
+                companions.callback(jobs.stop)
+            try:
+                pyfuse3.init(operations, str(mountpoint), fuse_options)
+            except RuntimeError as error:
+                raise MountError(f"cannot mount {mountpoint}: {error} (is /dev/fuse there, and fuse3 installed?)") from None
+            _log.info("mounted %s at %s (%s; deletes %s)", store_folder, mountpoint,
+                      "read-only" if options.read_only else "read-write",
+                      "allowed" if config.mount.delete_allowed and not options.read_only else "refused")
+            clean = False
+            try:
+                trio.run(_main, operations, config, uploads, ready_fd, instruments=[_SlowStepWarning()])
+                clean = True
+            finally:
+                pyfuse3.close(unmount=clean)
+                operations.detach()
         return 0
     finally:
         store.close()
@@ -183,6 +183,8 @@ def _start_bridge(store: Store, config: Config, options: MountOptions) -> Bridge
     """The WebDAV bridge over the mount's store (one LMDB environment for both), if asked for."""
     if options.webdav is None:
         return None
+    from bridge.server import Bridge  # wsgidav and cheroot: only a mount that serves WebDAV needs them
+
     bridge = Bridge(store, config, bind=options.webdav or None, allow_anonymous=options.allow_anonymous)
     bridge.start()
     return bridge
