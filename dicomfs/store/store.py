@@ -315,10 +315,8 @@ class Store:
             yield head if isinstance(head, IngestResult) else head.result()
 
     def ingest_file(self, path: Path, *, label: str | None = None, origin: str = "cli", remote: str = "") -> list[IngestResult]:
-        """Ingest one file and wait until it is durable (for upload handlers).
-
-        One result per DICOM file it holds: a zip archive holds several.
-        """
+        """Ingest one file and wait until it is durable; one result per DICOM file it holds (a zip
+        archive holds several). Front ends ingest uploads in groups (``ingest_sources``)."""
         pending = self._offer(self._writer(), Source(label or str(path), str(path)), origin, remote)
         return [p if isinstance(p, IngestResult) else p.result() for p in pending]
 
