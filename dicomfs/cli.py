@@ -379,23 +379,22 @@ def _instances_selected(store: Store, selector: str) -> list[Instance]:
 
 
 def cmd_export(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    from dicomfs.errors import ConfigError
-    from dicomfs.jobs.model import EXPORT
+    from dicomfs.config import Destination
+    from dicomfs.jobs.service import job_for_target
     from dicomfs.jobs.storage import open_jobs
 
+    kind, params = job_for_target(loaded.config, args.to)
     destination = loaded.config.destinations.get(args.to)
-    if destination is None:
-        known = ", ".join(loaded.config.destinations) or "none configured"
-        raise ConfigError(f"no destination {args.to!r} in the configuration (known: {known})")
-    if destination.transfer_syntaxes:  # a typo fails now, not when the job runs (pydicom only then)
-        from dicomfs.jobs.transcode import parse_syntaxes
+    if isinstance(destination, Destination):
+        if destination.transfer_syntaxes:  # a typo fails now, not when the job runs (pydicom only then)
+            from dicomfs.jobs.transcode import parse_syntaxes
 
-        parse_syntaxes(destination.transfer_syntaxes)
-    destination.authorization()  # so does a secret that cannot be read
+            parse_syntaxes(destination.transfer_syntaxes)
+        destination.authorization()  # so does a secret that cannot be read
     with open_store(loaded) as store:
         instances = [i for selector in args.selectors for i in _instances_selected(store, selector)]
         jobs = open_jobs(store)
-        job = jobs.create(EXPORT, {"destination": args.to}, [(i.id, i.size) for i in instances],
+        job = jobs.create(kind, params, [(i.id, i.size) for i in instances],
                           f"export {len(instances)} instances ({' '.join(args.selectors)[:80]}) to {args.to}")
         print(f"job {job.id}: {job.description}")
         if not args.wait:

@@ -46,8 +46,10 @@ __all__ = [
     "LoadedConfig",
     "LogConfig",
     "MountConfig",
+    "Peer",
     "StorageConfig",
     "UploadsConfig",
+    "XnatDestination",
     "default_store_folder",
     "load_config",
     "parse_size",
@@ -121,8 +123,9 @@ class User:
     rights: frozenset[str]
 
 
-RIGHTS = ("read", "upload", "delete")
-"""read: GET, PROPFIND and the like; upload: writes in uploads/ and metadata; delete: DELETE of stored data."""
+RIGHTS = ("read", "upload", "delete", "transfer")
+"""read: GET, PROPFIND and the like; upload: writes in uploads/ and metadata; delete: DELETE of stored data;
+transfer: the peer transfer endpoints under /transfers/ (a peer may read and store instances)."""
 
 
 @dataclass(frozen=True)
@@ -166,8 +169,80 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class XnatDestination:
+    """An XNAT server exports go to as zip batches (``[destinations.NAME]`` with ``type = "xnat"``),
+    as CTP's HttpExportService with its ``xnat`` and ``compressor`` elements does."""
+
+    name: str
+    type: str
+    url: str
+    """The XNAT base URL (``https://xnat.example.org``): the session is ``<url>/data/JSESSION``."""
+    username: str
+    secret: tuple[str, str] | None = dataclass_field(repr=False)
+    """The password as (key, value): ``("password_file", "/etc/dicomfs/xnat.secret")``; read when used."""
+    auth_source: str
+    cookie_name: str
+    cache_size: int
+    """Instances per zip; 0 sends each instance alone, as a DICOM file, unzipped."""
+    structure: str
+    """The template of names inside the zip (checked when the configuration is loaded)."""
+    default_string: str
+    whitespace_replacement: str
+    import_url: str
+    """Where batches are POSTed; empty means ``<url>/data/services/import?import-handler=DICOM-zip&inbody=true``."""
+    send_digest_header: bool
+    tls_verify: bool
+    tls_verify_hostname: bool
+    tls_ca_file: str
+    schedule: tuple[str, ...]
+    timeout: int
+
+    @property
+    def upload_url(self) -> str:
+        return self.import_url or self.url.rstrip("/") + "/data/services/import?import-handler=DICOM-zip&inbody=true"
+
+    def password(self) -> str:
+        """The password; ConfigError naming the file or variable (never the secret) when unreadable."""
+        if self.secret is None:
+            raise ConfigError(f"destination {self.name}: no password configured")
+        return _secret_text(*self.secret)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another dicomfs reached over HTTP(S) for fast transfers (``[peers.NAME]``)."""
+
+    name: str
+    url: str
+    """The peer's bridge (``https://host:8042/``); the transfer endpoints are ``<url>/transfers/``."""
+    username: str
+    secret: tuple[str, str] | None = dataclass_field(repr=False)
+    auth_source: str
+    bucket_size: int
+    workers: int
+    gzip: bool
+    lookup_batch: int
+    tls_verify: bool
+    tls_verify_hostname: bool
+    tls_ca_file: str
+    schedule: tuple[str, ...]
+    timeout: int
+
+    def authorization(self) -> str | None:
+        """The Basic Authorization header value, or None without a username; ConfigError when the
+        password cannot be read (naming the file or variable, never the secret)."""
+        if not self.username:
+            return None
+        if self.secret is None:
+            raise ConfigError(f"peer {self.name}: username {self.username!r} has no password configured")
+        password = _secret_text(*self.secret)
+        return "Basic " + base64.b64encode(f"{self.username}:{password}".encode("utf-8")).decode("ascii")
+
+
+@dataclass(frozen=True)
 class Route:
-    """A routing rule (``[[routes]]``): newly stored instances whose tags match go to a destination."""
+    """A routing rule (``[[routes]]``): newly stored instances whose tags match go to a destination
+    or a peer (``destination`` names a ``[destinations.NAME]`` or a ``[peers.NAME]``)."""
 
     destination: str
     match: tuple[tuple[str, str], ...]
@@ -206,7 +281,8 @@ class Config:
     metadata: Mapping[str, int]
     attachments: Mapping[str, AttachmentType]
     users: Mapping[str, User]
-    destinations: Mapping[str, Destination]
+    destinations: Mapping[str, Destination | XnatDestination]
+    peers: Mapping[str, Peer]
     routes: tuple[Route, ...]
 
 
@@ -409,34 +485,118 @@ _DESTINATION_FIELDS = (
 )
 
 
-def _destination_entry(name: str, value: object) -> Destination:
+_XNAT_FIELDS = (
+    "type", "url", "username", "password", "password_file", "password_env", "cookie_name", "cache_size",
+    "structure", "default_string", "whitespace_replacement", "import_url", "send_digest_header", "tls_verify",
+    "tls_verify_hostname", "tls_ca_file", "schedule", "timeout",
+)
+DEFAULT_XNAT_STRUCTURE = "(0010,0020)/(0020,000D)/(0020,000E)/(0008,0018).dcm"
+"""Names inside an XNAT zip when no structure is configured: unique, and readable by a person."""
+
+
+def _target_name(name: str, what: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
-        raise ConfigError("destination names may hold only letters, digits and _ . - (64 at most)")
-    value = _fields(value, _DESTINATION_FIELDS, '{ type = "stowrs", url = "https://pacs/dicom-web" }')
-    kind = _one_of("stowrs")(value.get("type", "stowrs"))
-    url = _text(value.get("url", ""))
+        raise ConfigError(f"{what} names may hold only letters, digits and _ . - (64 at most)")
+
+
+def _url(value: object) -> str:
+    url = _text(value)
     if not re.match(r"https?://[^/\s]+", url):
         raise ConfigError(f"url must be an http:// or https:// address (got {url!r})")
+    return url
+
+
+def _schedule(value: object) -> tuple[str, ...]:
+    schedule = [value] if isinstance(value, str) else value
+    if not isinstance(schedule, list) or not all(isinstance(s, str) for s in schedule):
+        raise ConfigError('schedule must be a window such as "hour=18-6 dayOfWeek=*" or a list of them')
+    from dicomfs.jobs.schedule import parse_schedules  # pure and small; checked here so a typo fails at start
+
+    parse_schedules(schedule)
+    return tuple(schedule)
+
+
+def _password_secret(value: dict[str, Any]) -> tuple[tuple[str, str] | None, str]:
+    """The one password configured (inline, a file or a variable) as (key, value), and its description."""
+    given = [key for key in ("password", "password_file", "password_env") if key in value]
+    if len(given) > 1:
+        raise ConfigError(f"give one password, not {' and '.join(given)}")
+    if not given:
+        return None, "none"
+    key, where = given[0], _text(value[given[0]])
+    if key == "password":
+        _secret_text(key, where)
+        return (key, where), "password (inline)"
+    return (key, where), f"{key} {where}"
+
+
+def _destination_entry(name: str, value: object) -> Destination | XnatDestination:
+    _target_name(name, "destination")
+    if isinstance(value, dict) and value.get("type") == "xnat":
+        return _xnat_entry(name, value)
+    value = _fields(value, _DESTINATION_FIELDS, '{ type = "stowrs", url = "https://pacs/dicom-web" }')
+    kind = _one_of("stowrs", "xnat")(value.get("type", "stowrs"))
+    url = _url(value.get("url", ""))
     secret, source = _destination_secret(value)
     syntaxes = value.get("transfer_syntaxes", [])
     if isinstance(syntaxes, str):
         syntaxes = [s.strip() for s in syntaxes.split(",") if s.strip()]
     if not isinstance(syntaxes, list) or not all(isinstance(s, str) for s in syntaxes):
         raise ConfigError("transfer_syntaxes must be a list of UIDs or keywords, e.g. [\"ExplicitVRLittleEndian\"]")
-    schedule = value.get("schedule", [])
-    schedule = [schedule] if isinstance(schedule, str) else schedule
-    if not isinstance(schedule, list) or not all(isinstance(s, str) for s in schedule):
-        raise ConfigError('schedule must be a window such as "hour=18-6 dayOfWeek=*" or a list of them')
-    from dicomfs.jobs.schedule import parse_schedules  # pure and small; checked here so a typo fails at start
-
-    parse_schedules(schedule)
+    schedule = _schedule(value.get("schedule", []))
     return Destination(
         name=name, type=kind, url=url, secret=secret, auth_source=source,
         chunked=_boolean(value.get("chunked", False)), concurrency=_integer(1, 64)(value.get("concurrency", 1)),
         instances_per_request=_integer(1, 10_000)(value.get("instances_per_request", 16)),
         transfer_syntaxes=tuple(syntaxes), tls_verify=_boolean(value.get("tls_verify", True)),
         tls_verify_hostname=_boolean(value.get("tls_verify_hostname", True)),
-        tls_ca_file=_text(value.get("tls_ca_file", "")), schedule=tuple(schedule),
+        tls_ca_file=_text(value.get("tls_ca_file", "")), schedule=schedule,
+        timeout=_integer(1, 3600)(value.get("timeout", 120)),
+    )
+
+
+def _xnat_entry(name: str, value: dict[str, Any]) -> XnatDestination:
+    value = _fields(value, _XNAT_FIELDS, '{ type = "xnat", url = "https://xnat.example.org", username = "..." }')
+    secret, source = _password_secret(value)
+    username = _text(value.get("username", ""))
+    if not username:
+        raise ConfigError("an xnat destination needs a username (and a password, password_file or password_env)")
+    import_url = _text(value.get("import_url", ""))
+    if import_url:
+        _url(import_url)
+    structure = _text(value.get("structure", DEFAULT_XNAT_STRUCTURE))
+    cookie_name = _text(value.get("cookie_name", "JSESSIONID"))
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", cookie_name):
+        raise ConfigError(f"cookie_name must be a cookie name such as JSESSIONID (got {cookie_name!r})")
+    return XnatDestination(
+        name=name, type="xnat", url=_url(value.get("url", "")), username=username, secret=secret, auth_source=source,
+        cookie_name=cookie_name, cache_size=_integer(0, 100_000)(value.get("cache_size", 100)),
+        structure=structure, default_string=_text(value.get("default_string", "UNKNOWN")),
+        whitespace_replacement=_text(value.get("whitespace_replacement", "_")), import_url=import_url,
+        send_digest_header=_boolean(value.get("send_digest_header", False)),
+        tls_verify=_boolean(value.get("tls_verify", True)), tls_verify_hostname=_boolean(value.get("tls_verify_hostname", True)),
+        tls_ca_file=_text(value.get("tls_ca_file", "")), schedule=_schedule(value.get("schedule", [])),
+        timeout=_integer(1, 3600)(value.get("timeout", 120)),
+    )
+
+
+_PEER_FIELDS = (
+    "url", "username", "password", "password_file", "password_env", "bucket_size", "workers", "gzip", "lookup_batch",
+    "tls_verify", "tls_verify_hostname", "tls_ca_file", "schedule", "timeout",
+)
+
+
+def _peer_entry(name: str, value: object) -> Peer:
+    _target_name(name, "peer")
+    value = _fields(value, _PEER_FIELDS, '{ url = "https://peer.example.org:8042/", username = "...", password_file = "..." }')
+    secret, source = _password_secret(value)
+    return Peer(
+        name=name, url=_url(value.get("url", "")), username=_text(value.get("username", "")), secret=secret,
+        auth_source=source, bucket_size=_size(64 << 10)(value.get("bucket_size", 4 << 20)),
+        workers=_integer(1, 64)(value.get("workers", 4)), gzip=_boolean(value.get("gzip", False)),
+        lookup_batch=_integer(1, 100_000)(value.get("lookup_batch", 2000)),
+        tls_verify=_boolean(value.get("tls_verify", True)), tls_verify_hostname=_boolean(value.get("tls_verify_hostname", True)),
+        tls_ca_file=_text(value.get("tls_ca_file", "")), schedule=_schedule(value.get("schedule", [])),
         timeout=_integer(1, 3600)(value.get("timeout", 120)),
     )
 
@@ -458,6 +618,16 @@ def _destination_secret(value: dict[str, Any]) -> tuple[tuple[str, str] | None, 
 
 
 def _authorization(key: str, where: str) -> str:
+    secret = _secret_text(key, where)
+    if key.startswith("basic_auth"):
+        if ":" not in secret:
+            raise ConfigError(f"{key}: must be user:password")
+        return "Basic " + base64.b64encode(secret.encode("utf-8")).decode("ascii")
+    return "Bearer " + secret
+
+
+def _secret_text(key: str, where: str) -> str:
+    """A secret given inline, as a ``_file`` or as an ``_env`` variable; errors never show it."""
     if key.endswith("_file"):
         try:
             secret = Path(where).read_text(encoding="utf-8").strip()
@@ -473,11 +643,7 @@ def _authorization(key: str, where: str) -> str:
         raise ConfigError(f"{key}: the secret is empty")
     if any(ord(c) < 32 or ord(c) == 127 for c in secret):
         raise ConfigError(f"{key}: the secret holds control characters (several lines?)")
-    if key.startswith("basic_auth"):
-        if ":" not in secret:
-            raise ConfigError(f"{key}: must be user:password")
-        return "Basic " + base64.b64encode(secret.encode("utf-8")).decode("ascii")
-    return "Bearer " + secret
+    return secret
 
 
 # -- the schema -----------------------------------------------------------------------------------
@@ -649,13 +815,18 @@ _SCHEMA: tuple[_Section | _NamedTable, ...] = (
                 "(mime defaults to application/octet-stream); each key is used once."),
     _NamedTable("users", _user_entry, None,
                 "WebDAV users: [users.NAME] with password_hash (from `dicomfs passwd NAME`) and rights "
-                "drawn from read, upload, delete. None configured: the bridge asks for no password and "
+                "drawn from read, upload, delete, transfer. None configured: the bridge asks for no password and "
                 "binds only to loopback unless told --allow-anonymous."),
     _NamedTable("destinations", _destination_entry, None,
                 "Archives exports go to: [destinations.NAME] with type = \"stowrs\", url, one secret "
                 "(bearer_token or basic_auth, inline or from a _file or an _env variable), chunked, "
                 "concurrency, instances_per_request, transfer_syntaxes, tls_verify, tls_verify_hostname, "
-                "tls_ca_file, schedule, timeout (see docs/configuration.md)."),
+                "tls_ca_file, schedule, timeout; or type = \"xnat\" with url, username, a password, cache_size, "
+                "structure and the rest of docs/configuration.md."),
+    _NamedTable("peers", _peer_entry, None,
+                "Other dicomfs servers for fast transfers (`dicomfs send`, `dicomfs pull`): [peers.NAME] with "
+                "url (the peer's bridge), username and a password (inline, _file or _env), bucket_size, "
+                "workers, gzip, lookup_batch, tls_verify, tls_verify_hostname, tls_ca_file, schedule, timeout."),
 )
 
 
@@ -695,7 +866,7 @@ def _plain(entry: object) -> object:
     """A named-table entry as JSON can show it (a user's hash is shown only as set)."""
     if isinstance(entry, User):
         return {"password_hash": "(set)", "rights": sorted(entry.rights)}
-    if isinstance(entry, Destination):
+    if isinstance(entry, (Destination, XnatDestination, Peer)):
         plain = dataclasses.asdict(entry)
         del plain["secret"]
         return plain
@@ -764,7 +935,10 @@ def load_config(path: Path | None = None, *, store_folder: Path | None = None) -
             sources[part.name] = source
         else:
             sections[part.name] = _load_section(part, table, origin, sources)
-    sections["routes"] = _load_routes(raw.get("routes", []), origin, sections["destinations"])
+    both = sorted(set(sections["destinations"]) & set(sections["peers"]))
+    if both:  # routes and jobs name their target by name alone
+        raise ConfigError(f"{origin}: peers.{both[0]}: a destination has that name too; give them different names")
+    sections["routes"] = _load_routes(raw.get("routes", []), origin, [*sections["destinations"], *sections["peers"]])
     sources["routes"] = origin if "routes" in raw else DEFAULT_SOURCE
     config = Config(**sections)
     if store_folder is not None:
@@ -842,7 +1016,7 @@ _ROUTE_KEYWORDS = {
 }
 
 
-def _load_routes(entries: object, origin: str, destinations: Mapping[str, Destination]) -> tuple[Route, ...]:
+def _load_routes(entries: object, origin: str, targets: Sequence[str]) -> tuple[Route, ...]:
     """``[[routes]]``: { destination = "pacs2", match = { Modality = "CT", StudyDescription = "*CHEST*" } }."""
     if not isinstance(entries, list):
         raise ConfigError(f"{origin}: routes: must be an array of tables ([[routes]])")
@@ -855,8 +1029,8 @@ def _load_routes(entries: object, origin: str, destinations: Mapping[str, Destin
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
         destination = entry.get("destination")
-        if destination not in destinations:
-            raise ConfigError(f"{where}: destination {destination!r} is not a [destinations.NAME]")
+        if destination not in targets:
+            raise ConfigError(f"{where}: destination {destination!r} is not a [destinations.NAME] or a [peers.NAME]")
         match = entry.get("match", {})
         if not isinstance(match, dict) or not all(isinstance(v, str) for v in match.values()):
             raise ConfigError(f'{where}: match must be a table of keyword = "glob", e.g. {{ Modality = "CT" }}')

@@ -135,7 +135,7 @@ def test_config_default_store_folder_order(tmp_path: Path, isolated: Path, monke
 @pytest.mark.parametrize(("text", "key", "hint"), [
     ("[storage]\ncompresion = 'zstd'\n", "storage.compresion", "did you mean compression?"),
     ("[storage]\nfolder = ''\nspeed = 1\n", "storage.speed", "known: folder, compression,"),
-    ("[storrage]\n", "storrage", "unknown section (known: storage, ingest, mount, uploads, webdav, jobs, log, metadata, attachments, users, destinations, routes; did you mean storage?)"),
+    ("[storrage]\n", "storrage", "unknown section (known: storage, ingest, mount, uploads, webdav, jobs, log, metadata, attachments, users, destinations, peers, routes; did you mean storage?)"),
     ("verbose = true\n", "verbose", "unknown section"),
 ])
 def test_config_unknown_key_refused_with_file_and_key(tmp_path: Path, text: str, key: str, hint: str) -> None:
@@ -243,7 +243,7 @@ def test_config_describe_reports_sources(tmp_path: Path) -> None:
         "uploads.rejected_ttl", "uploads.empty_folder_idle", "webdav.enabled", "webdav.bind", "webdav.upload_allowed",
         "webdav.delete_allowed", "webdav.certificate", "webdav.private_key", "webdav.block_size", "webdav.threads",
         "jobs.run", "jobs.lease", "jobs.poll_ms", "jobs.retry_delay", "jobs.retry_max_delay", "jobs.max_attempts",
-        "log.level", "log.file", "metadata", "attachments", "users", "destinations", "routes",
+        "log.level", "log.file", "metadata", "attachments", "users", "destinations", "peers", "routes",
     ]
     by_key = {key: (value, source) for key, value, source in rows}
     assert by_key["storage.compression"] == ("zstd", str(path))

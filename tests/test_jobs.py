@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomfs.jobs.model import Job, JobState
+from dicomfs.jobs.model import EXPORT, Job, JobState
 from dicomfs.jobs.runner import JobRunner, JobWork, RetryPolicy, TransientJobError
 from dicomfs.jobs.storage import JobStateError, JobStore, LeaseLostError
 from dicomfs.samples import Corpus
@@ -235,7 +235,7 @@ def test_routes_make_one_job_per_quiet_series_and_never_repeat(tmp_path: Path, s
     jobs = JobStore(tmp_path / "jobs", clock=clock)
     try:
         route = Route("pacs2", (("Modality", "ct"),), quiet_seconds=10)  # case does not matter
-        router = Router(store, jobs, [route], owner="me", lease=60, clock=clock)
+        router = Router(store, jobs, [route], lambda name: (EXPORT, {"destination": name}), owner="me", lease=60, clock=clock)
         assert router.step() == 0  # the first step only marks where routing starts
         list(store.ingest([small_corpus.root]))
         ct_series = {s.id for s in store.walk(Level.SERIES) if isinstance(s, Series) and s.modality == "CT"}
@@ -248,7 +248,7 @@ def test_routes_make_one_job_per_quiet_series_and_never_repeat(tmp_path: Path, s
         assert exported == expected and all(job.params["destination"] == "pacs2" for job in jobs.all())
         clock.now += 11
         assert router.step() == 0  # nothing new: nothing again
-        other = Router(store, jobs, [route], owner="someone else", lease=60, clock=clock)
+        other = Router(store, jobs, [route], lambda name: (EXPORT, {"destination": name}), owner="someone else", lease=60, clock=clock)
         assert other.step() == 0  # my lease holds
     finally:
         jobs.close()

@@ -12,10 +12,16 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["EXPORT", "FINAL", "Job", "JobState"]
+__all__ = ["EXPORT", "FINAL", "Job", "JobState", "PULL", "SEND", "XNAT_EXPORT"]
 
 EXPORT = "export"
 """The kind of job that sends instances to a DICOMweb archive (``jobs.export``)."""
+XNAT_EXPORT = "xnat-export"
+"""Sends instances to an XNAT server in zip batches (``jobs.xnat``)."""
+SEND = "send"
+"""Pushes instances to a peer dicomfs (``transfers.push``)."""
+PULL = "pull"
+"""Fetches instances from a peer dicomfs into this store (``transfers.pull``)."""
 
 
 class JobState(str, enum.Enum):

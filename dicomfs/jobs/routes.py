@@ -1,5 +1,5 @@
-"""Routing rules: newly stored instances that match a ``[[routes]]`` rule are exported, one job per
-series once the series has been quiet for ``quiet_seconds``.
+"""Routing rules: newly stored instances that match a ``[[routes]]`` rule are exported (or sent to a
+peer), one job per series once the series has been quiet for ``quiet_seconds``.
 
 The router reads the store's change log from where it last stopped, and keeps that cursor and
 the series still gathering with the jobs (``JobStore`` meta), in the transaction that creates
@@ -14,7 +14,6 @@ import logging
 from typing import Callable, Sequence
 
 from dicomfs.config import Route
-from dicomfs.jobs.model import EXPORT
 from dicomfs.jobs.storage import JobStore
 from dicomfs.store import Instance, Store
 from dicomfs.store.ids import Level
@@ -32,11 +31,13 @@ def matches(route: Route, tags: dict[str, str]) -> bool:
 
 
 class Router:
-    """Turns newly stored instances into export jobs by the configured rules."""
+    """Turns newly stored instances into export jobs by the configured rules; ``job_for`` gives the
+    kind and parameters of a job to a rule's destination (``service.job_for_target``)."""
 
-    def __init__(self, store: Store, jobs: JobStore, routes: Sequence[Route], *, owner: str, lease: float,
+    def __init__(self, store: Store, jobs: JobStore, routes: Sequence[Route],
+                 job_for: Callable[[str], tuple[str, dict[str, object]]], *, owner: str, lease: float,
                  clock: Callable[[], float]) -> None:
-        self.store, self.jobs, self.routes = store, jobs, routes
+        self.store, self.jobs, self.routes, self.job_for = store, jobs, routes, job_for
         self.owner, self.lease, self._clock = owner, lease, clock
 
     def step(self) -> int:
@@ -75,7 +76,8 @@ class Router:
         for key, gathering in due.items():
             route = self.routes[int(key.split(":")[0])]
             items = [(str(i), int(s)) for i, s in gathering["items"]]  # type: ignore[attr-defined]
-            jobs.append((EXPORT, {"destination": route.destination, "route": dict(route.match)}, items,
+            kind, params = self.job_for(route.destination)
+            jobs.append((kind, {**params, "route": dict(route.match)}, items,
                          f"route {' '.join(f'{k}={v}' for k, v in route.match)}: {len(items)} instances of series "
                          f"{key.split(':')[1]} to {route.destination}"))
             del pending[key]

@@ -1,27 +1,50 @@
-"""The job runner a dicomfs process starts over its store, from the configuration."""
+"""The job runner a dicomfs process starts over its store, from the configuration, and the job a
+target name calls for."""
 
 from __future__ import annotations
 
 import time
 
-from dicomfs.config import Config
+from dicomfs.config import Config, Destination, XnatDestination
+from dicomfs.errors import ConfigError
 from dicomfs.jobs.export import StowExporter
-from dicomfs.jobs.model import EXPORT
+from dicomfs.jobs.model import EXPORT, SEND, XNAT_EXPORT
 from dicomfs.jobs.routes import Router
-from dicomfs.jobs.runner import JobRunner, RetryPolicy
+from dicomfs.jobs.runner import Executor, JobRunner, RetryPolicy
 from dicomfs.jobs.storage import JobStore, open_jobs
 from dicomfs.store import Store
 
-__all__ = ["runner_for", "start_jobs"]
+__all__ = ["job_for_target", "runner_for", "start_jobs"]
+
+
+def job_for_target(config: Config, name: str) -> tuple[str, dict[str, object]]:
+    """The kind and parameters of a job sending instances to ``name``: a STOW-RS or XNAT
+    destination, or a peer; ConfigError listing the known names otherwise."""
+    destination = config.destinations.get(name)
+    if isinstance(destination, XnatDestination):
+        return XNAT_EXPORT, {"destination": name}
+    if destination is not None:
+        return EXPORT, {"destination": name}
+    if name in config.peers:
+        return SEND, {"peer": name}
+    known = ", ".join([*config.destinations, *config.peers]) or "none configured"
+    raise ConfigError(f"no destination or peer {name!r} in the configuration (known: {known})")
+
+
+def executors_for(store: Store, config: Config) -> dict[str, Executor]:
+    """An executor for every kind of job this configuration can run."""
+    stow = {name: d for name, d in config.destinations.items() if isinstance(d, Destination)}
+    return {EXPORT: StowExporter(store, stow)}
 
 
 def runner_for(store: Store, jobs: JobStore, config: Config, *, only: str | None = None) -> JobRunner:
     """A runner with an executor for every kind of job this configuration can run."""
     c = config.jobs
-    runner = JobRunner(jobs, {EXPORT: StowExporter(store, config.destinations)}, lease=c.lease, poll=c.poll_ms / 1000,
+    runner = JobRunner(jobs, executors_for(store, config), lease=c.lease, poll=c.poll_ms / 1000,
                        retry=RetryPolicy(c.retry_delay, c.retry_max_delay, c.max_attempts), only=only)
     if config.routes and only is None and not store.readonly:
-        runner.router = Router(store, jobs, config.routes, owner=runner.owner, lease=c.lease, clock=time.time).step
+        runner.router = Router(store, jobs, config.routes, lambda name: job_for_target(config, name),
+                               owner=runner.owner, lease=c.lease, clock=time.time).step
     return runner
 
 
