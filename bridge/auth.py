@@ -26,13 +26,13 @@ from dicomfs.config import RIGHTS, User
 from dicomfs.passwords import verify_password
 from dicomfs.views import UPLOADS
 
-__all__ = ["REALM", "RIGHTS_KEY", "UsersDomainController", "required_right"]
+__all__ = ["Credentials", "REALM", "RIGHTS_KEY", "UsersDomainController", "required_right"]
 
 REALM = "dicomfs"
 RIGHTS_KEY = "dicomfs.rights"
 """The environ key holding the rights of the request's user (a frozenset of RIGHTS)."""
 USERS_KEY = "dicomfs_users"
-"""The wsgidav configuration key the users are passed in (read by the domain controller)."""
+"""The wsgidav configuration key the :class:`Credentials` are passed in (read by the domain controller)."""
 _REMEMBERED_SECONDS = 300.0
 
 _READING = {"GET", "HEAD", "OPTIONS", "PROPFIND"}
@@ -60,26 +60,52 @@ def _in_uploads(path: str) -> bool:
     return first == UPLOADS
 
 
+class Credentials:
+    """Checks a user name and password against the configured users, remembering successes."""
+
+    def __init__(self, users: Mapping[str, User]) -> None:
+        self.users = users
+        self._key = os.urandom(32)  # keys the remembered digests; never leaves this process
+        self._remembered: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+
+    def check(self, user_name: str, password: str) -> User | None:
+        """The user, when the password is right; None otherwise (as slow for an unknown name)."""
+        user = self.users.get(user_name)
+        if user is None:
+            verify_password(password, _DUMMY_HASH)  # as slow as a real check: names stay secret
+            return None
+        digest = hmac.new(self._key, f"{user_name}\0{password}\0{user.password_hash}".encode(), hashlib.sha256).digest()
+        now = time.monotonic()
+        with self._lock:
+            remembered = self._remembered.get(digest, 0.0) > now
+        if not remembered:
+            if not verify_password(password, user.password_hash):
+                return None
+            with self._lock:
+                if len(self._remembered) > 1024:
+                    self._remembered = {k: v for k, v in self._remembered.items() if v > now}
+                self._remembered[digest] = now + _REMEMBERED_SECONDS
+        return user
+
+
 class UsersDomainController(BaseDomainController):  # type: ignore[misc]
     """wsgidav's domain controller over the configured users (``http_authenticator.domain_controller``)."""
 
     def __init__(self, wsgidav_app: object, config: Mapping[str, object]) -> None:
         super().__init__(wsgidav_app, config)
-        users = config.get(USERS_KEY) or {}
-        assert isinstance(users, Mapping)
-        self._users: Mapping[str, User] = users
-        self._key = os.urandom(32)  # keys the remembered digests; never leaves this process
-        self._remembered: dict[bytes, float] = {}
-        self._lock = threading.Lock()
+        credentials = config.get(USERS_KEY)
+        assert isinstance(credentials, Credentials)
+        self._credentials = credentials
 
     def __str__(self) -> str:
-        return f"{self.__class__.__name__}({len(self._users)} users)"
+        return f"{self.__class__.__name__}({len(self._credentials.users)} users)"
 
     def get_domain_realm(self, path_info: str, environ: dict[str, object] | None) -> str:
         return REALM
 
     def require_authentication(self, realm: str, environ: dict[str, object] | None) -> bool:
-        if not self._users:
+        if not self._credentials.users:
             if environ is not None:
                 environ[RIGHTS_KEY] = frozenset(RIGHTS)
             return False
@@ -89,21 +115,9 @@ class UsersDomainController(BaseDomainController):  # type: ignore[misc]
         return False  # digest needs a password-equivalent kept on the server; we keep only hashes
 
     def basic_auth_user(self, realm: str, user_name: str, password: str, environ: dict[str, object]) -> bool:
-        user = self._users.get(user_name)
+        user = self._credentials.check(user_name, password)
         if user is None:
-            verify_password(password, _DUMMY_HASH)  # as slow as a real check: names stay secret
             return False
-        digest = hmac.new(self._key, f"{user_name}\0{password}\0{user.password_hash}".encode(), hashlib.sha256).digest()
-        now = time.monotonic()
-        with self._lock:
-            remembered = self._remembered.get(digest, 0.0) > now
-        if not remembered:
-            if not verify_password(password, user.password_hash):
-                return False
-            with self._lock:
-                if len(self._remembered) > 1024:
-                    self._remembered = {k: v for k, v in self._remembered.items() if v > now}
-                self._remembered[digest] = now + _REMEMBERED_SECONDS
         environ[RIGHTS_KEY] = user.rights
         return True
 

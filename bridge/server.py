@@ -13,7 +13,7 @@ import logging
 import socket
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
@@ -22,12 +22,13 @@ from wsgidav.http_authenticator import HTTPAuthenticator
 from wsgidav.request_resolver import RequestResolver
 from wsgidav.wsgidav_app import WsgiDAVApp
 
-from bridge.auth import USERS_KEY, UsersDomainController
+from bridge.auth import USERS_KEY, Credentials, UsersDomainController
 from bridge.errors import ErrorPages, PathGuard
 from bridge.properties import StorePropertyManager
 from bridge.provider import BridgeSettings, DicomfsProvider
+from bridge.transfers import TransferRoutes
 from dicomfs.config import Config, parse_bind
-from dicomfs.errors import DicomfsError
+from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.jobs.storage import open_jobs
 from dicomfs.store import Store
 from dicomfs.uploads import UploadArea
@@ -37,6 +38,10 @@ __all__ = ["Bridge", "BridgeError"]
 
 _log = logging.getLogger("dicomfs.webdav")
 _JANITOR_SECONDS = 5.0
+_ABANDONED_CHUNKS_SECONDS = 7 * 86400.0
+"""Chunks of a large instance whose transfer stopped a week ago are given up."""
+_UNUSED_PLAN_SECONDS = 86400.0
+"""A pull plan no peer fetched from for a day is forgotten (the peer registers it again if needed)."""
 
 
 class BridgeError(DicomfsError):
@@ -63,7 +68,10 @@ class Bridge:
         self.provider = DicomfsProvider(store, Tree(store, uploads=writable, jobs=open_jobs(store)), uploads,
                                         BridgeSettings(webdav.upload_allowed and writable, webdav.delete_allowed and writable))
         self.properties = StorePropertyManager(store.folder / "webdav" / "properties")
-        self.app = PathGuard(WsgiDAVApp(self._wsgidav_config()))
+        self.credentials = Credentials(config.users)
+        self.transfers = TransferRoutes(WsgiDAVApp(self._wsgidav_config()), store, self.credentials,
+                                        writable=writable, path_lookup=self._resource_at)
+        self.app = PathGuard(self.transfers)
         self._server: wsgi.Server | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -79,7 +87,7 @@ class Bridge:
                 "default_to_digest": False,
                 "trusted_auth_header": None,
             },
-            USERS_KEY: dict(self.config.users),
+            USERS_KEY: self.credentials,
             "lock_storage": True,  # class 2: Windows and Finder mount read-write only with locks
             "property_manager": self.properties,
             "block_size": webdav.block_size,
@@ -93,6 +101,15 @@ class Bridge:
             "verbose": 2,
             "ssl_certificate": webdav.certificate or None,  # only silences wsgidav's "Basic without TLS" warning
         }
+
+    def _resource_at(self, parts: Sequence[str]) -> str | None:
+        """The resource a tree path shows (``by-patients/P1 - DOE^J``), for transfer selectors."""
+        tree = self.provider.tree
+        tree.refresh()
+        try:
+            return tree.lookup(parts).resource_id
+        except NotFoundError:
+            return None
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -142,6 +159,8 @@ class Bridge:
                 self.provider.release_expired()
                 busy = {uploads.path(parts) for parts in self.provider.busy_uploads()}
                 uploads.sweep(rejected_ttl=settings.rejected_ttl, empty_folder_idle=settings.empty_folder_idle, busy=busy)
+                self.transfers.receiver.sweep(_ABANDONED_CHUNKS_SECONDS)
+                self.transfers.outbox.sweep(_UNUSED_PLAN_SECONDS)
             except Exception:  # the janitor must outlive one bad pass
                 _log.exception("uploads/ janitor pass failed")
 

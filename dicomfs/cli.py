@@ -402,11 +402,54 @@ def cmd_export(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         return _wait_for(store, jobs, loaded.config, job.id)
 
 
+def _peer(config: Config, name: str) -> Any:
+    peer = config.peers.get(name)
+    if peer is None:
+        from dicomfs.errors import ConfigError
+
+        raise ConfigError(f"no peer {name!r} in the configuration (known: {', '.join(config.peers) or 'none configured'})")
+    peer.authorization()  # a password that cannot be read fails now, not when the job runs
+    return peer
+
+
+def cmd_send(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from dicomfs.jobs.model import SEND
+    from dicomfs.jobs.storage import open_jobs
+
+    _peer(loaded.config, args.to)
+    with open_store(loaded) as store:
+        instances = {i.id: i for selector in args.selectors for i in _instances_selected(store, selector)}
+        jobs = open_jobs(store)
+        job = jobs.create(SEND, {"peer": args.to}, [(i.id, i.size) for i in instances.values()],
+                          f"send {len(instances)} instances ({' '.join(args.selectors)[:80]}) to peer {args.to}")
+        print(f"job {job.id}: {job.description}")
+        return _wait_for(store, jobs, loaded.config, job.id) if args.wait else 0
+
+
+def cmd_pull(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from dicomfs.jobs.model import PULL
+    from dicomfs.jobs.storage import open_jobs
+    from dicomfs.transfers.client import PeerClient
+
+    peer = _peer(loaded.config, args.from_peer)
+    client = PeerClient(peer)
+    try:
+        found = client.resolve(args.selectors)
+    finally:
+        client.close()
+    with open_store(loaded) as store:
+        jobs = open_jobs(store)
+        job = jobs.create(PULL, {"peer": peer.name}, [(w.id, w.size) for w in found],
+                          f"pull {len(found)} instances ({' '.join(args.selectors)[:80]}) from peer {peer.name}")
+        print(f"job {job.id}: {job.description}")
+        return _wait_for(store, jobs, loaded.config, job.id) if args.wait else 0
+
+
 def _wait_for(store: Store, jobs: Any, config: Config, job_id: str) -> int:
     """Run the job here (another runner may take it too: the lease decides) and show its progress."""
     from tqdm import tqdm
 
-    from dicomfs.jobs.model import FINAL, JobState
+    from dicomfs.jobs.model import FINAL, PULL, SEND, JobState
     from dicomfs.jobs.service import runner_for
 
     runner = runner_for(store, jobs, config, only=job_id)
@@ -422,7 +465,11 @@ def _wait_for(store: Store, jobs: Any, config: Config, job_id: str) -> int:
                 bar.refresh()
     finally:
         runner.stop()
-    print(f"job {job.id}: {job.state.value}: {job.done_items} of {job.total_items} sent, {job.failed_items} failed"
+    transfer = job.kind in (SEND, PULL)
+    extra = {name: int(job.extra.get(name, 0)) for name in ("content_bytes", "wire_bytes", "skipped_items")}
+    print(f"job {job.id}: {job.state.value}: {job.done_items} of {job.total_items} done, {job.failed_items} failed"
+          + (f", {_human(extra['content_bytes'])} moved ({_human(extra['wire_bytes'])} on the wire), "
+             f"{extra['skipped_items']} already there" if transfer else "")
           + (f" ({job.last_error})" if job.last_error else ""))
     return 0 if job.state is JobState.SUCCESS else 1
 
@@ -598,7 +645,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="a path in a mounted tree, a resource id, a DICOM UID or a PatientID")
     p.add_argument("--to", required=True, metavar="NAME", help="a [destinations.NAME] of the configuration")
     p.add_argument("--wait", action="store_true", help="run it here and wait; exit 1 unless it succeeds")
-    p = add("jobs", cmd_jobs, "list and steer jobs (exports)")
+    p = add("send", cmd_send, "push instances to a configured peer dicomfs ([peers.NAME]), as a job")
+    p.add_argument("selectors", nargs="+", metavar="SELECTOR",
+                   help="a path in a mounted tree, a resource id, a DICOM UID or a PatientID")
+    p.add_argument("--to", required=True, metavar="PEER", help="a [peers.NAME] of the configuration")
+    p.add_argument("--wait", action="store_true", help="run it here and wait; exit 1 unless it succeeds")
+    p = add("pull", cmd_pull, "fetch instances from a configured peer dicomfs into this store, as a job")
+    p.add_argument("selectors", nargs="+", metavar="SELECTOR",
+                   help="on the peer: a path of its tree (by-patients/...), a resource id, a DICOM UID or a PatientID")
+    p.add_argument("--from", dest="from_peer", required=True, metavar="PEER", help="a [peers.NAME] of the configuration")
+    p.add_argument("--wait", action="store_true", help="run it here and wait; exit 1 unless it succeeds")
+    p = add("jobs", cmd_jobs, "list and steer jobs (exports, transfers)")
     p.add_argument("action", choices=["ls", "show", "pause", "resume", "cancel", "retry"])
     p.add_argument("job", nargs="?", metavar="JOB", help="the job id (all but ls)")
     p.add_argument("--json", action="store_true")

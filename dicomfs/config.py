@@ -586,13 +586,20 @@ _PEER_FIELDS = (
 )
 
 
+def _bucket_size(value: object) -> int:
+    size = _size(64 << 10)(value)
+    if size > 64 << 20:  # a receiver holds a bucket in memory; it accepts up to twice this
+        raise ConfigError(f"bucket_size must be at most 64 MiB (got {value!r})")
+    return size
+
+
 def _peer_entry(name: str, value: object) -> Peer:
     _target_name(name, "peer")
     value = _fields(value, _PEER_FIELDS, '{ url = "https://peer.example.org:8042/", username = "...", password_file = "..." }')
     secret, source = _password_secret(value)
     return Peer(
         name=name, url=_url(value.get("url", "")), username=_text(value.get("username", "")), secret=secret,
-        auth_source=source, bucket_size=_size(64 << 10)(value.get("bucket_size", 4 << 20)),
+        auth_source=source, bucket_size=_bucket_size(value.get("bucket_size", 4 << 20)),
         workers=_integer(1, 64)(value.get("workers", 4)), gzip=_boolean(value.get("gzip", False)),
         lookup_batch=_integer(1, 100_000)(value.get("lookup_batch", 2000)),
         tls_verify=_boolean(value.get("tls_verify", True)), tls_verify_hostname=_boolean(value.get("tls_verify_hostname", True)),

@@ -21,7 +21,7 @@ from dicomfs.config import Destination
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.jobs.model import Job
 from dicomfs.jobs.runner import JobWork, TransientJobError
-from dicomfs.jobs.schedule import allowed, next_allowed, parse_schedules
+from dicomfs.jobs.schedule import closed_until
 from dicomfs.jobs.stowrs import Outgoing, StowRefusedError, StowTarget, StowTransientError, send
 from dicomfs.store import Instance, Store
 
@@ -44,12 +44,7 @@ class StowExporter:
         destination = self.destinations.get(job.params.get("destination", ""))
         if destination is None:
             return f"destination {job.params.get('destination')!r} is not configured in this process"
-        schedules = parse_schedules(destination.schedule)
-        now = self._clock()
-        if allowed(schedules, now):
-            return None
-        opens = next_allowed(schedules, now)
-        return f"outside {destination.name}'s schedule ({' or '.join(destination.schedule)}) until {opens:%Y-%m-%d %H:%M}"
+        return closed_until(destination.name, destination.schedule, self._clock())
 
     def run(self, job: Job, work: JobWork) -> None:
         destination = self.destinations[job.params["destination"]]

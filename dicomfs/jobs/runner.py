@@ -45,8 +45,9 @@ class JobWork:
     def pending(self, limit: int) -> list[tuple[str, int]]:
         return self.jobs.pending_items(self.job.id, limit)
 
-    def record(self, done: Iterable[str] = (), failed: Iterable[tuple[str, str]] = ()) -> None:
-        self.job = self.jobs.record(self.job.id, self.owner, done, failed)
+    def record(self, done: Iterable[str] = (), failed: Iterable[tuple[str, str]] = (),
+               counters: Mapping[str, int] | None = None) -> None:
+        self.job = self.jobs.record(self.job.id, self.owner, done, failed, counters)
 
     def keep_going(self) -> bool:
         """False once the job was paused or canceled, or the runner is stopping; renews the lease."""

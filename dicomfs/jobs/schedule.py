@@ -40,7 +40,7 @@ from typing import Sequence
 
 from dicomfs.errors import ConfigError
 
-__all__ = ["Schedule", "allowed", "next_allowed", "parse_schedule", "parse_schedules"]
+__all__ = ["Schedule", "allowed", "closed_until", "next_allowed", "parse_schedule", "parse_schedules"]
 
 # field name -> (count of values, what the values mean, for error messages)
 _FIELDS: dict[str, tuple[int, str]] = {
@@ -113,6 +113,14 @@ def next_allowed(schedules: Sequence[Schedule], when: datetime) -> datetime:
         if allowed(schedules, hour):
             return hour
     raise ValueError(f"no schedule of {[s.text for s in schedules]!r} allows any hour within 8 days of {when}")
+
+
+def closed_until(name: str, texts: Sequence[str], now: datetime) -> str | None:
+    """Why a job for ``name`` must wait at ``now`` under its schedule ``texts``, or None if it may run."""
+    schedules = parse_schedules(texts)
+    if allowed(schedules, now):
+        return None
+    return f"outside {name}'s schedule ({' or '.join(texts)}) until {next_allowed(schedules, now):%Y-%m-%d %H:%M}"
 
 
 def _day_of_week(when: datetime) -> int:

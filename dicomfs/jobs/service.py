@@ -8,11 +8,12 @@ import time
 from dicomfs.config import Config, Destination, XnatDestination
 from dicomfs.errors import ConfigError
 from dicomfs.jobs.export import StowExporter
-from dicomfs.jobs.model import EXPORT, SEND, XNAT_EXPORT
+from dicomfs.jobs.model import EXPORT, PULL, SEND, XNAT_EXPORT
 from dicomfs.jobs.routes import Router
 from dicomfs.jobs.runner import Executor, JobRunner, RetryPolicy
 from dicomfs.jobs.storage import JobStore, open_jobs
 from dicomfs.store import Store
+from dicomfs.transfers.jobs import PullExecutor, PushExecutor
 
 __all__ = ["job_for_target", "runner_for", "start_jobs"]
 
@@ -34,7 +35,8 @@ def job_for_target(config: Config, name: str) -> tuple[str, dict[str, object]]:
 def executors_for(store: Store, config: Config) -> dict[str, Executor]:
     """An executor for every kind of job this configuration can run."""
     stow = {name: d for name, d in config.destinations.items() if isinstance(d, Destination)}
-    return {EXPORT: StowExporter(store, stow)}
+    return {EXPORT: StowExporter(store, stow), SEND: PushExecutor(store, config.peers),
+            PULL: PullExecutor(store, config.peers)}
 
 
 def runner_for(store: Store, jobs: JobStore, config: Config, *, only: str | None = None) -> JobRunner:

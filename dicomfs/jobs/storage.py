@@ -20,7 +20,7 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import lmdb
 
@@ -259,10 +259,14 @@ class JobStore:
                 self._save(txn, job)
             return job
 
-    def record(self, job_id: str, owner: str, done: Iterable[str] = (), failed: Iterable[tuple[str, str]] = ()) -> Job:
-        """Items acknowledged by the destination, and items that failed for good (with why)."""
+    def record(self, job_id: str, owner: str, done: Iterable[str] = (), failed: Iterable[tuple[str, str]] = (),
+               counters: Mapping[str, int] | None = None) -> Job:
+        """Items acknowledged by the destination, and items that failed for good (with why);
+        ``counters`` are added to the job's ``extra`` (e.g. bytes on the wire), in the same transaction."""
         with self._env.begin(write=True) as txn:
             job = self._held(txn, job_id, owner)
+            for name, amount in (counters or {}).items():
+                job.extra[name] = int(job.extra.get(name, 0)) + amount
             progressed = False
             for item in done:
                 size = self._mark(txn, job_id, item, _DONE, "")

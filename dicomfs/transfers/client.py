@@ -1,0 +1,237 @@
+"""Talking to a peer's ``/transfers/`` endpoints over HTTP(S), with keep-alive connections.
+
+Each thread keeps its own connection to the peer (the jobs send buckets from several threads);
+a connection the peer closed while idle is reopened once, transparently. Failures come as two
+errors the job engine understands: :class:`PeerUnreachableError` (transient: try again later)
+and :class:`PeerRefusedError` (a person must act: wrong password, missing right, not a dicomfs).
+The Authorization header never reaches a message.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from dicomfs import __version__
+from dicomfs.config import Peer
+from dicomfs.errors import ConfigError, DicomfsError
+from dicomfs.jobs.runner import TransientJobError
+from dicomfs.transfers.protocol import Piece, Wanted
+
+__all__ = ["PeerClient", "PeerRefusedError", "PeerUnreachableError", "Sent"]
+
+BUCKET_TYPE = "application/vnd.dicomfs.bucket"
+_TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_MAX_ANSWER = 256 << 20
+GZIP_LEVEL = 6
+"""gzip's own default: on the slow links transfers are for, bytes saved matter more than CPU."""
+
+
+class PeerUnreachableError(TransientJobError):
+    """The peer could not be reached or answered "not now" (5xx, timeout): try again later."""
+
+
+class PeerRefusedError(DicomfsError):
+    """The peer refused the request for good: credentials, rights, or not a dicomfs transfer endpoint."""
+
+    http_status = 502
+
+
+class Sent:
+    """What one bucket moved: ``content`` bytes of instances, ``wire`` bytes of HTTP body."""
+
+    __slots__ = ("content", "wire")
+
+    def __init__(self, content: int, wire: int) -> None:
+        self.content, self.wire = content, wire
+
+
+class PeerClient:
+    """The transfer endpoints of one configured peer."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+        parts = urlsplit(peer.url)
+        self._https = parts.scheme == "https"
+        self._host, self._port = parts.hostname or "", parts.port
+        self._base = parts.path.rstrip("/") + "/transfers"
+        self._authorization = peer.authorization()
+        self._local = threading.local()
+        self._context = _ssl_context(peer) if self._https else None
+
+    # -- the protocol ---------------------------------------------------------------------------
+
+    def lookup(self, wanted: Sequence[Wanted]) -> dict[str, Any]:
+        """Which of ``wanted`` the peer has, whole or in part (push)."""
+        return self._json("POST", "/lookup", {"instances": [[w.id, w.sha256, w.size] for w in wanted]})
+
+    def send_bucket(self, bucket: bytes, *, compress: bool) -> tuple[dict[str, Any], Sent]:
+        """Push one bucket; the peer's answer (stored, failed, damaged, partial) and its bytes (the
+        bucket's, manifest included, and the body's)."""
+        body = gzip.compress(bucket, GZIP_LEVEL, mtime=0) if compress else bucket
+        headers = {"Content-Type": BUCKET_TYPE}
+        if compress:
+            headers["Content-Encoding"] = "gzip"
+        status, answer_headers, answer = self._request("POST", "/buckets", body, headers)
+        return self._decoded_json(status, answer_headers, answer, "/buckets"), Sent(len(bucket), len(body))
+
+    def resolve(self, selectors: Sequence[str]) -> list[Wanted]:
+        """The instances ``selectors`` name on the peer (pull)."""
+        answer = self._json("POST", "/resolve", {"selectors": list(selectors)})
+        return [Wanted(i, h, int(s)) for i, h, s in answer["instances"]]
+
+    def manifest(self, ids: Sequence[str]) -> tuple[list[Wanted], list[str]]:
+        """(the SHA-256 and size of those of ``ids`` the peer still has; the ids it no longer has)."""
+        answer = self._json("POST", "/manifest", {"ids": list(ids)})
+        return [Wanted(i, h, int(s)) for i, h, s in answer["instances"]], list(answer["gone"])
+
+    def register_plan(self, buckets: Sequence[Sequence[Piece]]) -> str:
+        plan = [[[p.id, p.sha256, p.size, p.offset, p.length] for p in bucket] for bucket in buckets]
+        return str(self._json("POST", "/plans", {"buckets": plan})["plan"])
+
+    def fetch_bucket(self, plan: str, number: int, *, compress: bool) -> tuple[bytes, Sent]:
+        """Bucket ``number`` of a registered plan (pull); its bytes and what it cost on the wire."""
+        headers = {"Accept": BUCKET_TYPE, "Accept-Encoding": "gzip" if compress else "identity"}
+        path = f"/plans/{quote(plan)}/{number}"
+        status, answer_headers, body = self._request("GET", path, None, headers)
+        if status != 200:
+            raise self._status_error(status, body, path)
+        if answer_headers.get("content-encoding", "").lower() == "gzip":
+            try:
+                data = gzip.decompress(body)
+                return data, Sent(len(data), len(body))
+            except (OSError, EOFError) as error:
+                raise PeerUnreachableError(f"peer {self.peer.name}: bucket {number} arrived damaged ({error})") from None
+        return body, Sent(len(body), len(body))
+
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    def _json(self, method: str, path: str, payload: object) -> dict[str, Any]:
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        status, headers, answer = self._request(method, path, body, {"Content-Type": "application/json"})
+        return self._decoded_json(status, headers, answer, path)
+
+    def _decoded_json(self, status: int, headers: dict[str, str], body: bytes, path: str) -> dict[str, Any]:
+        if status != 200:
+            raise self._status_error(status, body, path)
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            raise PeerRefusedError(f"peer {self.peer.name}: {self._url(path)} did not answer JSON: "
+                                   "is it a dicomfs bridge?") from None
+        if not isinstance(answer, dict):
+            raise PeerRefusedError(f"peer {self.peer.name}: {self._url(path)} answered {type(answer).__name__}, not an object")
+        return answer
+
+    def _status_error(self, status: int, body: bytes, path: str) -> DicomfsError:
+        text = _error_text(body)
+        where = f"peer {self.peer.name} ({self._url(path)})"
+        if status == 401:
+            return PeerRefusedError(f"{where}: the peer refused the credentials (401): check username and password "
+                                    f"of [peers.{self.peer.name}]")
+        if status == 403:
+            return PeerRefusedError(f"{where}: forbidden (403): the peer's user needs the 'transfer' right. {text}")
+        if status == 404:
+            if body.startswith(b'{"error"'):  # the peer's own answer: a selector or plan it does not know
+                return PeerRefusedError(f"peer {self.peer.name}: {text}")
+            return PeerRefusedError(f"{where}: not found (404): is the url a dicomfs bridge? {text}")
+        if status == 409:
+            return PeerUnreachableError(f"{where}: the selection changed on the peer; planning again. {text}")
+        if status in _TRANSIENT_STATUSES:
+            return PeerUnreachableError(f"{where}: HTTP {status} {text}")
+        return PeerRefusedError(f"{where}: HTTP {status} {text}")
+
+    def _url(self, path: str) -> str:
+        return f"{self.peer.url.rstrip('/')}/transfers{path}"
+
+    def _connection(self) -> http.client.HTTPConnection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            if self._https:
+                connection = http.client.HTTPSConnection(self._host, self._port, timeout=self.peer.timeout,
+                                                         context=self._context)
+            else:
+                connection = http.client.HTTPConnection(self._host, self._port, timeout=self.peer.timeout)
+            self._local.connection = connection
+        return connection
+
+    def _request(self, method: str, path: str, body: bytes | None,
+                 headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        headers = {**headers, "User-Agent": f"dicomfs/{__version__}"}
+        if self._authorization:
+            headers["Authorization"] = self._authorization
+        for attempt in (1, 2):
+            reused = getattr(self._local, "connection", None) is not None
+            connection = self._connection()
+            try:
+                connection.request(method, self._base + path, body=body, headers=headers)
+                response = connection.getresponse()
+                answer = response.read(_MAX_ANSWER + 1)
+                if len(answer) > _MAX_ANSWER:
+                    raise http.client.HTTPException(f"an answer of more than {_MAX_ANSWER} bytes")
+                if response.will_close:
+                    self.close()
+                return response.status, {k.lower(): v for k, v in response.getheaders()}, answer
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as error:
+                self.close()
+                if reused and attempt == 1:  # the peer closed an idle keep-alive connection: once more, anew
+                    continue
+                raise self._transport_error(error, path) from None
+            except (OSError, http.client.HTTPException) as error:
+                self.close()
+                raise self._transport_error(error, path) from None
+        raise AssertionError("unreachable")
+
+    def _transport_error(self, error: BaseException, path: str) -> DicomfsError:
+        where = f"peer {self.peer.name} ({self._url(path)})"
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return PeerRefusedError(f"{where}: the peer's TLS certificate is not trusted: {error.verify_message or error}")
+        if isinstance(error, ssl.SSLError) and not isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+            return PeerRefusedError(f"{where}: TLS failed: {error.reason or error}")
+        if isinstance(error, socket.gaierror):
+            return PeerUnreachableError(f"{where}: cannot resolve {self._host}: {error.strerror or error}")
+        if isinstance(error, TimeoutError):
+            return PeerUnreachableError(f"{where}: no answer in {self.peer.timeout} s")
+        if isinstance(error, http.client.RemoteDisconnected):
+            return PeerUnreachableError(f"{where}: the peer closed the connection without answering")
+        if isinstance(error, OSError):
+            return PeerUnreachableError(f"{where}: {error.strerror or error}")
+        return PeerUnreachableError(f"{where}: {type(error).__name__}: {error}")
+
+    def close(self) -> None:
+        """Close this thread's connection (the others close when their threads end)."""
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
+
+
+def _error_text(body: bytes) -> str:
+    """The peer's ``{"error": ...}`` message, or the start of whatever else it answered."""
+    try:
+        answer = json.loads(body)
+        if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+            return str(answer["error"])
+    except ValueError:
+        pass
+    return body[:300].decode("utf-8", "replace").strip().replace("\n", " ")
+
+
+def _ssl_context(peer: Peer) -> ssl.SSLContext:
+    try:
+        context = ssl.create_default_context(cafile=peer.tls_ca_file or None)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"peer {peer.name}: cannot load the CA file {peer.tls_ca_file}: {error}") from None
+    if not peer.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif not peer.tls_verify_hostname:
+        context.check_hostname = False
+    return context

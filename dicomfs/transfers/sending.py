@@ -1,0 +1,119 @@
+"""The sending side of a transfer: the instances a selection names, and buckets read from the store.
+
+Used by the push job (buckets it sends) and by the bridge's pull endpoints (buckets a peer
+fetches). For pull, the fetching side plans the buckets and registers the plan here; a plan is
+named by the SHA-256 of its content, so registering it again (after a restart of either side) is
+harmless, and each bucket is then a plain ``GET`` a proxy or a cache can handle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dicomfs.errors import DicomfsError, NotFoundError
+from dicomfs.store import Instance, Level, Store
+from dicomfs.transfers.protocol import Piece, Wanted, encode_bucket
+
+__all__ = ["Outbox", "StaleSelectionError", "instances_named", "read_bucket"]
+
+
+class StaleSelectionError(DicomfsError):
+    """An instance of a plan changed (or was deleted) since the plan was made: plan again."""
+
+    http_status = 409
+
+
+def instances_named(store: Store, selectors: Sequence[str],
+                    path_lookup: Callable[[Sequence[str]], str | None] | None = None) -> list[Instance]:
+    """The instances the selectors name, each once, in selector order: resource ids, DICOM UIDs,
+    PatientIDs, or (with ``path_lookup``) paths in the tree such as ``by-patients/P1 - DOE^J``."""
+    found: dict[str, Instance] = {}
+    for selector in selectors:
+        records = None
+        if path_lookup is not None and "/" in selector.strip("/"):
+            resource_id = path_lookup([part for part in selector.split("/") if part])
+            if resource_id is None:
+                raise NotFoundError(f"{selector!r} is not a patient, study, series or instance of the tree")
+            records = [store.get(resource_id)]
+        for record in records if records is not None else store.resolve(selector):
+            below = [record] if isinstance(record, Instance) else store.walk(Level.INSTANCE, record.id)
+            found.update((r.id, r) for r in below if isinstance(r, Instance))
+    return list(found.values())
+
+
+def read_bucket(store: Store, pieces: Sequence[Piece]) -> bytes:
+    """A bucket of ``pieces`` read from the store; StaleSelectionError when an instance changed."""
+    records = dict(zip((p.id for p in pieces), store.records([p.id for p in pieces]), strict=True))
+    for piece in pieces:
+        record = records[piece.id]
+        if not isinstance(record, Instance) or record.sha256 != piece.sha256:
+            raise StaleSelectionError(f"instance {piece.id} was changed or deleted since the transfer was planned")
+
+    def read(piece: Piece) -> bytes:
+        with store.open_instance(piece.id) as reader:
+            return reader.read(piece.offset, piece.length)
+
+    return encode_bucket(pieces, read)
+
+
+class Outbox:
+    """Plans registered by pulling peers, and the buckets they name (``<store>/transfers/plans``)."""
+
+    def __init__(self, store: Store, folder: Path | None = None) -> None:
+        self.store = store
+        self.plans = (folder or store.folder / "transfers") / "plans"
+
+    def manifest(self, ids: Sequence[str]) -> tuple[list[Wanted], list[str]]:
+        """(what is here of ``ids``, with SHA-256 and size; the ids that are not here)."""
+        here, gone = [], []
+        for item, record in zip(ids, self.store.records(ids), strict=True):
+            if isinstance(record, Instance):
+                here.append(Wanted(record.id, record.sha256, record.size))
+            else:
+                gone.append(item)
+        return here, gone
+
+    def register(self, buckets: Sequence[Sequence[Piece]]) -> str:
+        """Keep a plan; its name (the same for the same plan)."""
+        text = json.dumps([[[p.id, p.sha256, p.size, p.offset, p.length] for p in bucket] for bucket in buckets],
+                          separators=(",", ":")).encode()
+        name = hashlib.sha256(text).hexdigest()
+        self.plans.mkdir(parents=True, exist_ok=True)
+        path = self.plans / f"{name}.json"
+        if not path.exists():
+            temporary = path.with_suffix(f".{time.monotonic_ns()}.tmp")
+            temporary.write_bytes(text)
+            temporary.replace(path)
+        return name
+
+    def bucket(self, plan: str, number: int) -> bytes:
+        """Bucket ``number`` of a registered plan, read from the store."""
+        if not (len(plan) == 64 and all(c in "0123456789abcdef" for c in plan)):
+            raise NotFoundError(f"no transfer plan {plan[:80]!r}")
+        path = self.plans / f"{plan}.json"
+        try:
+            rows = json.loads(path.read_bytes())
+            path.touch()  # in use: not for the sweeper
+        except FileNotFoundError:
+            raise NotFoundError(f"no transfer plan {plan} (expired or never registered): register it again") from None
+        except ValueError as error:
+            raise DicomfsError(f"transfer plan {plan} is damaged: {error}") from None
+        if not 0 <= number < len(rows):
+            raise NotFoundError(f"transfer plan {plan} has {len(rows)} buckets, not {number + 1}")
+        return read_bucket(self.store, [Piece(*row) for row in rows[number]])
+
+    def sweep(self, max_age: float) -> int:
+        """Remove plans not used for ``max_age`` seconds; how many went."""
+        removed, cutoff = 0, time.time() - max_age
+        for path in self.plans.glob("*") if self.plans.is_dir() else ():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
