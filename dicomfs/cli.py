@@ -379,7 +379,7 @@ def _instances_selected(store: Store, selector: str) -> list[Instance]:
 
 
 def cmd_export(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    from dicomfs.config import Destination
+    from dicomfs.config import Destination, XnatDestination
     from dicomfs.jobs.service import job_for_target
     from dicomfs.jobs.storage import open_jobs
 
@@ -391,6 +391,8 @@ def cmd_export(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
             parse_syntaxes(destination.transfer_syntaxes)
         destination.authorization()  # so does a secret that cannot be read
+    elif isinstance(destination, XnatDestination):
+        destination.password()
     with open_store(loaded) as store:
         instances = [i for selector in args.selectors for i in _instances_selected(store, selector)]
         jobs = open_jobs(store)
@@ -640,10 +642,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true", help="refuse uploads and deletes")
     p.add_argument("--allow-anonymous", action="store_true",
                    help="listen beyond loopback with no users configured (anyone who reaches it can read and write)")
-    p = add("export", cmd_export, "send instances to a configured DICOMweb archive (STOW-RS), as a job")
+    p = add("export", cmd_export, "send instances to a configured archive (DICOMweb STOW-RS, XNAT) or peer, as a job")
     p.add_argument("selectors", nargs="+", metavar="SELECTOR",
                    help="a path in a mounted tree, a resource id, a DICOM UID or a PatientID")
-    p.add_argument("--to", required=True, metavar="NAME", help="a [destinations.NAME] of the configuration")
+    p.add_argument("--to", required=True, metavar="NAME", help="a [destinations.NAME] (or [peers.NAME]) of the configuration")
     p.add_argument("--wait", action="store_true", help="run it here and wait; exit 1 unless it succeeds")
     p = add("send", cmd_send, "push instances to a configured peer dicomfs ([peers.NAME]), as a job")
     p.add_argument("selectors", nargs="+", metavar="SELECTOR",

@@ -564,15 +564,24 @@ def _xnat_entry(name: str, value: dict[str, Any]) -> XnatDestination:
     import_url = _text(value.get("import_url", ""))
     if import_url:
         _url(import_url)
+    from dicomfs.jobs.zipnames import check_naming, parse_structure  # pure and small: a bad template fails at start
+
     structure = _text(value.get("structure", DEFAULT_XNAT_STRUCTURE))
+    try:
+        parse_structure(structure)
+    except ConfigError as error:
+        raise ConfigError(f"structure {structure!r}: {error}") from None
+    default_string = _text(value.get("default_string", "UNKNOWN"))
+    whitespace_replacement = _text(value.get("whitespace_replacement", "_"))
+    check_naming(default_string, whitespace_replacement)
     cookie_name = _text(value.get("cookie_name", "JSESSIONID"))
     if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", cookie_name):
         raise ConfigError(f"cookie_name must be a cookie name such as JSESSIONID (got {cookie_name!r})")
     return XnatDestination(
         name=name, type="xnat", url=_url(value.get("url", "")), username=username, secret=secret, auth_source=source,
         cookie_name=cookie_name, cache_size=_integer(0, 100_000)(value.get("cache_size", 100)),
-        structure=structure, default_string=_text(value.get("default_string", "UNKNOWN")),
-        whitespace_replacement=_text(value.get("whitespace_replacement", "_")), import_url=import_url,
+        structure=structure, default_string=default_string,
+        whitespace_replacement=whitespace_replacement, import_url=import_url,
         send_digest_header=_boolean(value.get("send_digest_header", False)),
         tls_verify=_boolean(value.get("tls_verify", True)), tls_verify_hostname=_boolean(value.get("tls_verify_hostname", True)),
         tls_ca_file=_text(value.get("tls_ca_file", "")), schedule=_schedule(value.get("schedule", [])),

@@ -12,6 +12,7 @@ from dicomfs.jobs.model import EXPORT, PULL, SEND, XNAT_EXPORT
 from dicomfs.jobs.routes import Router
 from dicomfs.jobs.runner import Executor, JobRunner, RetryPolicy
 from dicomfs.jobs.storage import JobStore, open_jobs
+from dicomfs.jobs.xnat import XnatExporter
 from dicomfs.store import Store
 from dicomfs.transfers.jobs import PullExecutor, PushExecutor
 
@@ -35,7 +36,8 @@ def job_for_target(config: Config, name: str) -> tuple[str, dict[str, object]]:
 def executors_for(store: Store, config: Config) -> dict[str, Executor]:
     """An executor for every kind of job this configuration can run."""
     stow = {name: d for name, d in config.destinations.items() if isinstance(d, Destination)}
-    return {EXPORT: StowExporter(store, stow), SEND: PushExecutor(store, config.peers),
+    xnat = {name: d for name, d in config.destinations.items() if isinstance(d, XnatDestination)}
+    return {EXPORT: StowExporter(store, stow), XNAT_EXPORT: XnatExporter(store, xnat), SEND: PushExecutor(store, config.peers),
             PULL: PullExecutor(store, config.peers)}
 
 

@@ -64,12 +64,15 @@ __all__ = [
     "interpret_response",
     "multipart_pieces",
     "new_boundary",
+    "open_connection",
     "parse_json_report",
     "parse_report",
     "parse_xml_report",
+    "read_answer",
     "request_headers",
     "send",
     "short_body",
+    "status_phrase",
     "warning_text",
 ]
 
@@ -618,16 +621,16 @@ def interpret_response(status: int, content_type: str, body: bytes, sent: Sequen
             results[uid] = InstanceResult(uid, True)
         else:
             results[uid] = InstanceResult(uid, False, missing if success or status in (202, 409)
-                                          else f"{missing}, HTTP {status} {_phrase(status)}".rstrip())
+                                          else f"{missing}, HTTP {status} {status_phrase(status)}".rstrip())
     return StowResponse(status, results)
 
 
 def _status_message(status: int, text: str) -> str:
-    head = f"HTTP {status} {_phrase(status)}".rstrip()
+    head = f"HTTP {status} {status_phrase(status)}".rstrip()
     return f"{head}: {text}" if text else head
 
 
-def _phrase(status: int) -> str:
+def status_phrase(status: int) -> str:
     try:
         return http.client.responses[status]
     except KeyError:
@@ -666,7 +669,7 @@ def _ssl_context(target: StowTarget) -> ssl.SSLContext:
     return context
 
 
-def _connection(target: StowTarget) -> http.client.HTTPConnection:
+def open_connection(target: StowTarget) -> http.client.HTTPConnection:
     parts = urlsplit(target.url)
     host = parts.hostname or ""
     if parts.scheme == "https":
@@ -704,7 +707,7 @@ def _transport_error(target: StowTarget, error: BaseException, during: str) -> S
     return StowTransientError(f"{where}: {type(error).__name__}: {error}")
 
 
-def _read(response: http.client.HTTPResponse) -> bytes:
+def read_answer(response: http.client.HTTPResponse) -> bytes:
     body = response.read(MAX_RESPONSE_BYTES + 1)
     if len(body) > MAX_RESPONSE_BYTES:
         raise http.client.HTTPException(f"an answer of more than {MAX_RESPONSE_BYTES} bytes")
@@ -740,7 +743,7 @@ def send(target: StowTarget, instances: Sequence[Outgoing]) -> StowResponse:
     started = time.monotonic()
     log.debug("STOW-RS %s: %d instances, %s", target.studies_url, len(instances),
               "chunked" if length is None else f"{length} bytes")
-    connection = _connection(target)
+    connection = open_connection(target)
     try:
         try:
             connection.connect()
@@ -765,7 +768,7 @@ def send(target: StowTarget, instances: Sequence[Outgoing]) -> StowResponse:
             status = response.status
             content_type = response.getheader("Content-Type") or ""
             retry_after = _retry_after(response.getheader("Retry-After"))
-            body = _read(response)
+            body = read_answer(response)
         except (OSError, http.client.HTTPException) as error:
             cause = send_error or error
             raise _transport_error(target, cause, "sending" if send_error else "reading the answer") from cause
