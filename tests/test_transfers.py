@@ -6,8 +6,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import zlib
@@ -62,11 +64,13 @@ def receiver_config(folder: Path, rights: str = "read,transfer") -> Path:
     return path
 
 
-def peer_config(folder: Path, url: str, *, gzip_on: bool = False, password: str = PASSWORD, extra: str = "") -> Path:
+def peer_config(folder: Path, url: str, *, gzip_on: bool = False, password: str = PASSWORD, peer: str = "",
+                extra: str = "") -> Path:
+    """The sending side's configuration: ``peer`` adds keys to [peers.remote], ``extra`` tables at the end."""
     path = folder / "sender.toml"
     path.write_text(f'[peers.remote]\nurl = "{url}"\nusername = "{USER}"\npassword_env = "PEER_SECRET"\n'
-                    f'bucket_size = {BUCKET}\nworkers = 4\ngzip = {"true" if gzip_on else "false"}\n'
-                    f"[jobs]\nretry_delay = 1\nretry_max_delay = 2\npoll_ms = 100\n{extra}")
+                    f'bucket_size = {BUCKET}\nworkers = 4\ngzip = {"true" if gzip_on else "false"}\n{peer}'
+                    f"[jobs]\nretry_delay = 1\nretry_max_delay = 2\npoll_ms = 100\nmax_attempts = 3\n{extra}")
     os.environ["PEER_SECRET"] = password
     return path
 
@@ -194,6 +198,30 @@ def test_a_user_without_the_transfer_right_is_refused(tmp_path: Path, sender: Pa
         pushed = run_cli("send", "--to", "remote", "--wait", patient_ids(sender)[0], store=sender, config=config)
     assert pushed.returncode == 1
     assert "forbidden (403): the peer's user needs the 'transfer' right" in pushed.stdout
+
+
+def test_push_over_https_checks_the_peer_certificate(tmp_path: Path, sender: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (scripts/setup installs it)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    receiver = new_store(tmp_path / "b")
+    receiving = receiver_config(tmp_path)
+    receiving.write_text(f"[webdav]\ncertificate = '{cert}'\nprivate_key = '{key}'\n" + receiving.read_text())
+    patient = patient_ids(sender)[0]
+    with serve(receiver, config=receiving, context=ssl.create_default_context(cafile=str(cert))) as bridge:
+        assert bridge.url.startswith("https://")
+        untrusted = run_cli("send", "--to", "remote", "--wait", patient, store=sender,
+                            config=peer_config(tmp_path, bridge.url))
+        assert untrusted.returncode == 1 and "the peer's TLS certificate is not trusted" in untrusted.stdout
+        trusted = run_cli("send", "--to", "remote", "--wait", patient, store=sender,
+                          config=peer_config(tmp_path, bridge.url, gzip_on=True, peer=f"tls_ca_file = '{cert}'\n"))
+        assert trusted.returncode == 0, trusted.stdout + trusted.stderr
+    with Store(sender, readonly=True) as opened:
+        wanted = {r.id for r in opened.walk(Level.INSTANCE, patient)}
+    assert set(Contents.of(receiver).instances) == wanted
 
 
 def test_the_endpoints_refuse_bad_input_with_clear_answers(tmp_path: Path) -> None:
