@@ -11,8 +11,16 @@ import pytest
 
 from dicomfs.samples import Corpus
 from dicomfs.store import Instance, Level, Store
-from dicomfs.transfers.protocol import (BadBucketError, Piece, Wanted, decode_bucket, encode_bucket, merge_ranges,
-                                        missing_ranges, plan_buckets)
+from dicomfs.transfers.protocol import (
+    BadBucketError,
+    Piece,
+    Wanted,
+    decode_bucket,
+    encode_bucket,
+    merge_ranges,
+    missing_ranges,
+    plan_buckets,
+)
 from dicomfs.transfers.receiving import Receiver
 from dicomfs.transfers.sending import Outbox, StaleSelectionError, read_bucket
 
