@@ -177,6 +177,32 @@ def test_push_resumes_after_the_receiver_is_killed(tmp_path: Path, sender: Path)
     assert extra["content_bytes"] <= original.size + 4 * BUCKET
 
 
+def test_a_receiver_that_is_full_defers_the_job_and_loses_nothing(tmp_path: Path, sender: Path, corpus: Corpus) -> None:
+    receiver = new_store(tmp_path / "b")
+    run_cli("ingest", str(corpus.root / "PAT00001"), store=receiver, check=True)
+    run_cli("protect", "PAT00001", store=receiver, check=True)
+    receiving = receiver_config(tmp_path)
+    receiving.write_text("[storage]\nmax_patients = 1\n" + receiving.read_text())  # and that one is protected
+    with serve(receiver, config=receiving) as bridge:
+        config = peer_config(tmp_path, bridge.url)
+        pushed = run_cli("send", "--to", "remote", "--wait", "PAT00002", store=sender, config=config)
+        assert pushed.returncode == 1
+        job = job_of(pushed.stdout, sender, config)
+        # Not one instance failed for good: the receiver's state, not the data, stopped them.
+        assert job["failed_items"] == 0 and job["done_items"] == 0 and job["pending_items"] == 200
+        assert "could not be stored now" in str(job["last_error"]) and "protected" in str(job["last_error"])
+    run_cli("unprotect", "PAT00001", store=receiver, check=True)  # room may be made by recycling it now
+    with serve(receiver, config=receiving) as bridge:
+        config = peer_config(tmp_path, bridge.url)
+        assert run_cli("jobs", "retry", str(job["id"]), store=sender, config=config).returncode == 0
+        with _worker(sender, config):
+            waited = _when_final(sender, config, str(job["id"]))
+    assert waited["state"] == "success" and waited["done_items"] == 200
+    with Store(sender, readonly=True) as opened:
+        wanted = {r.id for r in opened.walk(Level.INSTANCE, opened.resolve_one("PAT00002").id)}
+    assert set(Contents.of(receiver).instances) == wanted  # PAT00001 was recycled to make room
+
+
 def test_wrong_password_fails_the_job_clearly(tmp_path: Path, sender: Path) -> None:
     receiver = new_store(tmp_path / "b")
     with serve(receiver, config=receiver_config(tmp_path)) as bridge:
@@ -263,6 +289,15 @@ def test_a_route_sends_new_series_to_a_peer(tmp_path: Path, corpus: Corpus) -> N
     with Store(origin, readonly=True) as opened:
         wanted = {r.id for r in opened.walk(Level.INSTANCE, opened.resolve_one("PAT00002").id)}
     assert set(sent.instances) == wanted and len(wanted) == 200
+
+
+def _when_final(store: Path, config: Path, job_id: str, timeout: float = 60) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = json.loads(run_cli("jobs", "show", job_id, store=store, config=config, check=True).stdout)
+        if job["state"] in ("success", "failure", "canceled") or time.monotonic() > deadline:
+            return dict(job)
+        time.sleep(0.3)
 
 
 def _free_port() -> int:

@@ -91,7 +91,7 @@ class _Worker:
                         header_length=found.header.header_length, source_fd=fd,
                     )
                 except OSError as error:  # the store's disk, not the source: say so
-                    return IngestResult(source.label, REJECTED, store_write_failure(error, self.blobs.root))
+                    return IngestResult(source.label, REJECTED, store_write_failure(error, self.blobs.root), retry=True)
                 found.blob = task.blob
                 return found
         except OSError as error:

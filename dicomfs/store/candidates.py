@@ -34,6 +34,9 @@ class IngestResult:
     reason: str = ""
     ids: tuple[str, str, str, str] | None = None
     size: int = 0
+    retry: bool = False
+    """Rejected by the store, not for the file: its disk full, a write error, its limits reached
+    with only protected patients left. Offering the file again later may work."""
 
     def as_json(self) -> dict[str, object]:
         """The stable ``--json`` form: path, status, reason, size, and the four ids (or nulls)."""
@@ -57,6 +60,8 @@ class Candidate:
     stored_size: int = 0
     outcome: str = ""
     reason: str = ""
+    retry: bool = False
+    """See ``IngestResult.retry``."""
 
     @classmethod
     def of(cls, label: str, header: DicomHeader, data: bytes | mmap.mmap, origin: str, remote: str) -> "Candidate":
@@ -67,7 +72,7 @@ class Candidate:
         return cls(label, header, ids, hashlib.sha256(data).hexdigest(), len(data), origin, remote)
 
     def result(self) -> IngestResult:
-        return IngestResult(self.label, self.outcome, self.reason, self.ids, self.size)
+        return IngestResult(self.label, self.outcome, self.reason, self.ids, self.size, self.retry)
 
 
 def store_write_failure(error: OSError, folder: Path) -> str:

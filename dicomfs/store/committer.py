@@ -216,7 +216,7 @@ class GroupCommitter:
             to_write = self._plan(batch)
         except StoreFullError as error:  # not even the pending marks fit: nothing was written
             for item in batch:
-                item.candidate.outcome, item.candidate.reason = REJECTED, str(error)
+                item.candidate.outcome, item.candidate.reason, item.candidate.retry = REJECTED, str(error), True
                 item.future.set_result(item.candidate.result())
             return False
         self._write_blobs(to_write)
@@ -252,7 +252,7 @@ class GroupCommitter:
                     header_length=c.header.header_length, source_fd=item.source_fd,
                 )
             except OSError as error:  # nothing was left behind; the name's pending mark goes later
-                c.outcome, c.reason = REJECTED, store_write_failure(error, self.blobs.root)
+                c.outcome, c.reason, c.retry = REJECTED, store_write_failure(error, self.blobs.root), True
                 self.release_later([c.blob])
                 c.blob = ""
 
@@ -291,7 +291,7 @@ class GroupCommitter:
             garbage = [c.blob for c in candidates if c.blob]
             for candidate in candidates:
                 if candidate.blob:
-                    candidate.outcome, candidate.reason, candidate.blob = REJECTED, str(error), ""
+                    candidate.outcome, candidate.reason, candidate.blob, candidate.retry = REJECTED, str(error), "", True
             return garbage
         return changes.garbage
 
@@ -309,7 +309,7 @@ class GroupCommitter:
                 growth = item.size - (replacing.size if replacing else 0)
                 make_room(index, txn, self.settings.limits, growth, item.ids[0], changes)
             except StoreFullError as error:
-                item.outcome, item.reason = REJECTED, str(error)
+                item.outcome, item.reason, item.retry = REJECTED, str(error), True
                 changes.garbage.append(item.blob)
                 continue
             add_instance(index, txn, NewInstance(

@@ -60,10 +60,9 @@ class _PeerExecutor:
                     return
                 before = (work.job.done_items, work.job.failed_items)
                 tasks = self._prepare(client, batch, work)
-                damaged = _move(pool, peer.workers, tasks, work)
-                if damaged:
-                    raise TransientJobError(f"peer {peer.name}: {damaged} instances arrived damaged (SHA-256 mismatch); "
-                                            "sending them again")
+                again = _move(pool, peer.workers, tasks, work)
+                if again:
+                    raise TransientJobError(f"transfer with peer {peer.name}: {again}")
                 if (work.job.done_items, work.job.failed_items) == before and work.keep_going():
                     raise TransientJobError(f"peer {peer.name}: a whole step stored nothing; trying again later")
 
@@ -137,13 +136,13 @@ def _skip_held(present: Sequence[Wanted], gone: list[tuple[str, str]], have: set
     return plan_buckets(todo, bucket_size)
 
 
-def _move(pool: ThreadPoolExecutor, workers: int, tasks: Sequence[Task], work: JobWork) -> int:
-    """Run the tasks, ``workers`` at a time, recording each answer as it comes; the number of
-    instances that arrived damaged. Stops starting new ones once the job should stop; a transient
-    error stops it too, and is raised once the buckets in flight have ended."""
+def _move(pool: ThreadPoolExecutor, workers: int, tasks: Sequence[Task], work: JobWork) -> str:
+    """Run the tasks, ``workers`` at a time, recording each answer as it comes; why some instances
+    must be sent again later ("" when none must). Stops starting new ones once the job should
+    stop; a transient error stops it too, and is raised once the buckets in flight have ended."""
     queue: Iterator[Task] = iter(tasks)
     in_flight: set[Future[Outcome]] = set()
-    damaged = 0
+    damaged, later = 0, dict[str, str]()
     failure: BaseException | None = None
     while True:
         while failure is None and len(in_flight) < workers and work.keep_going():
@@ -161,8 +160,12 @@ def _move(pool: ThreadPoolExecutor, workers: int, tasks: Sequence[Task], work: J
                 failure = failure or error
                 continue
             damaged += len(answer.get("damaged", []))
+            later.update(answer.get("later", {}))
             work.record(done=answer.get("stored", []), failed=list(answer.get("failed", {}).items()),
                         counters={"content_bytes": sent.content, "wire_bytes": sent.wire})
     if failure is not None:
         raise failure
-    return damaged
+    again = [f"{damaged} instances arrived damaged (SHA-256 mismatch)"] if damaged else []
+    if later:
+        again.append(f"{len(later)} instances could not be stored now ({next(iter(later.values()))})")
+    return "; ".join(again) + ("; sending them again" if again else "")

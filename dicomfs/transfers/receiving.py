@@ -10,6 +10,8 @@ job (this process fetches buckets from a peer); both hand decoded buckets to :me
   :meth:`Receiver.lookup` reports the ranges held and the sender sends only the others. The
   instance is checked and ingested when its last range arrives.
 - A SHA-256 mismatch is *damaged*: nothing is kept, and the sender sends the instance again.
+- An instance the store cannot take now (its disk full, its limits reached) is *later*: the
+  sender backs off and sends it again; it is never failed for good for the receiver's state.
 """
 
 from __future__ import annotations
@@ -59,11 +61,13 @@ class Received:
     """Instances refused for good, with the reason (e.g. not DICOM)."""
     damaged: list[str] = field(default_factory=list)
     """Instances whose SHA-256 did not match: to be sent again."""
+    later: dict[str, str] = field(default_factory=dict)
+    """Instances the store could not take now (its disk full, its limits), with why: to be sent again later."""
     partial: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     """Instances still incomplete after this bucket, with the ranges held."""
 
     def as_json(self) -> dict[str, object]:
-        return {"stored": self.stored, "failed": self.failed, "damaged": self.damaged,
+        return {"stored": self.stored, "failed": self.failed, "damaged": self.damaged, "later": self.later,
                 "partial": {k: [list(r) for r in v] for k, v in self.partial.items()}}
 
 
@@ -121,6 +125,8 @@ class Receiver:
                         outcome.failed[item] = "not a single DICOM instance"
                     elif result.status in _KEPT:
                         outcome.stored.append(item)
+                    elif result.retry:
+                        outcome.later[item] = result.reason
                     else:
                         outcome.failed[item] = result.reason or result.status
         finally:
