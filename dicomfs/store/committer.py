@@ -2,7 +2,9 @@
 
 Callers (the ingest command's reader loop, FUSE and WebDAV upload handlers) parse a file and
 ``submit`` it; the committer takes what is queued, up to ``batch_files`` files or ``batch_bytes``
-bytes, waiting at most ``batch_delay_ms`` for company, and for the whole batch:
+bytes, waiting at most ``batch_delay_ms`` for company (not at all after a submission marked
+``last``: its caller has nothing more to give, so waiting would only add latency), and for the
+whole batch:
 
 1. in one transaction, decides what each file is (new, already stored, a replacement) and records
    the blob names it is about to write as *pending* (see ``owners``);
@@ -68,6 +70,8 @@ class Submission:
     source_fd: int | None
     closer: contextlib.ExitStack
     future: Future[IngestResult] = field(default_factory=Future)
+    last: bool = False
+    """The caller has nothing more to submit now: the batch need not wait for company after it."""
 
     @property
     def size(self) -> int:
@@ -173,7 +177,8 @@ class GroupCommitter:
             return None
         batch = _Batch([first], first.size)
         deadline = time.monotonic() + self.settings.batch_delay
-        while len(batch.items) < self.settings.batch_files and batch.size < self.settings.batch_bytes:
+        while (not batch.items[-1].last and len(batch.items) < self.settings.batch_files
+               and batch.size < self.settings.batch_bytes):
             try:
                 item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
             except queue.Empty:

@@ -306,8 +306,12 @@ class Store:
                                          origin=origin, remote=remote, workers=workers)
             return
         waiting: deque[Future[IngestResult] | IngestResult] = deque()
-        for source in sources:
-            waiting.extend(self._offer(committer, source, origin, remote))
+        sources = iter(sources)
+        source = next(sources, None)
+        while source is not None:
+            following = next(sources, None)  # the last source's batch commits without waiting for more
+            waiting.extend(self._offer(committer, source, origin, remote, last=following is None))
+            source = following
             while waiting and (isinstance(waiting[0], IngestResult) or waiting[0].done()):
                 head = waiting.popleft()
                 yield head if isinstance(head, IngestResult) else head.result()
@@ -317,11 +321,13 @@ class Store:
     def ingest_file(self, path: Path, *, label: str | None = None, origin: str = "cli", remote: str = "") -> list[IngestResult]:
         """Ingest one file and wait until it is durable; one result per DICOM file it holds (a zip
         archive holds several). Front ends ingest uploads in groups (``ingest_sources``)."""
-        pending = self._offer(self._writer(), Source(label or str(path), str(path)), origin, remote)
+        pending = self._offer(self._writer(), Source(label or str(path), str(path)), origin, remote, last=True)
         return [p if isinstance(p, IngestResult) else p.result() for p in pending]
 
-    def _offer(self, committer: GroupCommitter, source: Source, origin: str, remote: str) -> "list[Future[IngestResult] | IngestResult]":
-        """Examine one source and hand a candidate to the committer; verdicts come back at once."""
+    def _offer(self, committer: GroupCommitter, source: Source, origin: str, remote: str,
+               last: bool = False) -> "list[Future[IngestResult] | IngestResult]":
+        """Examine one source and hand a candidate to the committer; verdicts come back at once.
+        ``last``: nothing follows it, so its batch need not wait for company."""
         closer = contextlib.ExitStack()
         try:
             data, fd = closer.enter_context(source.open())
@@ -333,10 +339,12 @@ class Store:
             closer.close()
             raise
         if isinstance(found, Candidate):
-            return [committer.submit(Submission(found, data, fd, closer))]  # the committer closes it
+            return [committer.submit(Submission(found, data, fd, closer, last=last))]  # the committer closes it
         closer.close()
         if isinstance(found, Archive):
-            return [p for member in archive_members(source.path) for p in self._offer(committer, member, origin, remote)]
+            members = archive_members(source.path)
+            return [p for number, member in enumerate(members, 1)
+                    for p in self._offer(committer, member, origin, remote, last and number == len(members))]
         return [found]
 
     def _writer(self) -> GroupCommitter:
