@@ -7,26 +7,29 @@ another bridge changed shows at once, and ends with nothing cached per request.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 from urllib.parse import urlsplit
 
 from wsgidav import util
 from wsgidav.dav_error import HTTP_FORBIDDEN, DAVError, PRECONDITION_CODE_PropfindFiniteDepth
 from wsgidav.dav_provider import DAVProvider
 
+from bridge import propfind
 from bridge.auth import RIGHTS_KEY, required_right
-from bridge.resources import StoredUpload, UploadFile, UploadFolder, ViewFile, ViewFolder, dav_error
+from bridge.resources import StoredUpload, UploadFile, UploadFolder, ViewFile, ViewFolder, content_type, dav_error, etag
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.store import Store
 from dicomfs.upload_queue import UploadQueue
 from dicomfs.uploads import UploadArea, UploadOutcome
 from dicomfs.views import UPLOADS, Entry, Tree
+from dicomfs.views.tags import resource_attributes
 
 __all__ = ["BridgeSettings", "DicomfsProvider"]
 
@@ -57,6 +60,8 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
         self._awaiting_unlock: dict[str, tuple[tuple[str, ...], str]] = {}  # ref url -> (parts, remote)
         self._awaiting_lock = threading.Lock()
         self._submitted: OrderedDict[tuple[str, ...], tuple[float, os.stat_result]] = OrderedDict()  # parts -> (when, stat)
+        self.fast_propfind = True
+        """PROPFIND of view folders answered by bridge.propfind; False leaves every one to wsgidav (tests compare)."""
 
     def __repr__(self) -> str:
         return f"DicomfsProvider({self.store.folder})"
@@ -81,6 +86,10 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
             raise DAVError(HTTP_FORBIDDEN, err_condition=PRECONDITION_CODE_PropfindFiniteDepth)
         self.tree.refresh()
         try:
+            if method == "PROPFIND" and self.fast_propfind:
+                fast = self._fast_propfind(environ, start_response)
+                if fast is not None:
+                    return fast
             answer = default_handler(environ, start_response)
         except DicomfsError as error:
             raise dav_error(error) from None
@@ -89,6 +98,72 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
             if isinstance(resource, UploadFile):
                 self.unlocked(resource.get_ref_url())
         return answer
+
+    def _fast_propfind(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes] | None:
+        """The 207 answer of a PROPFIND of the views, written by bridge.propfind; None when wsgidav's
+        own handler must answer (it then sees the request unchanged, body included).
+
+        Answered here: Depth 0 or 1, allprop or named properties, of a view folder or file when
+        neither it nor a member it lists holds a lock or a dead property. Left to wsgidav: the root
+        (it lists uploads/, a real folder), uploads/, propname, conditional requests (If, If-Match,
+        ...: wsgidav evaluates them), bodies it would refuse or read differently, and whatever has
+        a lock or a dead property (wsgidav renders those: lockdiscovery, the stored XML)."""
+        path = environ["PATH_INFO"]
+        parts = tuple(part for part in path.split("/") if part)
+        depth = environ.get("HTTP_DEPTH")  # lower-cased by wsgidav; anything but "0" or "1" is its to refuse
+        if (not parts or parts[0] == UPLOADS or depth not in ("0", "1") or "HTTP_TRANSFER_ENCODING" in environ
+                or any(key in environ for key in _CONDITIONS)):
+            return None
+        body = _read_body(environ)
+        if body is False:
+            return None
+        request = propfind.parse_request(body)
+        if request is None:
+            return None
+        resource = self.get_resource_inst(path, environ)
+        if not isinstance(resource, (ViewFolder, ViewFile)):
+            return None  # not found (wsgidav's 404) or not a view
+        lock_manager = self.lock_manager
+        if lock_manager is not None:
+            # lockdiscovery shows the locks whose root is the resource itself: wsgidav renders them
+            root = "/" + resource.get_ref_url().strip("/")  # as the lock manager normalises roots
+            locks = lock_manager.get_url_lock_list(root, recursive=depth == "1")
+            if any(lock["root"] == root or lock["root"].rsplit("/", 1)[0] == root for lock in locks):
+                return None
+        try:
+            entries: list[tuple[str, str, Entry]] = [(resource.get_href(), resource.get_ref_url(), resource.entry)]
+            if depth == "1" and isinstance(resource, ViewFolder):
+                href, ref = entries[0][0], entries[0][1]
+                for entry in self.tree.listing(resource.parts).entries:
+                    quoted_href, quoted_ref = propfind.quoted_name(entry.name)  # a member's href: the folder's + its name
+                    slash = "/" if entry.is_folder else ""
+                    entries.append((href + quoted_href + slash, ref + quoted_ref + slash, entry))
+            properties = self.prop_manager
+            if properties is not None and any(properties.get_properties(ref, environ) for _, ref, _ in entries):
+                return None  # views refuse dead properties, but one may have been kept from elsewhere
+            with_attributes = request.wants_attributes
+            rows = [self._row(href, entry, with_attributes) for href, _, entry in entries]
+        except NotFoundError:
+            return None  # gone meanwhile: wsgidav answers as it does for that
+        body_out = propfind.multistatus(request, rows, locking=lock_manager is not None)
+        start_response("207 Multi-Status", [("Content-Type", "application/xml; charset=utf-8"),
+                                            ("Date", util.get_rfc1123_time()), ("Content-Length", str(len(body_out)))])
+        return [body_out]
+
+    def _row(self, href: str, entry: Entry, with_attributes: bool) -> propfind.Row:
+        """What ViewFolder or ViewFile would answer for ``entry``, read once; its tags only if asked for."""
+        attributes: dict[str, str] | None = None
+        if with_attributes:
+            attributes = {}
+            if entry.resource_id is not None:
+                try:
+                    attributes = resource_attributes(self.store, entry.resource_id)
+                except NotFoundError:
+                    pass  # each asked for is then "404 Not Found", as the resource answers
+        if entry.is_folder:
+            return propfind.Row(href, entry.name, True, entry.mtime, attributes=attributes)
+        return propfind.Row(href, entry.name, False, entry.mtime, entry.size, content_type(entry),
+                            etag(entry, lambda: self.tree.document(entry)), attributes)
 
     def get_resource_inst(self, path: str, environ: dict[str, Any]) -> Any:
         parts = tuple(part for part in path.split("/") if part)
@@ -230,6 +305,28 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
                 self._submitted.pop(parts, None)
         if outcome.removed or outcome.results:
             self.tree.refresh()
+
+
+_CONDITIONS = ("HTTP_IF", "HTTP_IF_MATCH", "HTTP_IF_NONE_MATCH", "HTTP_IF_MODIFIED_SINCE", "HTTP_IF_UNMODIFIED_SINCE")
+
+
+def _read_body(environ: dict[str, Any]) -> bytes | None | Literal[False]:
+    """The request body, None if there is none, False if wsgidav must judge it (a bad length).
+
+    What was read is put back as ``wsgi.input``, so the default handler can still read it; the
+    length rules are those of wsgidav's util.parse_xml_body (no Content-Length: no body)."""
+    header = environ.get("CONTENT_LENGTH", "").strip()
+    if not header:
+        return None
+    try:
+        length = int(header)
+    except ValueError:
+        return False
+    if length <= 0:
+        return None if length == 0 else False
+    body = environ["wsgi.input"].read(length)
+    environ["wsgi.input"] = io.BytesIO(body)
+    return bytes(body) if len(body) == length else False
 
 
 def _upload_parts(path: str) -> tuple[str, ...]:

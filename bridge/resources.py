@@ -16,7 +16,7 @@ import hashlib
 import io
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from wsgidav.dav_error import HTTP_FORBIDDEN, HTTP_METHOD_NOT_ALLOWED, HTTP_NOT_FOUND, DAVError
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection
@@ -33,7 +33,8 @@ from dicomfs.views.tags import META_PREFIX, PROTECTED, protection, resource_attr
 if TYPE_CHECKING:
     from bridge.provider import DicomfsProvider
 
-__all__ = ["NAMESPACE", "StoredUpload", "UploadFile", "UploadFolder", "ViewFile", "ViewFolder", "dav_error"]
+__all__ = ["NAMESPACE", "StoredUpload", "UploadFile", "UploadFolder", "ViewFile", "ViewFolder", "content_type", "dav_error",
+           "etag"]
 
 NAMESPACE = "urn:dicomfs"
 """Properties ``{urn:dicomfs}dicom.PatientID``, ``{urn:dicomfs}dicomfs.meta.<name>``, ...: the
@@ -49,6 +50,19 @@ def dav_error(error: DicomfsError) -> DAVError:
 
 
 # -- the views -----------------------------------------------------------------------------------
+
+
+def content_type(entry: Entry) -> str:
+    """The type of a view file (bridge.propfind writes it without a resource)."""
+    return "application/dicom" if entry.kind is EntryKind.INSTANCE else "application/json"
+
+
+def etag(entry: Entry, content: Callable[[], bytes]) -> str:
+    """The ETag of a view file; ``content`` gives a document's bytes (not read for an instance)."""
+    if entry.kind is EntryKind.INSTANCE:
+        # An instance's bytes change only if it is replaced, which also moves its reception time.
+        return f"{entry.resource_id}-{entry.size}-{int(entry.mtime * 1000)}"
+    return hashlib.sha1(content(), usedforsecurity=False).hexdigest()
 
 
 class _ViewResource:
@@ -217,7 +231,7 @@ class ViewFile(_ViewResource, DAVNonCollection):  # type: ignore[misc]
         return self.entry.size
 
     def get_content_type(self) -> str:
-        return "application/dicom" if self.entry.kind is EntryKind.INSTANCE else "application/json"
+        return content_type(self.entry)
 
     def get_creation_date(self) -> float:
         return self.entry.mtime
@@ -229,10 +243,7 @@ class ViewFile(_ViewResource, DAVNonCollection):  # type: ignore[misc]
         return True
 
     def get_etag(self) -> str:
-        if self.entry.kind is EntryKind.INSTANCE:
-            # An instance's bytes change only if it is replaced, which also moves its reception time.
-            return f"{self.entry.resource_id}-{self.entry.size}-{int(self.entry.mtime * 1000)}"
-        return hashlib.sha1(self._content(), usedforsecurity=False).hexdigest()
+        return etag(self.entry, self._content)
 
     def support_ranges(self) -> bool:
         return True

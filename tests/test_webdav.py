@@ -347,7 +347,8 @@ def test_users_need_the_right_password_and_the_right_right(tmp_path: Path, small
         assert time.monotonic() - started < 5
         protect = (b'<?xml version="1.0"?><propertyupdate xmlns="DAV:"><set><prop><dicomfs.protected xmlns="urn:dicomfs">'
                    b'1</dicomfs.protected></prop></set></propertyupdate>')
-        patient = next(href for href in propfind(bridge, "/by-patients/", auth=("carol", CAROL_PASSWORD)) if href != "/by-patients/")
+        listed = propfind(bridge, "/by-patients/", auth=("carol", CAROL_PASSWORD))
+        patient = next(href for href in listed if href != "/by-patients/")
         refused = bridge.request("PROPPATCH", patient, protect, auth=("carol", CAROL_PASSWORD))
         assert refused.status == 207 and b"403" in refused.body  # lifting protection could expose it to recycling
         granted = bridge.request("PROPPATCH", patient, protect, auth=("alice", ALICE_PASSWORD))
@@ -584,3 +585,173 @@ def test_jobs_folder_shows_each_job_as_json_and_is_read_only(tmp_path: Path, sma
         assert json.loads(bridge.request("GET", f"/jobs/{job.id}.json").body)["state"] == "paused"  # at once
         assert bridge.request("PUT", f"/jobs/{job.id}.json", b"{}").status == 403
         assert bridge.request("DELETE", f"/jobs/{job.id}.json").status == 403
+
+
+# -- PROPFIND of the views, answered by bridge.propfind ------------------------------------------------
+
+Properties = dict[str, dict[str, tuple[str, object]]]
+"""href -> {property name: (status, value as a nested tuple of tag, text and children)}."""
+
+LIVE_PROPS = (b'<?xml version="1.0"?><propfind xmlns="DAV:" xmlns:z="urn:schemas-microsoft-com:" '
+              b'xmlns:a="http://apache.org/dav/props/"><prop><getetag/><resourcetype/><getcontentlength/>'
+              b'<getcontenttype/><getlastmodified/><creationdate/><displayname/><quota-used-bytes/>'
+              b'<quota-available-bytes/><lockdiscovery/><supportedlock/><no-such-property/><z:Win32FileAttributes/>'
+              b'<a:executable/><unqualified xmlns=""/></prop></propfind>')
+DICOMFS_PROPS = (b'<?xml version="1.0"?><propfind xmlns="DAV:" xmlns:d="urn:dicomfs"><prop><d:dicom.PatientID/>'
+                 b'<displayname/><d:dicom.StudyDescription/><d:dicom.SOPInstanceUID/><d:dicomfs.id/><d:dicomfs.protected/>'
+                 b'<d:dicomfs.meta.Reviewed/><d:dicom.NoSuchTag/><getetag/></prop></propfind>')
+
+
+def _element(element: ET.Element) -> object:
+    return (element.tag, element.text or "", tuple(_element(child) for child in element))
+
+
+def multistatus(answer: Answer) -> Properties:
+    assert answer.status == 207, (answer.status, answer.body[:300])
+    found: Properties = {}
+    for response in ET.fromstring(answer.body).iter(DAV + "response"):
+        href = response.findtext(DAV + "href") or ""
+        assert href not in found, href
+        props: dict[str, tuple[str, object]] = {}
+        for propstat in response.iter(DAV + "propstat"):
+            status = propstat.findtext(DAV + "status") or ""
+            for prop in propstat.find(DAV + "prop") or []:
+                assert prop.tag not in props, (href, prop.tag)
+                props[prop.tag] = (status, _element(prop))
+        found[href] = props
+    return found
+
+
+def fast_and_default(bridge: Running, path: str, depth: str = "1", body: bytes | None = None,
+                     headers: dict[str, str] | None = None) -> tuple[Answer, Answer]:
+    """The same PROPFIND answered by the bridge as it is, then by wsgidav's own handler alone."""
+    ask = {"Depth": depth, **(headers or {})}
+    fast = bridge.request("PROPFIND", path, body, ask)
+    bridge.bridge.provider.fast_propfind = False
+    try:
+        default = bridge.request("PROPFIND", path, body, ask)
+    finally:
+        bridge.bridge.provider.fast_propfind = True
+    return fast, default
+
+
+def written_here(answer: Answer) -> bool:
+    """Whether bridge.propfind wrote the answer (its prefix for DAV: is D; ElementTree's is ns0)."""
+    return b"<D:multistatus" in answer.body[:200]
+
+
+def assert_same(bridge: Running, path: str, depth: str = "1", body: bytes | None = None, *, fast: bool = True) -> Properties:
+    first, default = fast_and_default(bridge, path, depth, body)
+    assert written_here(first) is fast, (path, first.body[:200])
+    assert not written_here(default)
+    shown, expected = multistatus(first), multistatus(default)
+    if not fast:  # the free space of uploads/ changes between the two answers
+        for props in (*shown.values(), *expected.values()):
+            props.pop(DAV + "quota-available-bytes", None)
+            props.pop(DAV + "quota-used-bytes", None)
+    assert shown == expected, path
+    assert first.headers["content-type"] == default.headers["content-type"]
+    assert sorted(first.headers) == sorted(default.headers)
+    return shown
+
+
+def test_propfind_of_views_answers_as_wsgidav_does(tmp_path: Path, small_corpus: Corpus) -> None:
+    with running(tmp_path, "[metadata]\nReviewed = 1024\n", corpus=small_corpus) as bridge:
+        sample = small_corpus.valid_files[0]
+        study, series = f"/by-uids/{sample.study_uid}/", f"/by-uids/{sample.study_uid}/{sample.series_uid}/"
+        patients = assert_same(bridge, "/by-patients/")
+        assert len(patients) - 1 == small_corpus.patients
+        assert patients["/by-patients/"][DAV + "getlastmodified"][0] == "HTTP/1.1 200 OK"
+        allprop = b'<?xml version="1.0"?><propfind xmlns="DAV:"><allprop/></propfind>'
+        assert assert_same(bridge, "/by-patients/", body=allprop) == patients
+        for patient in sorted(patients):  # study folders named from the tricky descriptions (< > " & ...)
+            assert_same(bridge, patient)
+        listed = assert_same(bridge, series)  # instance files and series.json
+        instance = f"{series}{sample.sop_uid}.dcm"
+        assert listed[instance][DAV + "getetag"][0] == "HTTP/1.1 200 OK"
+        assert listed[instance][DAV + "getcontentlength"][1] == (DAV + "getcontentlength", str(sample.size), ())
+        assert_same(bridge, study)  # series folders and study.json
+        for path in ("/by-studies/", "/by-dates/", "/by-uids/", "/jobs/"):
+            assert_same(bridge, path)
+        for body in (LIVE_PROPS, DICOMFS_PROPS, b'<?xml version="1.0"?><propfind xmlns="DAV:"><prop/></propfind>'):
+            for path in ("/by-patients/", study, series):
+                named = assert_same(bridge, path, body=body)
+            if body == LIVE_PROPS:
+                assert named[series][DAV + "getetag"][0] == "HTTP/1.1 404 Not Found"  # folders have none
+                assert named[instance][DAV + "getetag"][0] == "HTTP/1.1 200 OK"
+                assert named[instance]["{http://apache.org/dav/props/}executable"][0] == "HTTP/1.1 404 Not Found"
+            if body == DICOMFS_PROPS:
+                assert named[instance]["{urn:dicomfs}dicom.SOPInstanceUID"][1][1] == sample.sop_uid  # type: ignore[index]
+        for path in (study, series, instance, f"{study}study.json", "/by-patients"):
+            for body in (None, LIVE_PROPS, DICOMFS_PROPS):
+                assert len(assert_same(bridge, path, depth="0", body=body)) == 1
+        assert_same(bridge, instance, depth="1")  # a file lists itself only
+
+        # user metadata is a live property: set by PROPPATCH, shown by the fast answer
+        patch = (b'<?xml version="1.0"?><propertyupdate xmlns="DAV:" xmlns:d="urn:dicomfs"><set><prop>'
+                 b'<d:dicomfs.meta.Reviewed>yes &amp; &lt;done&gt;</d:dicomfs.meta.Reviewed></prop></set></propertyupdate>')
+        assert bridge.request("PROPPATCH", study, patch).status == 207
+        shown = assert_same(bridge, f"/by-uids/{sample.study_uid}", depth="0", body=DICOMFS_PROPS)
+        assert shown[study]["{urn:dicomfs}dicomfs.meta.Reviewed"][1][1] == "yes & <done>"  # type: ignore[index]
+        assert assert_same(bridge, "/by-uids/", body=DICOMFS_PROPS)[study] == shown[study]
+
+
+def test_propfind_leaves_what_it_cannot_answer_exactly_to_wsgidav(tmp_path: Path, small_corpus: Corpus) -> None:
+    with running(tmp_path, corpus=small_corpus) as bridge:
+        sample = small_corpus.valid_files[0]
+        study, series = f"/by-uids/{sample.study_uid}/", f"/by-uids/{sample.study_uid}/{sample.series_uid}/"
+        instance = f"{series}{sample.sop_uid}.dcm"
+        propname = b'<?xml version="1.0"?><propfind xmlns="DAV:"><propname/></propfind>'
+        assert_same(bridge, series, body=propname, fast=False)
+        assert_same(bridge, "/", fast=False)  # it lists uploads/, a real folder
+        assert bridge.request("MKCOL", "/uploads/CD").status == 201
+        assert bridge.request("PUT", "/uploads/CD/notes.txt", b"not an image").status == 201
+        bridge.wait_ingested()
+        for path in ("/uploads/", "/uploads/CD/", "/uploads/CD/notes.txt"):
+            assert_same(bridge, path, fast=False)
+        for headers in ({"If-Modified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"}, {"If-None-Match": '"x"'}):
+            first, default = fast_and_default(bridge, series, headers=headers)
+            assert not written_here(first) and multistatus(first) == multistatus(default)
+        for body in (b"<propfind", b'<?xml version="1.0"?><propfind xmlns="DAV:"><allprop/><prop/></propfind>'):
+            assert bridge.request("PROPFIND", series, body, {"Depth": "1"}).status == 400  # wsgidav's answer
+        assert bridge.request("PROPFIND", f"{series}nothing.dcm", headers={"Depth": "0"}).status == 404
+        for depth in ("infinity", "2"):
+            assert bridge.request("PROPFIND", series, headers={"Depth": depth}).status in (400, 403)
+
+        # views refuse dead properties...
+        dead = (b'<?xml version="1.0"?><propertyupdate xmlns="DAV:" xmlns:x="urn:example"><set><prop>'
+                b'<x:colour>blue</x:colour></prop></set></propertyupdate>')
+        refused = bridge.request("PROPPATCH", series, dead)
+        assert refused.status == 207 and b"403" in refused.body
+        assert_same(bridge, study)
+        # ... but one kept from elsewhere (an older bridge) is shown, by wsgidav
+        bridge.bridge.properties.write_property(series, "{urn:example}colour",
+                                                b'<ns0:colour xmlns:ns0="urn:example">blue</ns0:colour>')
+        for path, depth in ((study, "1"), (series, "0")):
+            shown = assert_same(bridge, path, depth, fast=False)
+            assert shown[series]["{urn:example}colour"] == ("HTTP/1.1 200 OK", ("{urn:example}colour", "blue", ()))
+        assert_same(bridge, instance, "0")  # elsewhere, still answered here
+        bridge.bridge.properties.remove_property(series, "{urn:example}colour")
+        assert_same(bridge, study)
+
+        # a lock shows in lockdiscovery: wsgidav writes it
+        lock = (b'<?xml version="1.0" encoding="utf-8" ?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/>'
+                b'</D:lockscope><D:locktype><D:write/></D:locktype><D:owner><D:href>someone</D:href></D:owner></D:lockinfo>')
+        locked = bridge.request("LOCK", instance, lock, {"Timeout": "Second-3600"})
+        assert locked.status == 200
+        for path, depth in ((series, "1"), (instance, "0")):
+            shown = assert_same(bridge, path, depth, fast=False)
+            assert shown[instance][DAV + "lockdiscovery"][1] != (DAV + "lockdiscovery", "", ())
+        assert_same(bridge, study)  # the lock is below what this lists
+        assert bridge.request("UNLOCK", instance, headers={"Lock-Token": locked.headers["lock-token"]}).status == 204
+        assert_same(bridge, series)
+
+
+def test_propfind_dates_are_written_as_wsgidav_writes_them() -> None:
+    from wsgidav import util
+
+    from bridge.propfind import dates
+
+    for mtime in (0.0, 1.5, 1_700_000_000.0, 1_700_000_000.9999996, 1_700_000_059.999999, 1_763_912_345.123456,
+                  2_000_000_000.25, 951_782_400.0):  # 2000-02-29
+        assert dates(mtime) == (util.get_rfc3339_time(mtime), util.get_rfc1123_time(mtime)), mtime
