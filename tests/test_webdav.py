@@ -755,3 +755,19 @@ def test_propfind_dates_are_written_as_wsgidav_writes_them() -> None:
     for mtime in (0.0, 1.5, 1_700_000_000.0, 1_700_000_000.9999996, 1_700_000_059.999999, 1_763_912_345.123456,
                   2_000_000_000.25, 951_782_400.0):  # 2000-02-29
         assert dates(mtime) == (util.get_rfc3339_time(mtime), util.get_rfc1123_time(mtime)), mtime
+
+
+def test_dead_properties_are_found_under_a_folder_by_one_scan(tmp_path: Path) -> None:
+    from bridge.properties import StorePropertyManager
+
+    properties = StorePropertyManager(tmp_path / "properties")
+    try:
+        assert not properties.any_under("/by-patients/")
+        properties.write_property("/by-patients-old/x", "{urn:x}y", b"<y/>")  # a sibling sharing the prefix
+        properties.write_property("/by-patientsX", "{urn:x}y", b"<y/>")
+        assert not properties.any_under("/by-patients/") and not properties.any_under("/by-patients")
+        properties.write_property("/by-patients/P1 - A/S1/", "{urn:x}y", b"<y/>")
+        assert properties.any_under("/by-patients/") and properties.any_under("/by-patients/P1 - A")
+        assert not properties.any_under("/by-patients/P1 - AB/")
+    finally:
+        properties.close()
