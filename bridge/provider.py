@@ -237,6 +237,10 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
             return
         self._arrived(resource.get_ref_url(), parts, resource.environ)
 
+    def upload_completed(self, ref_url: str, parts: tuple[str, ...], environ: dict[str, Any]) -> None:
+        """A PUT answered before wsgidav (bridge.fast_put) wrote ``uploads/<parts>`` whole."""
+        self._arrived(ref_url, parts, environ)
+
     def upload_arrived(self, dest_path: str, environ: dict[str, Any]) -> None:
         """A COPY or MOVE put a complete file at ``dest_path``."""
         self._arrived(util.quote(dest_path), _upload_parts(dest_path), environ)

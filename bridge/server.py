@@ -24,6 +24,7 @@ from wsgidav.wsgidav_app import WsgiDAVApp
 
 from bridge.auth import USERS_KEY, Credentials, UsersDomainController
 from bridge.errors import ErrorPages, PathGuard
+from bridge.fast_put import FastPut
 from bridge.properties import StorePropertyManager
 from bridge.provider import BridgeSettings, DicomfsProvider
 from bridge.transfers import TransferRoutes
@@ -69,8 +70,8 @@ class Bridge:
                                         BridgeSettings(webdav.upload_allowed and writable, webdav.delete_allowed and writable))
         self.properties = StorePropertyManager(store.folder / "webdav" / "properties")
         self.credentials = Credentials(config.users)
-        self.transfers = TransferRoutes(WsgiDAVApp(self._wsgidav_config()), store, self.credentials,
-                                        writable=writable, path_lookup=self._resource_at)
+        dav = FastPut(WsgiDAVApp(self._wsgidav_config()), self.provider, self.credentials, webdav.block_size)
+        self.transfers = TransferRoutes(dav, store, self.credentials, writable=writable, path_lookup=self._resource_at)
         self.app = PathGuard(self.transfers)
         self._server: wsgi.Server | None = None
         self._threads: list[threading.Thread] = []

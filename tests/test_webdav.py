@@ -3,6 +3,7 @@ properties, users and rights, hostile paths, HTTPS, load, and the command line a
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import os
@@ -216,6 +217,43 @@ def test_put_ingests_dicom_and_keeps_the_rest_with_its_reason(tmp_path: Path) ->
         for clutter in (".DS_Store", "._good.dcm", "desktop.ini"):
             assert bridge.request("PUT", f"/uploads/CD/{clutter}", b"junk").status == 403
         assert bridge.uploads() == ["CD/empty.dcm", "CD/notes.txt"]
+
+
+def test_plain_puts_are_written_before_wsgidav_and_the_rest_still_reach_it(tmp_path: Path) -> None:
+    """bridge.fast_put answers a plain authenticated PUT itself; conditions, locks and ranges go on."""
+    with running(tmp_path, users_config()) as bridge:
+        carol = ("carol", CAROL_PASSWORD)
+        good = dicom_file(tmp_path / "in", 7).read_bytes()
+        created = bridge.request("PUT", "/uploads/scan%20%C3%A9.dcm", good, auth=carol)
+        assert created.status == 201 and created.headers.get("etag") and created.body == b""  # wsgidav's has a page
+        bridge.wait_ingested()
+        (stored,) = bridge.instances()
+        assert stored.remote == "carol@127.0.0.1" and stored.origin == "webdav"
+        assert bridge.request("PUT", "/uploads/n.txt", b"one", auth=carol).status == 201
+        assert bridge.request("PUT", "/uploads/n.txt", b"two", auth=carol).status == 204  # kept (not DICOM): replaced
+        assert bridge.request("PUT", "/uploads/x.dcm", good, auth=("bob", BOB_PASSWORD)).status == 403  # read only
+        assert bridge.request("PUT", "/uploads/x.dcm", good, auth=("carol", "wrong")).status == 401
+        assert bridge.request("PUT", "/uploads/x.dcm", good, {"Content-Range": "bytes 0-9/99"}, auth=carol).status == 400
+        conditional = bridge.request("PUT", "/uploads/x.dcm", good, {"If-Match": '"nope"'}, auth=carol)
+        assert conditional.status == 201 and b"WsgiDAV" in conditional.body  # wsgidav's answer (and its reading of it)
+        assert bridge.request("MKCOL", "/uploads/held", auth=carol).status == 201
+        lock = bridge.request("LOCK", "/uploads/held", b'<?xml version="1.0"?><D:lockinfo xmlns:D="DAV:"><D:lockscope>'
+                              b"<D:exclusive/></D:lockscope><D:locktype><D:write/></D:locktype></D:lockinfo>",
+                              {"Depth": "infinity"}, auth=carol)
+        assert lock.status == 200
+        assert bridge.request("PUT", "/uploads/held/a.dcm", good, auth=carol).status == 423  # no token: wsgidav says so
+        # A client that leaves half-way: the part that came stays, with its reason, and is not ingested.
+        with socket.create_connection((bridge.client.host, bridge.client.port), timeout=10) as raw:
+            token = base64.b64encode(f"carol:{CAROL_PASSWORD}".encode()).decode()
+            raw.sendall(f"PUT /uploads/cut.dcm HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {token}\r\n"
+                        f"Content-Length: {len(good)}\r\n\r\n".encode() + good[:100])
+        cut = bridge.store.folder / "uploads" / "cut.dcm"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and bridge.bridge.provider.uploads.reason(cut) is None:
+            time.sleep(0.05)
+        reason = bridge.bridge.provider.uploads.reason(cut)
+        assert reason is not None and "interrupted" in reason and cut.stat().st_size == 100
+        assert len(bridge.instances()) == 1
 
 
 def test_windows_explorer_copy_is_ingested_at_unlock_not_before(tmp_path: Path) -> None:
