@@ -12,15 +12,21 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from dicomfs.store import Store
 from dicomfs.uploads import UploadArea, UploadOutcome
 
-__all__ = ["UploadQueue"]
+__all__ = ["LEFTOVERS_AT_START_SECONDS", "ORPHANED_SECONDS", "UploadQueue"]
 
 _log = logging.getLogger(__name__)
 _MOST_PER_GROUP = 256
+LEFTOVERS_AT_START_SECONDS = 2.0
+"""At a front end's start, files in uploads/ untouched this long were left by a front end killed
+before it ingested them (a file being written now, through a mount beside it, is touched often)."""
+ORPHANED_SECONDS = 300.0
+"""Later, a complete-looking file untouched this long that nobody queued is adopted too: the front
+end that took it in may have died while this one ran."""
 
 
 class UploadQueue:
@@ -44,6 +50,18 @@ class UploadQueue:
         with self._condition:
             self._waiting[tuple(parts)] = remote
             self._condition.notify()
+
+    def adopt_leftovers(self, *, idle: float, busy: Collection[tuple[str, ...]] = ()) -> int:
+        """Queue the files in uploads/ that a front end answered for but never ingested (it was
+        killed first), untouched for ``idle`` seconds and not ``busy`` (``UploadArea.leftovers``);
+        how many. Front ends call it at start and, with a long ``idle``, from their janitors."""
+        taken = self.busy() | set(busy)
+        found = self._area.leftovers(idle=idle, busy={self._area.path(parts) for parts in taken})
+        for parts in found:
+            self.submit(parts)
+        if found:
+            _log.info("%d uploads left in uploads/ without being ingested: queued now", len(found))
+        return len(found)
 
     def busy(self) -> set[tuple[str, ...]]:
         """The uploads queued or being ingested (the janitor leaves them alone)."""

@@ -131,6 +131,25 @@ class UploadArea:
                 return self._reasons.get(str(path))
             return None
 
+    def leftovers(self, *, idle: float, busy: Collection[Path] = (), now: float | None = None) -> list[tuple[str, ...]]:
+        """Files a front end took in but never ingested, because it was killed first: not empty,
+        without a reason, not clutter, not ``busy``, and untouched for ``idle`` seconds (a file
+        being written is touched). As ``parts`` below uploads/, for the upload queue."""
+        now = time.time() if now is None else now
+        found: list[tuple[str, ...]] = []
+        for folder, _, files in os.walk(self.root):
+            for name in files:
+                path = Path(folder) / name
+                if path in busy or is_os_junk(name):
+                    continue
+                try:
+                    info = path.stat()
+                except FileNotFoundError:
+                    continue
+                if info.st_size and now - info.st_mtime >= idle and self.reason(path) is None:
+                    found.append(path.relative_to(self.root).parts)
+        return found
+
     def sweep(self, *, rejected_ttl: int, empty_folder_idle: int, busy: Collection[Path] = (),
               now: float | None = None) -> list[Path]:
         """Remove rejected (or empty) files older than ``rejected_ttl`` s (0: never) and empty folders idle for

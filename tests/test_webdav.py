@@ -256,6 +256,24 @@ def test_plain_puts_are_written_before_wsgidav_and_the_rest_still_reach_it(tmp_p
         assert len(bridge.instances()) == 1
 
 
+def test_uploads_a_killed_bridge_answered_for_are_ingested_at_the_next_start(tmp_path: Path) -> None:
+    Store.create(tmp_path / "store").close()
+    uploads = tmp_path / "store" / "uploads"
+    uploads.mkdir(exist_ok=True)
+    left = dicom_file(uploads / "CD", 3)  # answered 201, then the bridge was SIGKILLed before ingesting it
+    os.utime(left, (time.time() - 60, time.time() - 60))
+    writing = dicom_file(uploads / "CD", 4)  # being written right now through a mount beside the bridge
+    rejected = uploads / "notes.txt"
+    rejected.write_bytes(b"not DICOM")
+    os.utime(rejected, (time.time() - 60, time.time() - 60))
+    os.setxattr(rejected, "user.dicomfs.error", b"not DICOM: no DICM prefix")
+    with running(tmp_path) as bridge:
+        bridge.wait_ingested()
+        assert [i.sop_uid for i in bridge.instances()] == ["1.2.826.0.1.3680043.10.1.1.3"]
+        assert bridge.uploads() == ["CD/up0004.dcm", "notes.txt"]  # too fresh to adopt; already judged
+    assert writing.exists()
+
+
 def test_windows_explorer_copy_is_ingested_at_unlock_not_before(tmp_path: Path) -> None:
     win32 = (b'<?xml version="1.0" encoding="utf-8" ?><D:propertyupdate xmlns:D="DAV:" '
              b'xmlns:Z="urn:schemas-microsoft-com:"><D:set><D:prop>'

@@ -224,6 +224,11 @@ async def _refresh(operations: DicomOperations, seconds: float) -> None:
 async def _sweep(operations: DicomOperations, uploads: UploadArea, config: Config) -> None:
     while True:
         await trio.sleep(_JANITOR_SECONDS)
+        open_now = {n.path[1:] for n in operations.open_uploads()}
+        try:
+            await trio.to_thread.run_sync(operations.adopt_orphans, open_now)
+        except Exception:
+            _log.exception("looking for uploads left uningested failed")
         busy = {uploads.path(n.path[1:]) for n in operations.open_uploads()}
         busy |= {uploads.path(parts) for parts in operations.queued_uploads()}
         sweep = functools.partial(uploads.sweep, rejected_ttl=config.uploads.rejected_ttl,

@@ -32,7 +32,7 @@ from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.mount.inodes import ROOT_INODE, InodeTable, Node
 from dicomfs.store import Instance, Store
 from dicomfs.store.blobs import BlobReader
-from dicomfs.upload_queue import UploadQueue
+from dicomfs.upload_queue import LEFTOVERS_AT_START_SECONDS, ORPHANED_SECONDS, UploadQueue
 from dicomfs.uploads import ERROR_XATTR, UploadArea, UploadOutcome
 from dicomfs.views import JOBS, UPLOADS, Entry, EntryKind, Listing, NotAFolderError, Tree
 from dicomfs.views.tags import META_PREFIX, PROTECTED, protection, resource_attributes
@@ -115,12 +115,20 @@ class DicomOperations(pyfuse3.Operations):
             # One thread ingests every upload closed meanwhile in one group commit: `cp -r` of a
             # CD closes files one after another, and a sync per file would cap it near 200 files/s.
             self._queue = UploadQueue(self.store, self.uploads, origin="fuse", on_done=self._from_queue)
+            # Files a front end answered for but was killed before ingesting: nobody else would.
+            self._queue.adopt_leftovers(idle=LEFTOVERS_AT_START_SECONDS)
 
     def detach(self) -> None:
         """Ingest what is queued and stop the ingest thread (the loop has ended)."""
         if self._queue is not None:
             self._queue.close()
             self._queue = None
+
+    def adopt_orphans(self, open_now: set[tuple[str, ...]]) -> None:
+        """Queue complete-looking uploads nobody queued for ``ORPHANED_SECONDS`` (their front end
+        died); ``open_now`` are those open here. Walks uploads/: call it from a thread."""
+        if self._queue is not None:
+            self._queue.adopt_leftovers(idle=ORPHANED_SECONDS, busy=open_now)
 
     def queued_uploads(self) -> set[tuple[str, ...]]:
         """Uploads queued or being ingested (the janitor leaves them alone)."""
@@ -745,7 +753,13 @@ class DicomOperations(pyfuse3.Operations):
 def _invalidate_inodes(stale: list[tuple[int, bool]]) -> None:
     """Blocks while the kernel drops cached pages (hence run in a thread)."""
     for inode, attr_only in stale:
-        pyfuse3.invalidate_inode(inode, attr_only)
+        try:
+            pyfuse3.invalidate_inode(inode, attr_only)
+        except FileNotFoundError:
+            # The kernel forgot the inode already (its forget is on its way to us): nothing
+            # cached to drop. Raised inside a request handler (an unlink applying its changes)
+            # it ended pyfuse3's main loop with that request unanswered, and the mount hung.
+            continue
 
 
 def _fuse_error(error: OSError) -> pyfuse3.FUSEError:
