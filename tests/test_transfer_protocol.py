@@ -122,3 +122,27 @@ def test_a_plan_is_named_by_its_content_and_refuses_changed_instances(stores: tu
     stale = outbox.register([[Piece(large.id, hashlib.sha256(b"other").hexdigest(), large.size, 0, 10)]])
     with pytest.raises(StaleSelectionError):
         outbox.bucket(stale, 0)
+
+
+def test_an_instance_whose_chunks_all_arrived_before_a_kill_is_committed_at_the_next_lookup(
+        stores: tuple[Store, Store, Instance]) -> None:
+    sending, receiving, large = stores
+    buckets = plan_buckets([Wanted(large.id, large.sha256, large.size)], 64 << 10)
+    first = Receiver(receiving)
+    for bucket in buckets[:-1]:
+        first.receive(decode_bucket(read_bucket(sending, bucket)))
+    # The last chunk reached the disk and its range was recorded, then the receiver was killed
+    # before the commit: the state _add_chunk leaves just before it hands the file on.
+    (last,) = buckets[-1]
+    part = next((receiving.folder / "transfers" / "partial").glob("*.part"))
+    with open(part, "r+b") as file:
+        file.seek(last.offset)
+        file.write(sending.open_instance(large.id).read(last.offset, last.length))
+    with open(part.with_suffix(".ranges"), "a") as ranges:
+        ranges.write(f"{last.offset} {last.offset + last.length}\n")
+    assert receiving.find(large.id) is None
+    found = Receiver(receiving).lookup([Wanted(large.id, large.sha256, large.size)])
+    assert found.have == [large.id] and found.partial == {}  # nothing left to send: it is stored
+    stored = receiving.get(large.id)
+    assert isinstance(stored, Instance) and stored.sha256 == large.sha256
+    assert not any((receiving.folder / "transfers" / "partial").iterdir())

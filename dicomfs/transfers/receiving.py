@@ -87,7 +87,10 @@ class Receiver:
                 found.have.append(item.id)
                 continue
             held = self._held(item.id, item.sha256, item.size)
-            if held:
+            if held and not missing_ranges(held, item.size):
+                if self._finish_held(item):
+                    found.have.append(item.id)
+            elif held:
                 found.partial[item.id] = held
         return found
 
@@ -114,29 +117,53 @@ class Receiver:
                     ready.append((piece.id, complete, True))
                 else:
                     outcome.partial[piece.id] = complete
-            if ready:
-                sources = [Source(f"transfer:{item}", str(path)) for item, path, _ in ready]
-                # By label, not by position: a zip sent as an instance would yield a result per member.
-                results = {r.path: r for r in self.store.ingest_sources(sources, origin=origin, remote=remote,
-                                                                         in_process=True)}
-                for source, (item, _, _) in zip(sources, ready, strict=True):
-                    result = results.get(source.label)
-                    if result is None:
-                        outcome.failed[item] = "not a single DICOM instance"
-                    elif result.status in _KEPT:
-                        outcome.stored.append(item)
-                    elif result.retry:
-                        outcome.later[item] = result.reason
-                    else:
-                        outcome.failed[item] = result.reason or result.status
+            self._commit(ready, outcome, origin=origin, remote=remote)
         finally:
-            for _, path, finished_partial in ready:
-                path.unlink(missing_ok=True)
-                if finished_partial:
-                    path.with_suffix(".ranges").unlink(missing_ok=True)
+            _remove(ready)
         for item in outcome.stored:  # an instance done in this bucket is no longer partial
             outcome.partial.pop(item, None)
         return outcome
+
+    def _commit(self, ready: list[tuple[str, Path, bool]], outcome: Received, *, origin: str, remote: str) -> None:
+        """Ingest checked files in one group commit and sort them into ``outcome``."""
+        if not ready:
+            return
+        sources = [Source(f"transfer:{item}", str(path)) for item, path, _ in ready]
+        # By label, not by position: a zip sent as an instance would yield a result per member.
+        results = {r.path: r for r in self.store.ingest_sources(sources, origin=origin, remote=remote, in_process=True)}
+        for source, (item, _, _) in zip(sources, ready, strict=True):
+            result = results.get(source.label)
+            if result is None:
+                outcome.failed[item] = "not a single DICOM instance"
+            elif result.status in _KEPT:
+                outcome.stored.append(item)
+            elif result.retry:
+                outcome.later[item] = result.reason
+            else:
+                outcome.failed[item] = result.reason or result.status
+
+    def _finish_held(self, item: Wanted) -> bool:
+        """An instance whose every chunk is here but which was never committed (the receiver was
+        killed in between): check and commit it now; whether it is stored. Else its chunks are
+        dropped and it is sent again whole."""
+        part = self._part(item.id, item.sha256)
+        try:
+            fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            whole = _file_sha256(fd, item.size) == item.sha256
+        finally:
+            os.close(fd)
+        ready = [(item.id, part, True)]
+        outcome = Received()
+        try:
+            if whole:
+                self._commit(ready, outcome, origin="transfer", remote="")
+        finally:
+            _remove(ready)
+        return item.id in outcome.stored
 
     def sweep(self, max_age: float) -> int:
         """Remove work files older than ``max_age`` seconds (transfers abandoned); how many went."""
@@ -191,6 +218,14 @@ class Receiver:
             return None
         finally:
             os.close(fd)
+
+
+def _remove(ready: list[tuple[str, Path, bool]]) -> None:
+    """The work files of what was committed (or refused): a finished partial's ranges go too."""
+    for _, path, finished_partial in ready:
+        path.unlink(missing_ok=True)
+        if finished_partial:
+            path.with_suffix(".ranges").unlink(missing_ok=True)
 
 
 def _read_ranges(path: Path) -> list[tuple[int, int]]:
