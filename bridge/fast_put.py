@@ -87,10 +87,10 @@ class FastPut:
         if expected.isdigit() and written != int(expected):  # cheroot ends the body early when the client leaves
             provider.uploads.set_reason(target, "the upload was interrupted: only part of the file arrived")
             return _plain(start_response, "400 Bad Request", f"{written} of {expected} bytes arrived")
+        etag = util.get_file_etag(str(target))  # before queueing: the ingest may remove the file at once
         provider.upload_completed(util.quote(path), parts[1:], environ)
         status = "204 No Content" if existed else "201 Created"
-        start_response(status, [("Content-Length", "0"), ("Date", util.get_rfc1123_time()),
-                                ("ETag", f'"{util.get_file_etag(str(target))}"')])
+        start_response(status, [("Content-Length", "0"), ("Date", util.get_rfc1123_time()), ("ETag", f'"{etag}"')])
         return [b""]
 
     def _user(self, environ: dict[str, Any]) -> str | None:
