@@ -331,6 +331,12 @@ class UploadFile(FileResource):  # type: ignore[misc]
     def file_path(self) -> Path:
         return Path(self._file_path)
 
+    def get_etag(self) -> str | None:
+        try:
+            return str(super().get_etag())
+        except FileNotFoundError:  # ingested and removed already (wsgidav asks after end_write): no ETag
+            return None
+
     def begin_write(self, *, content_type: str | None = None) -> Any:
         self.provider.check_upload()
         _refuse_clutter(self.name)
