@@ -21,12 +21,12 @@ from typing import Any
 from bridge.auth import REALM, Credentials
 from dicomfs import __version__
 from dicomfs.config import RIGHTS
-from dicomfs.errors import DicomfsError
+from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.store import Store
 from dicomfs.transfers.client import BUCKET_TYPE
 from dicomfs.transfers.protocol import VERSION, Piece, Wanted, decode_bucket
 from dicomfs.transfers.receiving import Receiver
-from dicomfs.transfers.sending import Outbox, instances_named
+from dicomfs.transfers.sending import Outbox
 
 __all__ = ["PREFIX", "TransferRoutes"]
 
@@ -121,8 +121,7 @@ class TransferRoutes:
             wanted = [Wanted(str(i), str(h), int(s)) for i, h, s in _list(request, "instances")]
             return _json(self.receiver.lookup(wanted).as_json())
         if parts[0] == "resolve":
-            selectors = [str(s) for s in _list(request, "selectors")]
-            found = instances_named(self.store, selectors, self.path_lookup)
+            found = self.store.instances_of(self._resource_selector(str(s)) for s in _list(request, "selectors"))
             return _json({"instances": [[r.id, r.sha256, r.size] for r in found]})
         if parts[0] == "manifest":
             here, gone = self.outbox.manifest([str(i) for i in _list(request, "ids")])
@@ -132,6 +131,17 @@ class TransferRoutes:
                        for bucket in _list(request, "buckets")]
             return _json({"plan": self.outbox.register(buckets), "buckets": len(buckets)})
         raise _Refusal(404, f"no POST /transfers/{route}")
+
+    def _resource_selector(self, selector: str) -> str:
+        """A selector for ``Store.resolve``: a path of the tree (``by-patients/P1 - DOE^J``) becomes
+        the id of the resource it shows; ids, UIDs and PatientIDs stay as they are."""
+        parts = [part for part in selector.split("/") if part]
+        if len(parts) < 2:
+            return selector
+        resource_id = self.path_lookup(parts)
+        if resource_id is None:
+            raise NotFoundError(f"{selector!r} is not a patient, study, series or instance of the tree")
+        return resource_id
 
     def _receive(self, environ: dict[str, Any], user: str) -> tuple[int, list[tuple[str, str]], bytes]:
         if not self.writable:

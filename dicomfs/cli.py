@@ -359,92 +359,86 @@ def cmd_passwd(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     return 0
 
 
-def _instances_selected(store: Store, selector: str) -> list[Instance]:
-    """The instances a selector names: a path in a mounted tree (its user.dicomfs.id), a resource
-    id, a DICOM UID or a PatientID."""
+def _instances_selected(store: Store, selectors: Sequence[str]) -> list[Instance]:
+    """The instances selectors name, each once: paths in a mounted tree (their user.dicomfs.id),
+    resource ids, DICOM UIDs or PatientIDs."""
     import os
 
-    if os.path.exists(selector):
-        try:
-            selector = os.getxattr(selector, "user.dicomfs.id").decode()
-        except OSError:
-            raise NotFoundError(f"{selector} is not a file or folder of a dicomfs mount (it has no user.dicomfs.id)") from None
-    found: list[Instance] = []
-    for record in store.resolve(selector):
-        if isinstance(record, Instance):
-            found.append(record)
-        else:
-            found.extend(r for r in store.walk(Level.INSTANCE, record.id) if isinstance(r, Instance))
-    return found
+    ids = []
+    for selector in selectors:
+        if os.path.exists(selector):
+            try:
+                selector = os.getxattr(selector, "user.dicomfs.id").decode()
+            except OSError:
+                raise NotFoundError(f"{selector} is not a file or folder of a dicomfs mount "
+                                    "(it has no user.dicomfs.id)") from None
+        ids.append(selector)
+    return store.instances_of(ids)
 
 
-def cmd_export(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+def _check_secrets(config: Config, name: str) -> None:
+    """Fail now, not when the job runs, on a secret that cannot be read or a syntax that is no syntax."""
     from dicomfs.config import Destination, XnatDestination
-    from dicomfs.jobs.service import job_for_target
-    from dicomfs.jobs.storage import open_jobs
 
-    kind, params = job_for_target(loaded.config, args.to)
-    destination = loaded.config.destinations.get(args.to)
+    destination = config.destinations.get(name)
     if isinstance(destination, Destination):
-        if destination.transfer_syntaxes:  # a typo fails now, not when the job runs (pydicom only then)
+        if destination.transfer_syntaxes:  # pydicom only then
             from dicomfs.jobs.transcode import parse_syntaxes
 
             parse_syntaxes(destination.transfer_syntaxes)
-        destination.authorization()  # so does a secret that cannot be read
+        destination.authorization()
     elif isinstance(destination, XnatDestination):
         destination.password()
-    with open_store(loaded) as store:
-        instances = [i for selector in args.selectors for i in _instances_selected(store, selector)]
-        jobs = open_jobs(store)
-        job = jobs.create(kind, params, [(i.id, i.size) for i in instances],
-                          f"export {len(instances)} instances ({' '.join(args.selectors)[:80]}) to {args.to}")
-        print(f"job {job.id}: {job.description}")
-        if not args.wait:
-            return 0
-        return _wait_for(store, jobs, loaded.config, job.id)
+    elif name in config.peers:
+        config.peers[name].authorization()
 
 
-def _peer(config: Config, name: str) -> Any:
-    peer = config.peers.get(name)
-    if peer is None:
-        from dicomfs.errors import ConfigError
-
-        raise ConfigError(f"no peer {name!r} in the configuration (known: {', '.join(config.peers) or 'none configured'})")
-    peer.authorization()  # a password that cannot be read fails now, not when the job runs
-    return peer
-
-
-def cmd_send(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    from dicomfs.jobs.model import SEND
+def _queue(loaded: LoadedConfig, kind: str, params: dict[str, object], items: list[tuple[str, int]], description: str,
+           *, wait: bool, store: Store) -> int:
+    """Create the job, say so, and with ``wait`` run it here until it ends."""
     from dicomfs.jobs.storage import open_jobs
 
-    _peer(loaded.config, args.to)
+    jobs = open_jobs(store)
+    job = jobs.create(kind, params, items, description)
+    print(f"job {job.id}: {job.description}")
+    return _wait_for(store, jobs, loaded.config, job.id) if wait else 0
+
+
+def cmd_export(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    """``export --to NAME`` (any destination or peer) and ``send --to PEER``."""
+    from dicomfs.jobs.service import job_for_target
+
+    if args.command == "send" and args.to not in loaded.config.peers:
+        from dicomfs.errors import ConfigError
+
+        known = ", ".join(loaded.config.peers) or "none configured"
+        raise ConfigError(f"no peer {args.to!r} in the configuration (known: {known})")
+    kind, params = job_for_target(loaded.config, args.to)
+    _check_secrets(loaded.config, args.to)
     with open_store(loaded) as store:
-        instances = {i.id: i for selector in args.selectors for i in _instances_selected(store, selector)}
-        jobs = open_jobs(store)
-        job = jobs.create(SEND, {"peer": args.to}, [(i.id, i.size) for i in instances.values()],
-                          f"send {len(instances)} instances ({' '.join(args.selectors)[:80]}) to peer {args.to}")
-        print(f"job {job.id}: {job.description}")
-        return _wait_for(store, jobs, loaded.config, job.id) if args.wait else 0
+        instances = _instances_selected(store, args.selectors)
+        description = f"{args.command} {len(instances)} instances ({' '.join(args.selectors)[:80]}) to {args.to}"
+        return _queue(loaded, kind, params, [(i.id, i.size) for i in instances], description, wait=args.wait, store=store)
 
 
 def cmd_pull(args: argparse.Namespace, loaded: LoadedConfig) -> int:
+    from dicomfs.errors import ConfigError
     from dicomfs.jobs.model import PULL
-    from dicomfs.jobs.storage import open_jobs
     from dicomfs.transfers.client import PeerClient
 
-    peer = _peer(loaded.config, args.from_peer)
-    client = PeerClient(peer)
+    peer = loaded.config.peers.get(args.from_peer)
+    if peer is None:
+        known = ", ".join(loaded.config.peers) or "none configured"
+        raise ConfigError(f"no peer {args.from_peer!r} in the configuration (known: {known})")
+    client = PeerClient(peer)  # reads the password: one that cannot be read fails here
     try:
         found = client.resolve(args.selectors)
     finally:
         client.close()
     with open_store(loaded) as store:
-        jobs = open_jobs(store)
-        job = jobs.create(PULL, {"peer": peer.name}, [(w.id, w.size) for w in found],
-                          f"pull {len(found)} instances ({' '.join(args.selectors)[:80]}) from peer {peer.name}")
-        print(f"job {job.id}: {job.description}")
-        return _wait_for(store, jobs, loaded.config, job.id) if args.wait else 0
+        description = f"pull {len(found)} instances ({' '.join(args.selectors)[:80]}) from peer {peer.name}"
+        return _queue(loaded, PULL, {"peer": peer.name}, [(w.id, w.size) for w in found], description,
+                      wait=args.wait, store=store)
 
 
 def _wait_for(store: Store, jobs: Any, config: Config, job_id: str) -> int:
@@ -647,7 +641,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a path in a mounted tree, a resource id, a DICOM UID or a PatientID")
     p.add_argument("--to", required=True, metavar="NAME", help="a [destinations.NAME] (or [peers.NAME]) of the configuration")
     p.add_argument("--wait", action="store_true", help="run it here and wait; exit 1 unless it succeeds")
-    p = add("send", cmd_send, "push instances to a configured peer dicomfs ([peers.NAME]), as a job")
+    p = add("send", cmd_export, "push instances to a configured peer dicomfs ([peers.NAME]), as a job")
     p.add_argument("selectors", nargs="+", metavar="SELECTOR",
                    help="a path in a mounted tree, a resource id, a DICOM UID or a PatientID")
     p.add_argument("--to", required=True, metavar="PEER", help="a [peers.NAME] of the configuration")

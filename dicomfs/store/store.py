@@ -248,6 +248,16 @@ class Store:
             raise NotFoundError(f"nothing in the store matches {selector!r} (not an id, a UID or a PatientID)")
         return records
 
+    def instances_of(self, selectors: Iterable[str]) -> list[Instance]:
+        """Every instance the selectors name (see ``resolve``) or holds below, each once, in
+        selector order: what an export or a transfer of those selectors sends."""
+        found: dict[str, Instance] = {}
+        for selector in selectors:
+            for record in self.resolve(selector):
+                below = [record] if isinstance(record, Instance) else self.walk(Level.INSTANCE, record.id)
+                found.update((r.id, r) for r in below if isinstance(r, Instance))
+        return list(found.values())
+
     def resolve_one(self, selector: str) -> Record:
         """The single resource a selector names; AmbiguousError if it names several."""
         records = self.resolve(selector)

@@ -1,4 +1,4 @@
-"""The sending side of a transfer: the instances a selection names, and buckets read from the store.
+"""The sending side of a transfer: buckets read from the store, and the plans pulling peers register.
 
 Used by the push job (buckets it sends) and by the bridge's pull endpoints (buckets a peer
 fetches). For pull, the fetching side plans the buckets and registers the plan here; a plan is
@@ -11,38 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from dicomfs.errors import DicomfsError, NotFoundError
-from dicomfs.store import Instance, Level, Store
+from dicomfs.store import Instance, Store
 from dicomfs.transfers.protocol import Piece, Wanted, encode_bucket
 
-__all__ = ["Outbox", "StaleSelectionError", "instances_named", "read_bucket"]
+__all__ = ["Outbox", "StaleSelectionError", "read_bucket"]
 
 
 class StaleSelectionError(DicomfsError):
     """An instance of a plan changed (or was deleted) since the plan was made: plan again."""
 
     http_status = 409
-
-
-def instances_named(store: Store, selectors: Sequence[str],
-                    path_lookup: Callable[[Sequence[str]], str | None] | None = None) -> list[Instance]:
-    """The instances the selectors name, each once, in selector order: resource ids, DICOM UIDs,
-    PatientIDs, or (with ``path_lookup``) paths in the tree such as ``by-patients/P1 - DOE^J``."""
-    found: dict[str, Instance] = {}
-    for selector in selectors:
-        records = None
-        if path_lookup is not None and "/" in selector.strip("/"):
-            resource_id = path_lookup([part for part in selector.split("/") if part])
-            if resource_id is None:
-                raise NotFoundError(f"{selector!r} is not a patient, study, series or instance of the tree")
-            records = [store.get(resource_id)]
-        for record in records if records is not None else store.resolve(selector):
-            below = [record] if isinstance(record, Instance) else store.walk(Level.INSTANCE, record.id)
-            found.update((r.id, r) for r in below if isinstance(r, Instance))
-    return list(found.values())
 
 
 def read_bucket(store: Store, pieces: Sequence[Piece]) -> bytes:
