@@ -21,7 +21,7 @@ from dicomfs.config import Destination
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.jobs.model import Job
 from dicomfs.jobs.runner import JobWork, TransientJobError
-from dicomfs.jobs.schedule import closed_until
+from dicomfs.jobs.schedule import target_waiting
 from dicomfs.jobs.stowrs import Outgoing, StowRefusedError, StowTarget, StowTransientError, send
 from dicomfs.store import Instance, Store
 
@@ -41,10 +41,7 @@ class StowExporter:
         self._clock = clock
 
     def waiting_for(self, job: Job) -> str | None:
-        destination = self.destinations.get(job.params.get("destination", ""))
-        if destination is None:
-            return f"destination {job.params.get('destination')!r} is not configured in this process"
-        return closed_until(destination.name, destination.schedule, self._clock())
+        return target_waiting("destination", self.destinations, job.params.get("destination"), self._clock())
 
     def run(self, job: Job, work: JobWork) -> None:
         destination = self.destinations[job.params["destination"]]

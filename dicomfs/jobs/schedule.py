@@ -36,11 +36,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Sequence
+from typing import Mapping, Protocol, Sequence
 
 from dicomfs.errors import ConfigError
 
-__all__ = ["Schedule", "allowed", "closed_until", "next_allowed", "parse_schedule", "parse_schedules"]
+__all__ = ["Schedule", "Scheduled", "allowed", "next_allowed", "parse_schedule", "parse_schedules", "target_waiting"]
 
 # field name -> (count of values, what the values mean, for error messages)
 _FIELDS: dict[str, tuple[int, str]] = {
@@ -115,12 +115,27 @@ def next_allowed(schedules: Sequence[Schedule], when: datetime) -> datetime:
     raise ValueError(f"no schedule of {[s.text for s in schedules]!r} allows any hour within 8 days of {when}")
 
 
-def closed_until(name: str, texts: Sequence[str], now: datetime) -> str | None:
-    """Why a job for ``name`` must wait at ``now`` under its schedule ``texts``, or None if it may run."""
-    schedules = parse_schedules(texts)
+class Scheduled(Protocol):
+    """A target jobs go to (a destination, a peer), with its schedule windows."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def schedule(self) -> tuple[str, ...]: ...
+
+
+def target_waiting(what: str, targets: Mapping[str, Scheduled], name: object, now: datetime) -> str | None:
+    """Why a job for target ``name`` (a ``what``: "destination", "peer") must wait at ``now``: the
+    target is not configured in this process, or ``now`` is outside its schedule; None if it may run."""
+    target = targets.get(name) if isinstance(name, str) else None
+    if target is None:
+        return f"{what} {name!r} is not configured in this process"
+    schedules = parse_schedules(target.schedule)
     if allowed(schedules, now):
         return None
-    return f"outside {name}'s schedule ({' or '.join(texts)}) until {next_allowed(schedules, now):%Y-%m-%d %H:%M}"
+    return (f"outside {target.name}'s schedule ({' or '.join(target.schedule)}) "
+            f"until {next_allowed(schedules, now):%Y-%m-%d %H:%M}")
 
 
 def _day_of_week(when: datetime) -> int:

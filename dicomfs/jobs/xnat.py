@@ -43,7 +43,6 @@ import logging
 import os
 import re
 import shutil
-import ssl
 import tempfile
 import time
 import zipfile
@@ -58,9 +57,10 @@ from urllib.parse import urlsplit
 from dicomfs import __version__
 from dicomfs.config import XnatDestination
 from dicomfs.errors import DicomfsError, NotFoundError
+from dicomfs.jobs.links import describe_failure
 from dicomfs.jobs.model import Job
 from dicomfs.jobs.runner import JobWork, TransientJobError
-from dicomfs.jobs.schedule import closed_until
+from dicomfs.jobs.schedule import target_waiting
 from dicomfs.jobs.stowrs import StowTarget, open_connection, read_answer, short_body, status_phrase
 from dicomfs.jobs.zipnames import Structure, parse_structure, unique_names
 from dicomfs.store import Instance, Store
@@ -246,10 +246,7 @@ class XnatExporter:
         self._clock = clock
 
     def waiting_for(self, job: Job) -> str | None:
-        destination = self.destinations.get(job.params.get("destination", ""))
-        if destination is None:
-            return f"destination {job.params.get('destination')!r} is not configured in this process"
-        return closed_until(destination.name, destination.schedule, self._clock())
+        return target_waiting("destination", self.destinations, job.params.get("destination"), self._clock())
 
     def run(self, job: Job, work: JobWork) -> None:
         destination = self.destinations[job.params["destination"]]
@@ -459,15 +456,6 @@ def _post(destination: XnatDestination, url: str, headers: Mapping[str, str], bo
 
 def _unreachable(url: str, error: BaseException, during: str, timeout: float) -> DicomfsError:
     """Classify a failure to talk to XNAT. The message names the URL, never a credential."""
+    transient, text = describe_failure(error, timeout=timeout, host=urlsplit(url).hostname or "")
     where = f"XNAT {url} ({during})"
-    if isinstance(error, ssl.SSLCertVerificationError):
-        return XnatRefusedError(f"{where}: the server's TLS certificate is not trusted: {error.verify_message or error}")
-    if isinstance(error, ssl.SSLError) and not isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError):
-        return XnatRefusedError(f"{where}: TLS failed: {error.reason or error}")
-    if isinstance(error, TimeoutError):
-        return XnatUnavailableError(f"{where}: no progress in {timeout:g} s")
-    if isinstance(error, OSError):
-        return XnatUnavailableError(f"{where}: {error.strerror or error}")
-    if isinstance(error, http.client.IncompleteRead):
-        return XnatUnavailableError(f"{where}: the answer was cut after {len(error.partial)} bytes")
-    return XnatRefusedError(f"{where}: not an HTTP answer: {type(error).__name__} {error}")
+    return XnatUnavailableError(f"{where}: {text}") if transient else XnatRefusedError(f"{where}: {text}")

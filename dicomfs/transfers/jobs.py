@@ -23,7 +23,7 @@ from typing import Any
 from dicomfs.config import Peer
 from dicomfs.jobs.model import Job
 from dicomfs.jobs.runner import JobWork, TransientJobError
-from dicomfs.jobs.schedule import closed_until
+from dicomfs.jobs.schedule import target_waiting
 from dicomfs.store import Instance, Store
 from dicomfs.transfers.client import PeerClient, Sent
 from dicomfs.transfers.protocol import Piece, Wanted, decode_bucket, missing_ranges, plan_buckets
@@ -45,10 +45,7 @@ class _PeerExecutor:
         self.store, self.peers, self._clock = store, peers, clock
 
     def waiting_for(self, job: Job) -> str | None:
-        peer = self.peers.get(job.params.get("peer", ""))
-        if peer is None:
-            return f"peer {job.params.get('peer')!r} is not configured in this process"
-        return closed_until(peer.name, peer.schedule, self._clock())
+        return target_waiting("peer", self.peers, job.params.get("peer"), self._clock())
 
     def run(self, job: Job, work: JobWork) -> None:
         peer = self.peers[job.params["peer"]]
