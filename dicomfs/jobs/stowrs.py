@@ -36,8 +36,6 @@ import json
 import logging
 import re
 import secrets
-import socket
-import ssl
 import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -48,6 +46,7 @@ from urllib.parse import urlsplit
 
 from dicomfs import __version__
 from dicomfs.errors import ConfigError, DicomfsError
+from dicomfs.jobs.links import describe_failure, tls_context
 
 __all__ = [
     "InstanceResult",
@@ -656,24 +655,12 @@ def _retry_after(value: str | None) -> float | None:
 # Sending
 
 
-def _ssl_context(target: StowTarget) -> ssl.SSLContext:
-    try:
-        context = ssl.create_default_context(cafile=target.tls_ca_file)
-    except (OSError, ssl.SSLError) as error:
-        raise ConfigError(f"cannot load the CA file {target.tls_ca_file}: {error}") from None
-    if not target.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    elif not target.tls_verify_hostname:
-        context.check_hostname = False
-    return context
-
-
 def open_connection(target: StowTarget) -> http.client.HTTPConnection:
     parts = urlsplit(target.url)
     host = parts.hostname or ""
     if parts.scheme == "https":
-        return http.client.HTTPSConnection(host, parts.port, timeout=target.timeout, context=_ssl_context(target))
+        context = tls_context(target.tls_ca_file, verify=target.tls_verify, verify_hostname=target.tls_verify_hostname)
+        return http.client.HTTPSConnection(host, parts.port, timeout=target.timeout, context=context)
     return http.client.HTTPConnection(host, parts.port, timeout=target.timeout)
 
 
@@ -685,26 +672,9 @@ def _request_path(target: StowTarget) -> str:
 
 def _transport_error(target: StowTarget, error: BaseException, during: str) -> StowError:
     """Classify a failure to talk to the server. The message names the URL, never the authorization."""
+    transient, text = describe_failure(error, timeout=target.timeout, host=urlsplit(target.url).hostname or "")
     where = f"STOW-RS {target.studies_url} ({during})"
-    if isinstance(error, ssl.SSLCertVerificationError):
-        return StowRefusedError(f"{where}: the server's TLS certificate is not trusted: {error.verify_message or error}")
-    if isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError):
-        return StowTransientError(f"{where}: the TLS connection was cut: {error}")
-    if isinstance(error, ssl.SSLError):
-        return StowRefusedError(f"{where}: TLS failed: {error.reason or error}")
-    if isinstance(error, socket.gaierror):
-        return StowTransientError(f"{where}: cannot resolve {urlsplit(target.url).hostname}: {error.strerror or error}")
-    if isinstance(error, TimeoutError):
-        return StowTransientError(f"{where}: no progress in {target.timeout:g} s")
-    if isinstance(error, http.client.RemoteDisconnected):
-        return StowTransientError(f"{where}: the server closed the connection without answering")
-    if isinstance(error, OSError):
-        return StowTransientError(f"{where}: {error.strerror or error}")
-    if isinstance(error, http.client.IncompleteRead):
-        return StowTransientError(f"{where}: the answer was cut after {len(error.partial)} bytes")
-    if isinstance(error, http.client.HTTPException):
-        return StowRefusedError(f"{where}: the answer is not HTTP: {type(error).__name__} {short_body(str(error).encode())}")
-    return StowTransientError(f"{where}: {type(error).__name__}: {error}")
+    return StowTransientError(f"{where}: {text}") if transient else StowRefusedError(f"{where}: {text}")
 
 
 def read_answer(response: http.client.HTTPResponse) -> bytes:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
-import socket
-import ssl
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -21,17 +19,15 @@ from urllib.parse import quote, urlsplit
 
 from dicomfs import __version__
 from dicomfs.config import Peer
-from dicomfs.errors import ConfigError, DicomfsError
+from dicomfs.errors import DicomfsError
+from dicomfs.jobs.links import describe_failure, tls_context
 from dicomfs.jobs.runner import TransientJobError
-from dicomfs.transfers.protocol import Piece, Wanted
+from dicomfs.transfers.protocol import BUCKET_TYPE, GZIP_LEVEL, Piece, Wanted
 
 __all__ = ["PeerClient", "PeerRefusedError", "PeerUnreachableError", "Sent"]
 
-BUCKET_TYPE = "application/vnd.dicomfs.bucket"
 _TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_ANSWER = 256 << 20
-GZIP_LEVEL = 6
-"""gzip's own default: on the slow links transfers are for, bytes saved matter more than CPU."""
 
 
 class PeerUnreachableError(TransientJobError):
@@ -64,7 +60,8 @@ class PeerClient:
         self._base = parts.path.rstrip("/") + "/transfers"
         self._authorization = peer.authorization()
         self._local = threading.local()
-        self._context = _ssl_context(peer) if self._https else None
+        self._context = (tls_context(peer.tls_ca_file, verify=peer.tls_verify, verify_hostname=peer.tls_verify_hostname)
+                         if self._https else None)
 
     # -- the protocol ---------------------------------------------------------------------------
 
@@ -190,20 +187,9 @@ class PeerClient:
         raise AssertionError("unreachable")
 
     def _transport_error(self, error: BaseException, path: str) -> DicomfsError:
+        transient, text = describe_failure(error, timeout=self.peer.timeout, host=self._host, server="the peer")
         where = f"peer {self.peer.name} ({self._url(path)})"
-        if isinstance(error, ssl.SSLCertVerificationError):
-            return PeerRefusedError(f"{where}: the peer's TLS certificate is not trusted: {error.verify_message or error}")
-        if isinstance(error, ssl.SSLError) and not isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-            return PeerRefusedError(f"{where}: TLS failed: {error.reason or error}")
-        if isinstance(error, socket.gaierror):
-            return PeerUnreachableError(f"{where}: cannot resolve {self._host}: {error.strerror or error}")
-        if isinstance(error, TimeoutError):
-            return PeerUnreachableError(f"{where}: no answer in {self.peer.timeout} s")
-        if isinstance(error, http.client.RemoteDisconnected):
-            return PeerUnreachableError(f"{where}: the peer closed the connection without answering")
-        if isinstance(error, OSError):
-            return PeerUnreachableError(f"{where}: {error.strerror or error}")
-        return PeerUnreachableError(f"{where}: {type(error).__name__}: {error}")
+        return PeerUnreachableError(f"{where}: {text}") if transient else PeerRefusedError(f"{where}: {text}")
 
     def close(self) -> None:
         """Close this thread's connection (the others close when their threads end)."""
@@ -222,16 +208,3 @@ def _error_text(body: bytes) -> str:
     except ValueError:
         pass
     return body[:300].decode("utf-8", "replace").strip().replace("\n", " ")
-
-
-def _ssl_context(peer: Peer) -> ssl.SSLContext:
-    try:
-        context = ssl.create_default_context(cafile=peer.tls_ca_file or None)
-    except (OSError, ssl.SSLError) as error:
-        raise ConfigError(f"peer {peer.name}: cannot load the CA file {peer.tls_ca_file}: {error}") from None
-    if not peer.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    elif not peer.tls_verify_hostname:
-        context.check_hostname = False
-    return context
