@@ -23,8 +23,7 @@ from dicomfs import __version__
 from dicomfs.config import RIGHTS
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.store import Store
-from dicomfs.transfers.client import BUCKET_TYPE
-from dicomfs.transfers.protocol import VERSION, Piece, Wanted, decode_bucket
+from dicomfs.transfers.protocol import BUCKET_TYPE, GZIP_LEVEL, VERSION, Piece, Wanted, decode_bucket
 from dicomfs.transfers.receiving import Receiver
 from dicomfs.transfers.sending import Outbox
 
@@ -36,7 +35,6 @@ _MAX_JSON = 64 << 20
 _MAX_BUCKET = 128 << 20
 """Twice the largest bucket_size a peer may configure, manifest included."""
 _READ_STEP = 1 << 20
-_GZIP_LEVEL = 6
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -162,7 +160,7 @@ class TransferRoutes:
         bucket = self.outbox.bucket(plan, number)
         headers = [("Content-Type", BUCKET_TYPE), ("Vary", "Accept-Encoding")]
         if _accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING", "")):
-            bucket = gzip.compress(bucket, _GZIP_LEVEL, mtime=0)
+            bucket = gzip.compress(bucket, GZIP_LEVEL, mtime=0)
             headers.append(("Content-Encoding", "gzip"))
         return 200, headers, bucket
 

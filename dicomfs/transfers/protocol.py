@@ -22,9 +22,13 @@ from dataclasses import dataclass
 
 from dicomfs.errors import DicomfsError
 
-__all__ = ["BadBucketError", "Piece", "Wanted", "decode_bucket", "encode_bucket", "merge_ranges", "missing_ranges",
-           "plan_buckets"]
+__all__ = ["BUCKET_TYPE", "GZIP_LEVEL", "BadBucketError", "Piece", "Wanted", "decode_bucket", "encode_bucket",
+           "merge_ranges", "missing_ranges", "plan_buckets"]
 
+BUCKET_TYPE = "application/vnd.dicomfs.bucket"
+"""The media type of a bucket, in either direction."""
+GZIP_LEVEL = 6
+"""gzip's own default, in both directions: on the slow links transfers are for, bytes saved matter more than CPU."""
 MAGIC = b"DFSB"
 VERSION = 1
 _HEADER = struct.Struct(">4sBI")
