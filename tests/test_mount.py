@@ -256,3 +256,21 @@ def test_mount_jobs_folder_follows_the_jobs(mount: Callable[..., Mounted], small
     assert json.loads(shown.read_text())["state"] == "paused"
     with pytest.raises(OSError):
         shown.write_text("{}")
+
+
+def test_uploads_left_by_a_killed_front_end_are_ingested_when_the_mount_starts(mount: Callable[..., Mounted]) -> None:
+    m = mount()
+    assert run_cli("umount", str(m.path), store=m.store).returncode == 0
+    left = m.store / "uploads" / "left.dcm"  # answered for by a front end killed before it ingested the file
+    write_instance(left, make_instance(patient_id="LEFT", patient_name="LEFT^OVER", study_uid="1.2.826.0.1.3680043.10.9",
+                                       series_uid="1.2.826.0.1.3680043.10.9.1", sop_uid="1.2.826.0.1.3680043.10.9.1.1",
+                                       instance_number=1, rows=8, columns=8, seed=1))
+    os.utime(left, (time.time() - 60, time.time() - 60))
+    again = run_cli("mount", str(m.path), "--auto-unmount", store=m.store, config=m.config)
+    assert again.returncode == 0, again.stderr
+    deadline = time.monotonic() + 20
+    while left.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left.exists()
+    assert os.listdir(m.path / "by-uids" / "1.2.826.0.1.3680043.10.9" / "1.2.826.0.1.3680043.10.9.1") == [
+        "1.2.826.0.1.3680043.10.9.1.1.dcm", "series.json"]

@@ -32,7 +32,7 @@ from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.mount.inodes import ROOT_INODE, InodeTable, Node
 from dicomfs.store import Instance, Store
 from dicomfs.store.blobs import BlobReader
-from dicomfs.upload_queue import LEFTOVERS_AT_START_SECONDS, ORPHANED_SECONDS, UploadQueue
+from dicomfs.upload_queue import UploadQueue
 from dicomfs.uploads import ERROR_XATTR, UploadArea, UploadOutcome
 from dicomfs.views import JOBS, UPLOADS, Entry, EntryKind, Listing, NotAFolderError, Tree
 from dicomfs.views.tags import META_PREFIX, PROTECTED, protection, resource_attributes
@@ -115,8 +115,6 @@ class DicomOperations(pyfuse3.Operations):
             # One thread ingests every upload closed meanwhile in one group commit: `cp -r` of a
             # CD closes files one after another, and a sync per file would cap it near 200 files/s.
             self._queue = UploadQueue(self.store, self.uploads, origin="fuse", on_done=self._from_queue)
-            # Files a front end answered for but was killed before ingesting: nobody else would.
-            self._queue.adopt_leftovers(idle=LEFTOVERS_AT_START_SECONDS)
 
     def detach(self) -> None:
         """Ingest what is queued and stop the ingest thread (the loop has ended)."""
@@ -124,11 +122,12 @@ class DicomOperations(pyfuse3.Operations):
             self._queue.close()
             self._queue = None
 
-    def adopt_orphans(self, open_now: set[tuple[str, ...]]) -> None:
-        """Queue complete-looking uploads nobody queued for ``ORPHANED_SECONDS`` (their front end
-        died); ``open_now`` are those open here. Walks uploads/: call it from a thread."""
+    def adopt_leftovers(self, open_now: set[tuple[str, ...]], idle: float) -> None:
+        """Queue complete-looking uploads untouched for ``idle`` seconds that nobody queued: a front
+        end answered for them and died first. ``open_now`` are those open here. Walks uploads/:
+        call it from a thread."""
         if self._queue is not None:
-            self._queue.adopt_leftovers(idle=ORPHANED_SECONDS, busy=open_now)
+            self._queue.adopt_leftovers(idle=idle, busy=open_now)
 
     def queued_uploads(self) -> set[tuple[str, ...]]:
         """Uploads queued or being ingested (the janitor leaves them alone)."""
