@@ -87,18 +87,8 @@ class StorePropertyManager:
     def any_under(self, url: str) -> bool:
         """Whether ``url`` or any URL below it holds a property: one range scan, where asking each
         member of a 2,000-entry folder cost ~9 ms."""
-        base = url.rstrip("/")
         with self._env.begin() as txn:
-            cursor = txn.cursor()
-            if not cursor.set_range(base.encode("utf-8")):
-                return False
-            for key in cursor.iternext(keys=True, values=False):
-                owner = bytes(key).split(_SEPARATOR, 1)[0].decode("utf-8")
-                if not owner.startswith(base):
-                    return False
-                if owner in (base, url) or owner.startswith(base + "/"):
-                    return True
-        return False
+            return next(self._owners_under(txn, url), None) is not None
 
     # -- scans -----------------------------------------------------------------------------------
 
@@ -117,18 +107,25 @@ class StorePropertyManager:
     @staticmethod
     def _urls_under(txn: lmdb.Transaction, url: str) -> list[str]:
         """``url`` and the URLs below it that have properties (``/a`` covers ``/a/b``, not ``/ab``)."""
-        base = url.rstrip("/")
         found: list[str] = []
+        for owner in StorePropertyManager._owners_under(txn, url):
+            if not found or found[-1] != owner:
+                found.append(owner)
+        return found
+
+    @staticmethod
+    def _owners_under(txn: lmdb.Transaction, url: str) -> Iterator[str]:
+        """The URL of each property at or below ``url``, in key order (one per property)."""
+        base = url.rstrip("/")
         cursor = txn.cursor()
         if not cursor.set_range(base.encode("utf-8")):
-            return found
+            return
         for key in cursor.iternext(keys=True, values=False):
             owner = bytes(key).split(_SEPARATOR, 1)[0].decode("utf-8")
             if not owner.startswith(base):
-                break
-            if (owner == url or owner == base or owner.startswith(base + "/")) and (not found or found[-1] != owner):
-                found.append(owner)
-        return found
+                return
+            if owner in (base, url) or owner.startswith(base + "/"):
+                yield owner
 
 
 def _key(url: str, name: str) -> bytes:
