@@ -516,6 +516,17 @@ def _schedule(value: object) -> tuple[str, ...]:
     return tuple(schedule)
 
 
+def _link_options(value: dict[str, Any]) -> dict[str, Any]:
+    """The keys every destination and peer has alike: how to reach it (TLS, timeout) and when."""
+    return {
+        "tls_verify": _boolean(value.get("tls_verify", True)),
+        "tls_verify_hostname": _boolean(value.get("tls_verify_hostname", True)),
+        "tls_ca_file": _text(value.get("tls_ca_file", "")),
+        "schedule": _schedule(value.get("schedule", [])),
+        "timeout": _integer(1, 3600)(value.get("timeout", 120)),
+    }
+
+
 def _password_secret(value: dict[str, Any]) -> tuple[tuple[str, str] | None, str]:
     """The one password configured (inline, a file or a variable) as (key, value), and its description."""
     given = [key for key in ("password", "password_file", "password_env") if key in value]
@@ -543,15 +554,11 @@ def _destination_entry(name: str, value: object) -> Destination | XnatDestinatio
         syntaxes = [s.strip() for s in syntaxes.split(",") if s.strip()]
     if not isinstance(syntaxes, list) or not all(isinstance(s, str) for s in syntaxes):
         raise ConfigError("transfer_syntaxes must be a list of UIDs or keywords, e.g. [\"ExplicitVRLittleEndian\"]")
-    schedule = _schedule(value.get("schedule", []))
     return Destination(
         name=name, type=kind, url=url, secret=secret, auth_source=source,
         chunked=_boolean(value.get("chunked", False)), concurrency=_integer(1, 64)(value.get("concurrency", 1)),
         instances_per_request=_integer(1, 10_000)(value.get("instances_per_request", 16)),
-        transfer_syntaxes=tuple(syntaxes), tls_verify=_boolean(value.get("tls_verify", True)),
-        tls_verify_hostname=_boolean(value.get("tls_verify_hostname", True)),
-        tls_ca_file=_text(value.get("tls_ca_file", "")), schedule=schedule,
-        timeout=_integer(1, 3600)(value.get("timeout", 120)),
+        transfer_syntaxes=tuple(syntaxes), **_link_options(value),
     )
 
 
@@ -582,10 +589,7 @@ def _xnat_entry(name: str, value: dict[str, Any]) -> XnatDestination:
         cookie_name=cookie_name, cache_size=_integer(0, 100_000)(value.get("cache_size", 100)),
         structure=structure, default_string=default_string,
         whitespace_replacement=whitespace_replacement, import_url=import_url,
-        send_digest_header=_boolean(value.get("send_digest_header", False)),
-        tls_verify=_boolean(value.get("tls_verify", True)), tls_verify_hostname=_boolean(value.get("tls_verify_hostname", True)),
-        tls_ca_file=_text(value.get("tls_ca_file", "")), schedule=_schedule(value.get("schedule", [])),
-        timeout=_integer(1, 3600)(value.get("timeout", 120)),
+        send_digest_header=_boolean(value.get("send_digest_header", False)), **_link_options(value),
     )
 
 
@@ -610,10 +614,7 @@ def _peer_entry(name: str, value: object) -> Peer:
         name=name, url=_url(value.get("url", "")), username=_text(value.get("username", "")), secret=secret,
         auth_source=source, bucket_size=_bucket_size(value.get("bucket_size", 4 << 20)),
         workers=_integer(1, 64)(value.get("workers", 4)), gzip=_boolean(value.get("gzip", False)),
-        lookup_batch=_integer(1, 100_000)(value.get("lookup_batch", 2000)),
-        tls_verify=_boolean(value.get("tls_verify", True)), tls_verify_hostname=_boolean(value.get("tls_verify_hostname", True)),
-        tls_ca_file=_text(value.get("tls_ca_file", "")), schedule=_schedule(value.get("schedule", [])),
-        timeout=_integer(1, 3600)(value.get("timeout", 120)),
+        lookup_batch=_integer(1, 100_000)(value.get("lookup_batch", 2000)), **_link_options(value),
     )
 
 
