@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -21,7 +20,7 @@ import pytest
 from dicomfs.passwords import hash_password
 from dicomfs.samples import Corpus, write_corpus
 from dicomfs.store import Instance, Level, Store
-from tests.conftest import dicomfs_command, run_cli
+from tests.conftest import dicomfs_command, run_cli, self_signed_certificate
 from tests.webdav_server import serve
 
 USER, PASSWORD = "hospital-a", "s3cret-transfer"
@@ -227,12 +226,7 @@ def test_a_user_without_the_transfer_right_is_refused(tmp_path: Path, sender: Pa
 
 
 def test_push_over_https_checks_the_peer_certificate(tmp_path: Path, sender: Path) -> None:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed (scripts/setup installs it)")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    cert, key = self_signed_certificate(tmp_path)
     receiver = new_store(tmp_path / "b")
     receiving = receiver_config(tmp_path)
     receiving.write_text(f"[webdav]\ncertificate = '{cert}'\nprivate_key = '{key}'\n" + receiving.read_text())

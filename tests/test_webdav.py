@@ -8,7 +8,6 @@ import contextlib
 import http.client
 import os
 import re
-import shutil
 import socket
 import ssl
 import subprocess
@@ -30,7 +29,7 @@ from dicomfs.passwords import hash_password, verify_password
 from dicomfs.samples import Corpus, SampleFile, make_instance, write_instance
 from dicomfs.store import Instance, Store
 from dicomfs.store.ids import Level
-from tests.conftest import dicomfs_command, run_cli
+from tests.conftest import dicomfs_command, run_cli, self_signed_certificate
 from tests.webdav_server import Answer, Client, serve
 
 pytestmark = pytest.mark.timeout(120)
@@ -473,12 +472,7 @@ def test_paths_that_try_to_escape_reach_nothing(tmp_path: Path) -> None:
 
 
 def test_https_with_a_self_signed_certificate(tmp_path: Path, small_corpus: Corpus) -> None:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed (scripts/setup installs it)")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    cert, key = self_signed_certificate(tmp_path)
     config = f"[webdav]\ncertificate = '{cert}'\nprivate_key = '{key}'\n" + users_config()
     with running(tmp_path, config, corpus=small_corpus) as bridge:
         assert bridge.client.url.startswith("https://")
