@@ -13,6 +13,8 @@ checked in full.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import os
@@ -26,7 +28,8 @@ from dicomfs.config import RIGHTS, User
 from dicomfs.passwords import verify_password
 from dicomfs.views import UPLOADS
 
-__all__ = ["Credentials", "REALM", "RIGHTS_KEY", "UsersDomainController", "required_right"]
+__all__ = ["Credentials", "MalformedCredentialsError", "REALM", "RIGHTS_KEY", "UsersDomainController",
+           "basic_credentials", "required_right"]
 
 REALM = "dicomfs"
 RIGHTS_KEY = "dicomfs.rights"
@@ -58,6 +61,25 @@ def required_right(method: str, path: str, destination: str | None = None) -> st
 def _in_uploads(path: str) -> bool:
     first = path.lstrip("/").split("/", 1)[0]
     return first == UPLOADS
+
+
+class MalformedCredentialsError(ValueError):
+    """A Basic Authorization header whose credentials are not base64 of UTF-8 ``name:password``."""
+
+
+def basic_credentials(header: str | None) -> tuple[str, str] | None:
+    """(name, password) from a Basic ``Authorization`` header; None when absent or another scheme;
+    MalformedCredentialsError when it is Basic but unreadable."""
+    if header is None or header[:6].lower() != "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise MalformedCredentialsError("malformed Authorization header") from None
+    name, colon, password = decoded.partition(":")
+    if not colon:
+        raise MalformedCredentialsError("malformed Authorization header: no name:password")
+    return name, password
 
 
 class Credentials:

@@ -7,8 +7,6 @@ with a 401 (wsgidav would fail on it with a 500).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import errno
 import logging
 from typing import Any, Callable, Iterator
@@ -17,7 +15,7 @@ from wsgidav import util
 from wsgidav.dav_error import HTTP_FORBIDDEN, HTTP_INTERNAL_ERROR, HTTP_NO_CONTENT, HTTP_NOT_MODIFIED, DAVError
 from wsgidav.mw.base_mw import BaseMiddleware
 
-from bridge.auth import REALM
+from bridge.auth import REALM, MalformedCredentialsError, basic_credentials
 from dicomfs.errors import DicomfsError
 
 __all__ = ["ErrorPages", "PathGuard"]
@@ -107,10 +105,9 @@ def _reason(status: str) -> str:
 
 
 def _well_formed_basic(header: str | None) -> bool:
-    if header is None or header[:6].lower() != "basic ":
-        return True  # absent, or another scheme: the authenticator answers those itself
+    """Absent, another scheme (the authenticator answers those itself) or readable Basic."""
     try:
-        decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+        basic_credentials(header)
+    except MalformedCredentialsError:
         return False
-    return ":" in decoded
+    return True

@@ -12,15 +12,13 @@ unchanged, which answers it as before.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import errno
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from wsgidav import util
 
-from bridge.auth import Credentials
+from bridge.auth import Credentials, MalformedCredentialsError, basic_credentials
 from dicomfs.errors import DicomfsError
 from dicomfs.store.sources import is_os_junk
 from dicomfs.views import UPLOADS
@@ -98,13 +96,13 @@ class FastPut:
         users are configured); None for anything else, which wsgidav then answers (401, 403)."""
         if not self.credentials.users:
             return ""
-        header = environ.get("HTTP_AUTHORIZATION", "")
-        if header[:6].lower() != "basic ":
-            return None
         try:
-            name, _, password = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError, ValueError):
+            given = basic_credentials(environ.get("HTTP_AUTHORIZATION"))
+        except MalformedCredentialsError:
             return None
+        if given is None:
+            return None
+        name, password = given
         found = self.credentials.check(name, password)
         return name if found is not None and "upload" in found.rights else None
 

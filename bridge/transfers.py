@@ -8,8 +8,6 @@ peer pulls). Every other path goes on to the WebDAV application.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import gzip
 import json
 import logging
@@ -18,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
 from typing import Any
 
-from bridge.auth import REALM, Credentials
+from bridge.auth import REALM, Credentials, MalformedCredentialsError, basic_credentials
 from dicomfs import __version__
 from dicomfs.config import RIGHTS
 from dicomfs.errors import DicomfsError, NotFoundError
@@ -86,13 +84,13 @@ class TransferRoutes:
         if not self.credentials.users:
             return ""
         challenge = [("WWW-Authenticate", f'Basic realm="{REALM}"')]
-        header = environ.get("HTTP_AUTHORIZATION", "")
-        if header[:6].lower() != "basic ":
-            raise _Refusal(401, "credentials needed (HTTP Basic)", challenge)
         try:
-            name, _, password = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            raise _Refusal(401, "malformed Authorization header", challenge) from None
+            given = basic_credentials(environ.get("HTTP_AUTHORIZATION"))
+        except MalformedCredentialsError as error:
+            raise _Refusal(401, str(error), challenge) from None
+        if given is None:
+            raise _Refusal(401, "credentials needed (HTTP Basic)", challenge)
+        name, password = given
         user = self.credentials.check(name, password)
         if user is None:
             raise _Refusal(401, "wrong user name or password", challenge)
