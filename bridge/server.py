@@ -32,7 +32,6 @@ from dicomfs.config import Config, parse_bind
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.jobs.storage import open_jobs
 from dicomfs.store import Store
-from dicomfs.upload_queue import LEFTOVERS_AT_START_SECONDS, ORPHANED_SECONDS
 from dicomfs.uploads import UploadArea
 from dicomfs.views import Tree
 
@@ -138,7 +137,7 @@ class Bridge:
         self.port = server.bind_addr[1]  # port 0 picks a free one
         self._server = server
         if self.provider.settings.upload_allowed:  # uploads answered by a bridge killed before it ingested them
-            self.provider.queue.adopt_leftovers(idle=LEFTOVERS_AT_START_SECONDS)
+            self.provider.queue.adopt_leftovers()
         for target, name in ((server.serve, "webdav-server"), (self._janitor, "webdav-janitor")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -162,7 +161,7 @@ class Bridge:
             try:
                 self.provider.release_expired()
                 if self.provider.settings.upload_allowed:
-                    self.provider.queue.adopt_leftovers(idle=ORPHANED_SECONDS, busy=self.provider.busy_uploads())
+                    self.provider.queue.adopt_leftovers(busy=self.provider.busy_uploads())
                 busy = {uploads.path(parts) for parts in self.provider.busy_uploads()}
                 uploads.sweep(rejected_ttl=settings.rejected_ttl, empty_folder_idle=settings.empty_folder_idle, busy=busy)
                 self.transfers.receiver.sweep(_ABANDONED_CHUNKS_SECONDS)

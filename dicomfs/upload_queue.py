@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from typing import Callable, Collection, Sequence
 
 from dicomfs.store import Store
 from dicomfs.uploads import UploadArea, UploadOutcome
 
-__all__ = ["LEFTOVERS_AT_START_SECONDS", "ORPHANED_SECONDS", "UploadQueue"]
+__all__ = ["UploadQueue"]
 
 _log = logging.getLogger(__name__)
 _MOST_PER_GROUP = 256
-LEFTOVERS_AT_START_SECONDS = 2.0
+_LEFTOVERS_AT_START_SECONDS = 2.0
 """At a front end's start, files in uploads/ untouched this long were left by a front end killed
 before it ingested them (a file being written now, through a mount beside it, is touched often)."""
-ORPHANED_SECONDS = 300.0
+_ORPHANED_SECONDS = 300.0
 """Later, a complete-looking file untouched this long that nobody queued is adopted too: the front
 end that took it in may have died while this one ran."""
+_ORPHAN_CHECK_SECONDS = 60.0
+"""How often to look for those: a look walks uploads/ (a stat and a getxattr per file)."""
 
 
 class UploadQueue:
@@ -42,6 +45,7 @@ class UploadQueue:
         self._in_progress: set[tuple[str, ...]] = set()
         self._condition = threading.Condition()
         self._closed = False
+        self._next_adoption = 0.0  # 0: the first look, at start
         self._thread = threading.Thread(target=self._run, name=f"{origin}-uploads", daemon=True)
         self._thread.start()
 
@@ -51,10 +55,17 @@ class UploadQueue:
             self._waiting[tuple(parts)] = remote
             self._condition.notify()
 
-    def adopt_leftovers(self, *, idle: float, busy: Collection[tuple[str, ...]] = ()) -> int:
+    def adopt_leftovers(self, busy: Collection[tuple[str, ...]] = ()) -> int:
         """Queue the files in uploads/ that a front end answered for but never ingested (it was
-        killed first), untouched for ``idle`` seconds and not ``busy`` (``UploadArea.leftovers``);
-        how many. Front ends call it at start and, with a long ``idle``, from their janitors."""
+        killed first), not ``busy`` elsewhere (open for writing, held for an UNLOCK); how many.
+
+        Front ends call it at start, when files untouched for a couple of seconds qualify, then
+        from every janitor pass: it looks again once a minute, for files untouched for minutes."""
+        now = time.monotonic()
+        if now < self._next_adoption:
+            return 0
+        idle = _ORPHANED_SECONDS if self._next_adoption else _LEFTOVERS_AT_START_SECONDS
+        self._next_adoption = now + _ORPHAN_CHECK_SECONDS
         taken = self.busy() | set(busy)
         found = self._area.leftovers(idle=idle, busy={self._area.path(parts) for parts in taken})
         for parts in found:

@@ -34,7 +34,6 @@ from dicomfs.jobs.storage import JobStore, open_jobs
 from dicomfs.mount.operations import DicomOperations, MountSettings
 from dicomfs.store import Store
 from dicomfs.systemd import notify_systemd
-from dicomfs.upload_queue import LEFTOVERS_AT_START_SECONDS, ORPHANED_SECONDS
 from dicomfs.uploads import UploadArea
 from dicomfs.views import Tree
 
@@ -223,16 +222,12 @@ async def _refresh(operations: DicomOperations, seconds: float) -> None:
 
 
 async def _sweep(operations: DicomOperations, uploads: UploadArea, config: Config) -> None:
-    # First what a front end killed before ingesting left behind, then, every pass, what was
-    # orphaned while this one ran.
-    idle = LEFTOVERS_AT_START_SECONDS
     while True:
         open_now = {n.path[1:] for n in operations.open_uploads()}
-        try:
-            await trio.to_thread.run_sync(operations.adopt_leftovers, open_now, idle)
+        try:  # what a front end killed before ingesting left behind (the queue says when to look)
+            await trio.to_thread.run_sync(operations.adopt_leftovers, open_now)
         except Exception:
             _log.exception("looking for uploads left uningested failed")
-        idle = ORPHANED_SECONDS
         await trio.sleep(_JANITOR_SECONDS)
         busy = {uploads.path(n.path[1:]) for n in operations.open_uploads()}
         busy |= {uploads.path(parts) for parts in operations.queued_uploads()}

@@ -122,12 +122,12 @@ class DicomOperations(pyfuse3.Operations):
             self._queue.close()
             self._queue = None
 
-    def adopt_leftovers(self, open_now: set[tuple[str, ...]], idle: float) -> None:
-        """Queue complete-looking uploads untouched for ``idle`` seconds that nobody queued: a front
-        end answered for them and died first. ``open_now`` are those open here. Walks uploads/:
-        call it from a thread."""
+    def adopt_leftovers(self, open_now: set[tuple[str, ...]]) -> None:
+        """Queue complete-looking uploads nobody queued: a front end answered for them and died
+        first (``UploadQueue.adopt_leftovers``). ``open_now`` are those open here. May walk
+        uploads/: call it from a thread."""
         if self._queue is not None:
-            self._queue.adopt_leftovers(idle=idle, busy=open_now)
+            self._queue.adopt_leftovers(busy=open_now)
 
     def queued_uploads(self) -> set[tuple[str, ...]]:
         """Uploads queued or being ingested (the janitor leaves them alone)."""
