@@ -14,6 +14,8 @@ import pytest
 from dicomfs.samples import Corpus, make_instance, write_instance
 from dicomfs.store.blockformat import block_bounds
 from dicomfs.store.check import check_store
+from dicomfs.store.records import Instance
+from dicomfs.store.sources import Source
 from dicomfs.store.store import Store
 
 
@@ -324,3 +326,21 @@ def test_store_same_instance_in_consecutive_batches_is_stored_once(open_store: C
     report = check_store(reopened)
     assert report.clean, report.problems
     assert report.blobs == 1
+
+
+def test_store_ingests_content_held_in_memory(open_store: Callable[..., Store], small_corpus: Corpus) -> None:
+    """A transfer hands its instances over as bytes: stored as if read from a file; a zip is not unpacked."""
+    store = open_store()
+    sample = small_corpus.valid_files[0]
+    data = sample.path.read_bytes()
+    archive = Path(store.folder.parent / "one.zip")
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(sample.path, "a.dcm")
+    results = list(store.ingest_sources([Source("memory:a", "", content=data),
+                                         Source("memory:zip", "", content=archive.read_bytes())], in_process=True))
+    assert [(r.path, r.status) for r in results] == [("memory:a", "stored"), ("memory:zip", "rejected")]
+    assert results[0].ids is not None
+    stored = store.get(results[0].ids[3])
+    assert isinstance(stored, Instance) and stored.sha256 == hashlib.sha256(data).hexdigest()
+    with store.open_instance(stored.id) as reader:
+        assert b"".join(reader.iter_chunks()) == data

@@ -12,7 +12,7 @@ import contextlib
 import mmap
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -32,13 +32,17 @@ def is_os_junk(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Source:
-    """One file to offer to ingest: on disk, or a member of a zip archive."""
+    """One file to offer to ingest: on disk, a member of a zip archive, or bytes already in memory
+    (an instance a peer transfer received: writing it to a file only to read it back would be
+    wasted I/O)."""
 
     label: str
     path: str
-    """The file on disk (the archive, for a member). Text, not a Path: listing 10,000 files made
-    Path objects cost a tenth of a bulk ingest's CPU."""
+    """The file on disk (the archive, for a member); empty for ``content``. Text, not a Path:
+    listing 10,000 files made Path objects cost a tenth of a bulk ingest's CPU."""
     member: str = ""
+    content: bytes | None = field(default=None, repr=False, compare=False)
+    """The file itself, when it is in memory; never an archive."""
 
     @contextlib.contextmanager
     def open(self) -> Iterator[tuple[bytes | mmap.mmap, int | None]]:
@@ -47,6 +51,9 @@ class Source:
         Large files are memory-mapped, so an instance is never copied into Python memory; small
         ones are read, because mapping costs more than reading below about a megabyte.
         """
+        if self.content is not None:
+            yield self.content, None
+            return
         if self.member:
             with zipfile.ZipFile(self.path) as archive:
                 yield archive.read(self.member), None
@@ -112,7 +119,7 @@ def _file(path: str) -> Iterator[Source]:
 
 def is_archive(data: bytes | mmap.mmap, source: Source) -> bool:
     """Whether content that is not DICOM is a zip archive on disk, whose members to ingest."""
-    return not source.member and data[:4] == _ZIP_MAGIC and zipfile.is_zipfile(source.path)
+    return source.content is None and not source.member and data[:4] == _ZIP_MAGIC and zipfile.is_zipfile(source.path)
 
 
 def archive_members(path: str | Path) -> list[Source]:

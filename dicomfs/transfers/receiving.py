@@ -21,7 +21,6 @@ import hashlib
 import logging
 import os
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +76,6 @@ class Receiver:
     def __init__(self, store: Store, folder: Path | None = None) -> None:
         self.store = store
         folder = folder or store.folder / "transfers"
-        self.incoming = folder / "incoming"
         self.partial = folder / "partial"
 
     def lookup(self, wanted: Sequence[Wanted]) -> Lookup:
@@ -98,40 +96,37 @@ class Receiver:
                 remote: str = "") -> Received:
         """Check and commit the pieces of one bucket; returns once what it names stored is durable."""
         outcome = Received()
-        ready: list[tuple[str, Path, bool]] = []  # (id, file, a finished partial to remove afterwards)
-        self.incoming.mkdir(parents=True, exist_ok=True)
+        ready: list[tuple[str, Source]] = []
         try:
             for piece, data in pieces:
                 if piece.whole:
                     if hashlib.sha256(data).hexdigest() != piece.sha256:
                         outcome.damaged.append(piece.id)
-                        continue
-                    path = self.incoming / f"{uuid.uuid4().hex}.dcm"
-                    path.write_bytes(data)  # no fsync: the store's blob write is the durable one
-                    ready.append((piece.id, path, False))
+                    else:
+                        ready.append((piece.id, Source(f"transfer:{piece.id}", "", content=bytes(data))))
                     continue
                 complete = self._add_chunk(piece, data)
                 if complete is None:
                     outcome.damaged.append(piece.id)
                 elif isinstance(complete, Path):
-                    ready.append((piece.id, complete, True))
+                    ready.append((piece.id, Source(f"transfer:{piece.id}", str(complete))))
                 else:
                     outcome.partial[piece.id] = complete
             self._commit(ready, outcome, origin=origin, remote=remote)
         finally:
-            _remove(ready)
+            _remove_finished(ready)
         for item in outcome.stored:  # an instance done in this bucket is no longer partial
             outcome.partial.pop(item, None)
         return outcome
 
-    def _commit(self, ready: list[tuple[str, Path, bool]], outcome: Received, *, origin: str, remote: str) -> None:
-        """Ingest checked files in one group commit and sort them into ``outcome``."""
+    def _commit(self, ready: list[tuple[str, Source]], outcome: Received, *, origin: str, remote: str) -> None:
+        """Ingest checked instances in one group commit and sort them into ``outcome``."""
         if not ready:
             return
-        sources = [Source(f"transfer:{item}", str(path)) for item, path, _ in ready]
         # By label, not by position: a zip sent as an instance would yield a result per member.
-        results = {r.path: r for r in self.store.ingest_sources(sources, origin=origin, remote=remote, in_process=True)}
-        for source, (item, _, _) in zip(sources, ready, strict=True):
+        results = {r.path: r for r in self.store.ingest_sources([source for _, source in ready], origin=origin,
+                                                                 remote=remote, in_process=True)}
+        for item, source in ready:
             result = results.get(source.label)
             if result is None:
                 outcome.failed[item] = "not a single DICOM instance"
@@ -156,26 +151,25 @@ class Receiver:
             whole = _file_sha256(fd, item.size) == item.sha256
         finally:
             os.close(fd)
-        ready = [(item.id, part, True)]
+        ready = [(item.id, Source(f"transfer:{item.id}", str(part)))]
         outcome = Received()
         try:
             if whole:
                 self._commit(ready, outcome, origin="transfer", remote="")
         finally:
-            _remove(ready)
+            _remove_finished(ready)
         return item.id in outcome.stored
 
     def sweep(self, max_age: float) -> int:
         """Remove work files older than ``max_age`` seconds (transfers abandoned); how many went."""
         removed, cutoff = 0, time.time() - max_age
-        for folder in (self.incoming, self.partial):
-            for entry in os.scandir(folder) if folder.is_dir() else ():
-                try:
-                    if entry.stat().st_mtime < cutoff:
-                        os.unlink(entry.path)
-                        removed += 1
-                except FileNotFoundError:
-                    continue
+        for entry in os.scandir(self.partial) if self.partial.is_dir() else ():
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
         return removed
 
     # -- chunks of large instances ----------------------------------------------------------------
@@ -220,12 +214,12 @@ class Receiver:
             os.close(fd)
 
 
-def _remove(ready: list[tuple[str, Path, bool]]) -> None:
-    """The work files of what was committed (or refused): a finished partial's ranges go too."""
-    for _, path, finished_partial in ready:
-        path.unlink(missing_ok=True)
-        if finished_partial:
-            path.with_suffix(".ranges").unlink(missing_ok=True)
+def _remove_finished(ready: list[tuple[str, Source]]) -> None:
+    """The work files of finished large instances, committed (or refused): chunks and ranges."""
+    for _, source in ready:
+        if source.path:
+            Path(source.path).unlink(missing_ok=True)
+            Path(source.path).with_suffix(".ranges").unlink(missing_ok=True)
 
 
 def _read_ranges(path: Path) -> list[tuple[int, int]]:
