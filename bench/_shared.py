@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -16,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["CannotRun", "Row", "dicomfs_command", "finish", "options", "print_report", "progress", "py_spy",
-           "work_folder", "write_json"]
+__all__ = ["CannotRun", "Cli", "Row", "children_cpu", "dicomfs_command", "finish", "options", "print_report",
+           "process_cpu", "progress", "py_spy", "work_folder", "write_json"]
 
 
 class CannotRun(Exception):
@@ -47,6 +49,45 @@ def dicomfs_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if not command or not shutil.which(command[0]):
         parser.error(f"no such command: {args.dicomfs}")
     return command
+
+
+class Cli:
+    """The dicomfs command line for one store and configuration file."""
+
+    def __init__(self, command: list[str], store: Path, config: Path) -> None:
+        self.command, self.store, self.config = command, store, config
+        self.env = {**os.environ, "DICOMFS_CONFIG": str(config)}
+
+    def argv(self, *args: str, config: Path | None = None) -> list[str]:
+        return [*self.command, "--store", str(self.store), "--config", str(config or self.config), *args]
+
+    def run(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``dicomfs ARGS`` to its end; CannotRun when it fails (with ``check``)."""
+        done = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout, env=self.env)
+        if check and done.returncode != 0:
+            raise CannotRun(f"dicomfs {' '.join(args)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+        return done
+
+    def instances(self) -> int:
+        return int(json.loads(self.run("stats", "--json").stdout)["instances"])
+
+
+def children_cpu() -> float:
+    """User + system seconds of this process's children that have ended."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu(pid: int | None) -> float:
+    """User + system seconds of a live process (0 when it cannot be read)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def py_spy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:

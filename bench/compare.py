@@ -107,9 +107,8 @@ import pydicom
 import webdav as dav
 from _shared import CannotRun, Row, dicomfs_command, finish, options, print_report, progress, work_folder
 from export import REFERENCE_CLIENT, stored_count, timed
-from fuse import Dicomfs as MountingCli
-from fuse import _lazy_unmount as lazy_unmount
-from fuse import files_in, mounts_under, warm
+from fuse import Dicomfs as Cli
+from fuse import files_in, release, warm
 from ingest import disk_usage
 from ingest import ingest as timed_ingest
 
@@ -318,13 +317,6 @@ def write_browse_sets(workdir: Path, sizes: tuple[int, int]) -> list[list[Path]]
 
 
 # -- servers and clients --------------------------------------------------------------------------
-
-
-class Cli(MountingCli):
-    """``bench/fuse.py``'s dicomfs command line, with the argv ``bench/webdav.py``'s helpers want."""
-
-    def argv(self, *args: str) -> list[str]:
-        return [*self.command, "--store", str(self.store), "--config", str(self.config), *args]
 
 
 def endpoint(server: Orthanc, workdir: Path) -> dav.Server:
@@ -886,14 +878,7 @@ def main() -> int:
             print(f"cannot run: {error}", file=sys.stderr, flush=True)
             status = 2
         finally:
-            for mountpoint in mounts_under(workdir):
-                print(f"still mounted: {mountpoint}; unmounting", file=sys.stderr, flush=True)
-                lazy_unmount(mountpoint)
-            if not args.keep:
-                if mounts_under(workdir):
-                    print(f"{workdir} still has mounts: not removed", file=sys.stderr, flush=True)
-                else:
-                    shutil.rmtree(workdir, ignore_errors=True)
+            release(workdir, keep=args.keep)
     machine["others"] = others.summary()
 
     def report_both(shown: list[Row]) -> None:

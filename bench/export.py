@@ -67,7 +67,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shlex
 import shutil
 import subprocess
@@ -84,7 +83,19 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from _shared import CannotRun, Row, dicomfs_command, finish, options, print_report, progress, work_folder  # noqa: E402
+from _shared import (  # noqa: E402
+    CannotRun,
+    Row,
+    children_cpu,
+    dicomfs_command,
+    finish,
+    options,
+    print_report,
+    process_cpu,
+    progress,
+    work_folder,
+)
+from _shared import Cli as Dicomfs  # noqa: E402
 from _shared import py_spy as find_py_spy  # noqa: E402
 
 from dicomfs.samples import make_instance, write_corpus, write_instance  # noqa: E402
@@ -253,40 +264,6 @@ def files_under(folder: Path) -> list[Path]:
 
 
 # -- processes ------------------------------------------------------------------------------------
-
-
-class Dicomfs:
-    """The dicomfs command line for one store and configuration file."""
-
-    def __init__(self, command: list[str], store: Path, config: Path) -> None:
-        self.command, self.store, self.config = command, store, config
-        self.env = {**os.environ, "DICOMFS_CONFIG": str(config)}
-
-    def argv(self, *args: str, config: Path | None = None) -> list[str]:
-        return [*self.command, "--store", str(self.store), "--config", str(config or self.config), *args]
-
-    def run(self, *args: str, timeout: float = SHORT) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout, env=self.env)
-        if done.returncode != 0:
-            raise CannotRun(f"dicomfs {' '.join(args)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-        return done
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def process_cpu(pid: int | None) -> float:
-    """User + system seconds of a live process (0 when it cannot be read)."""
-    if pid is None:
-        return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def orthanc_pid(server: Orthanc) -> int | None:

@@ -42,7 +42,6 @@ umount``, else ``fusermount3 -u -z``) and every subprocess has a timeout.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import shlex
@@ -57,7 +56,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pydicom
-from _shared import CannotRun, dicomfs_command, finish, options, progress, work_folder
+from _shared import CannotRun, Cli, dicomfs_command, finish, options, progress, work_folder
 
 from dicomfs.samples import Corpus, write_corpus
 
@@ -99,23 +98,8 @@ class Row:
 # -- command line and mounts ----------------------------------------------------------------------
 
 
-class Dicomfs:
-    """The dicomfs command line for one store and configuration file."""
-
-    def __init__(self, command: list[str], store: Path, config: Path) -> None:
-        self.command, self.store, self.config = command, store, config
-        self.env = {**os.environ, "DICOMFS_CONFIG": str(config)}
-
-    def run(self, *args: str, timeout: float = SHORT, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([*self.command, "--store", str(self.store), "--config", str(self.config), *args],
-                              capture_output=True, text=True, timeout=timeout, env=self.env)
-        if check and done.returncode != 0:
-            raise CannotRun(f"dicomfs {' '.join(args)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-        return done
-
-    def instances(self) -> int:
-        return int(json.loads(self.run("stats", "--json").stdout)["instances"])
-
+class Dicomfs(Cli):
+    """The dicomfs command line for one store and configuration file, and its mounts."""
     @contextlib.contextmanager
     def mounted(self, mountpoint: Path) -> Iterator[Path]:
         """Mount the store at ``mountpoint`` for the block; always unmounted afterwards."""
@@ -176,6 +160,19 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def release(workdir: Path, *, keep: bool) -> None:
+    """The end of a benchmark that mounts: unmount what is left under ``workdir``, then remove it
+    unless ``keep`` (never while something is still mounted there)."""
+    for mountpoint in mounts_under(workdir):
+        print(f"still mounted: {mountpoint}; unmounting", file=sys.stderr, flush=True)
+        _lazy_unmount(mountpoint)
+    if not keep:
+        if mounts_under(workdir):
+            print(f"{workdir} still has mounts: not removed", file=sys.stderr, flush=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def mounts_under(folder: Path) -> list[Path]:
@@ -513,15 +510,7 @@ def main() -> int:
         print(f"cannot run: {error}", file=sys.stderr, flush=True)
         status = 2
     finally:
-        left = mounts_under(workdir)
-        for mountpoint in left:
-            print(f"still mounted: {mountpoint}; unmounting", file=sys.stderr, flush=True)
-            _lazy_unmount(mountpoint)
-        if not args.keep:
-            if mounts_under(workdir):
-                print(f"{workdir} still has mounts: not removed", file=sys.stderr, flush=True)
-            else:
-                shutil.rmtree(workdir, ignore_errors=True)
+        release(workdir, keep=args.keep)
     machine["caches_dropped"] = caches.dropped
     return finish(args, machine, rows, status, started, print_report)
 

@@ -82,8 +82,7 @@ from _shared import CannotRun, dicomfs_command, finish, options, progress, work_
 from compare import Others
 from fuse import Dicomfs as MountingCli
 from fuse import _daemon_pids as daemon_pids
-from fuse import _lazy_unmount as lazy_unmount
-from fuse import mounts_under
+from fuse import release
 from ingest import disk_usage
 from webdav import PROPFIND_BODIES, Server, dav_path
 
@@ -176,10 +175,7 @@ class Generator:
 
 
 class Cli(MountingCli):
-    """``bench/fuse.py``'s dicomfs command line, with the argv ``bench/webdav.py``'s Server wants."""
-
-    def argv(self, *args: str) -> list[str]:
-        return [*self.command, "--store", str(self.store), "--config", str(self.config), *args]
+    """``bench/fuse.py``'s dicomfs command line, timing its commands."""
 
     def timed(self, *args: str, timeout: float = LONG) -> tuple[float, int, str]:
         """Run a command; its wall seconds, peak RSS (bytes, ru_maxrss) and stdout."""
@@ -659,14 +655,7 @@ def main() -> int:
             status = 2
         finally:
             shutil.rmtree(sources, ignore_errors=True)
-            for mountpoint in mounts_under(workdir):
-                print(f"still mounted: {mountpoint}; unmounting", file=sys.stderr, flush=True)
-                lazy_unmount(mountpoint)
-            if not args.keep:
-                if mounts_under(workdir):
-                    print(f"{workdir} still has mounts: not removed", file=sys.stderr, flush=True)
-                else:
-                    shutil.rmtree(workdir, ignore_errors=True)
+            release(workdir, keep=args.keep)
     machine["others"] = others.summary()
     lines = make_lines(result)
     done_steps = [s.instances for s in result]

@@ -54,7 +54,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.client
-import json
 import os
 import platform
 import re
@@ -74,6 +73,7 @@ from urllib.parse import quote, urlsplit
 
 import pydicom
 from _shared import CannotRun, Row, dicomfs_command, finish, options, print_report, progress, work_folder
+from _shared import Cli as Dicomfs
 from _shared import py_spy as find_py_spy
 
 from dicomfs.samples import Corpus, make_instance, write_corpus, write_instance
@@ -193,26 +193,6 @@ class Server:
     def connection(self) -> http.client.HTTPConnection:
         host, port = self.host_port
         return http.client.HTTPConnection(host, port, timeout=SHORT)
-
-
-class Dicomfs:
-    """The dicomfs command line for one store and configuration file."""
-
-    def __init__(self, command: list[str], store: Path, config: Path) -> None:
-        self.command, self.store, self.config = command, store, config
-        self.env = {**os.environ, "DICOMFS_CONFIG": str(config)}
-
-    def argv(self, *args: str) -> list[str]:
-        return [*self.command, "--store", str(self.store), "--config", str(self.config), *args]
-
-    def run(self, *args: str, timeout: float = SHORT) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout, env=self.env)
-        if done.returncode != 0:
-            raise CannotRun(f"dicomfs {' '.join(args)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-        return done
-
-    def instances(self) -> int:
-        return int(json.loads(self.run("stats", "--json").stdout)["instances"])
 
 
 class Profiler:
