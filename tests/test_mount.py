@@ -191,6 +191,25 @@ def test_mount_xattrs_show_tags_and_set_metadata_and_protection(mount: Callable[
         os.setxattr(one, "user.dicomfs.meta.Origin", b"forged")  # core metadata is read-only
     os.removexattr(one, "user.dicomfs.meta.reviewed")
     assert "user.dicomfs.meta.reviewed" not in os.listxattr(one)
+    with pytest.raises(OSError) as missing:
+        os.getxattr(one, "user.dicomfs.meta.nothing")
+    assert missing.value.errno == errno.ENODATA
+    # Other namespaces are "not supported", so `ls -l` asks about SELinux and ACLs once, not per file
+    for name in ("security.selinux", "system.posix_acl_access"):
+        with pytest.raises(OSError) as unsupported:
+            os.getxattr(one, name)
+        assert unsupported.value.errno == errno.EOPNOTSUPP
+
+
+def _read_ahead_kb(mountpoint: Path) -> int:
+    device = os.stat(mountpoint).st_dev
+    return int(Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb").read_text())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may set a device's read-ahead")
+def test_mount_reads_ahead_as_configured(mount: Callable[..., Mounted]) -> None:
+    assert _read_ahead_kb(mount().path) == 1024  # one READ request per MiB, not per 128 KiB
+    assert _read_ahead_kb(mount(config="[mount]\nread_ahead_kb = 256\n", name="n").path) == 256
 
 
 def test_mount_sigterm_unmounts_cleanly(mount: Callable[..., Mounted]) -> None:
