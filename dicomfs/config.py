@@ -91,6 +91,7 @@ class MountConfig:
 
     delete_allowed: bool
     refresh_ms: int
+    read_ahead_kb: int
 
 
 @dataclass(frozen=True)
@@ -766,6 +767,10 @@ _SCHEMA: tuple[_Section | _NamedTable, ...] = (
         _Option("refresh_ms", 1000, _integer(100, 60_000),
                 "How often a front end looks for changes made by other processes (the CLI, the other "
                 "front end); what they change shows within this time plus a listing."),
+        _Option("read_ahead_kb", 1024, _integer(0, 16_384),
+                "KiB the kernel reads ahead through the mount (set on its device when the daemon may): "
+                "the kernel's 128 KiB makes every 128 KiB of a large instance a request to the daemon. "
+                "0 leaves the kernel's default."),
     )),
     _Section("uploads", UploadsConfig, (
         _Option("rejected_ttl", 86400, _integer(0),

@@ -32,6 +32,7 @@ from dicomfs.errors import DicomfsError
 from dicomfs.jobs.service import start_jobs
 from dicomfs.jobs.storage import JobStore, open_jobs
 from dicomfs.mount.operations import DicomOperations, MountSettings
+from dicomfs.mount.readahead import set_read_ahead
 from dicomfs.store import Store
 from dicomfs.systemd import notify_systemd
 from dicomfs.uploads import UploadArea
@@ -159,7 +160,7 @@ def _serve(open_store: Callable[[], Store], config: Config, options: MountOption
                       "allowed" if config.mount.delete_allowed and not options.read_only else "refused")
             clean = False
             try:
-                trio.run(_main, operations, config, uploads, ready_fd, instruments=[_SlowStepWarning()])
+                trio.run(_main, operations, config, uploads, mountpoint, ready_fd, instruments=[_SlowStepWarning()])
                 clean = True
             finally:
                 pyfuse3.close(unmount=clean)
@@ -190,13 +191,16 @@ def _start_bridge(store: Store, config: Config, options: MountOptions) -> Bridge
     return bridge
 
 
-async def _main(operations: DicomOperations, config: Config, uploads: UploadArea | None, ready_fd: int | None) -> None:
+async def _main(operations: DicomOperations, config: Config, uploads: UploadArea | None, mountpoint: Path,
+                ready_fd: int | None) -> None:
     async with trio.open_nursery() as nursery:
         operations.attach(nursery)
         nursery.start_soon(_watch_signals, nursery)
         nursery.start_soon(_refresh, operations, config.mount.refresh_ms / 1000)
         if uploads is not None:
             nursery.start_soon(_sweep, operations, uploads, config)
+        if config.mount.read_ahead_kb:
+            nursery.start_soon(trio.to_thread.run_sync, set_read_ahead, mountpoint, config.mount.read_ahead_kb)
         notify_systemd("READY=1")
         _report(ready_fd, "ready")
         await pyfuse3.main()
