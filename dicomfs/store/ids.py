@@ -90,8 +90,7 @@ def key_from_id(resource_id: str) -> bytes:
 
 def id_from_key(key: bytes) -> ResourceId:
     """The text id of a 20-byte index key."""
-    digest = bytes(key).hex()
-    return ResourceId("-".join(digest[i : i + 8] for i in range(0, 40, 8)))
+    return ResourceId(bytes(key).hex("-", 4))  # 20 bytes: five groups of 8 hex digits
 
 
 def looks_like_id(text: str) -> bool:
