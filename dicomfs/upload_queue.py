@@ -2,9 +2,10 @@
 
 A client copying a CD sends hundreds of files one after the other and waits for each answer.
 Ingesting inside each request would make it wait for a group commit (a sync) per file; instead
-the front end answers at once and queues the file here, and one thread ingests whatever has
-queued up meanwhile in a single group commit. The file stays visible in ``uploads/`` until it is
-stored, then vanishes; what is not DICOM stays with its reason (see ``uploads``).
+the front end answers at once and queues the file here, and one thread hands whatever has
+queued up meanwhile to the ingest process (``upload_worker``), which stores it in a single group
+commit. The file stays visible in ``uploads/`` until it is stored, then vanishes; what is not
+DICOM stays with its reason (see ``uploads``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections import OrderedDict
 from typing import Callable, Collection, Sequence
 
 from dicomfs.store import Store
-from dicomfs.uploads import UploadArea, UploadOutcome
+from dicomfs.upload_worker import UploadIngester
+from dicomfs.uploads import Stamp, UploadArea, UploadOutcome
 
 __all__ = ["UploadQueue"]
 
@@ -37,11 +39,12 @@ class UploadQueue:
 
     def __init__(self, store: Store, area: UploadArea, *, origin: str,
                  on_done: Callable[[tuple[str, ...], UploadOutcome], None] | None = None) -> None:
-        self._store = store
+        self._ingester = UploadIngester(store, area)
         self._area = area
         self._origin = origin
         self._on_done = on_done
-        self._waiting: OrderedDict[tuple[str, ...], str] = OrderedDict()  # parts -> remote user
+        # parts -> (remote user, the file as it was when submitted)
+        self._waiting: OrderedDict[tuple[str, ...], tuple[str, Stamp | None]] = OrderedDict()
         self._in_progress: set[tuple[str, ...]] = set()
         self._condition = threading.Condition()
         self._closed = False
@@ -51,9 +54,18 @@ class UploadQueue:
 
     def submit(self, parts: Sequence[str], remote: str = "") -> None:
         """Queue ``uploads/<parts>`` for ingest (once, however often it is submitted before then)."""
+        stamp = self._area.stamp(parts)
         with self._condition:
-            self._waiting[tuple(parts)] = remote
+            self._waiting[tuple(parts)] = (remote, stamp)
             self._condition.notify()
+
+    def withdraw(self, parts: Sequence[str]) -> None:
+        """``uploads/<parts>`` is being written again: it is complete only when submitted anew.
+
+        (A queued file rewritten before its turn, as Explorer does with the 0-byte file it puts
+        first, would otherwise be ingested half-written or while its client still holds a lock.)"""
+        with self._condition:
+            self._waiting.pop(tuple(parts), None)
 
     def adopt_leftovers(self, busy: Collection[tuple[str, ...]] = ()) -> int:
         """Queue the files in uploads/ that a front end answered for but never ingested (it was
@@ -85,11 +97,12 @@ class UploadQueue:
             return self._condition.wait_for(lambda: not self._waiting and not self._in_progress, timeout)
 
     def close(self) -> None:
-        """Ingest what is queued, then stop the thread."""
+        """Ingest what is queued, then stop the thread and the ingest process."""
         with self._condition:
             self._closed = True
             self._condition.notify_all()
         self._thread.join()
+        self._ingester.close()
 
     def _keep_with_reason(self, parts: tuple[str, ...], reason: str) -> None:
         try:
@@ -103,7 +116,7 @@ class UploadQueue:
                 self._condition.wait_for(lambda: self._waiting or self._closed)
                 if not self._waiting:
                     return
-                group: list[tuple[tuple[str, ...], str]] = []
+                group: list[tuple[tuple[str, ...], tuple[str, Stamp | None]]] = []
                 while self._waiting and len(group) < _MOST_PER_GROUP:
                     group.append(self._waiting.popitem(last=False))
                 self._in_progress = {parts for parts, _ in group}
@@ -114,13 +127,15 @@ class UploadQueue:
                     self._in_progress = set()
                     self._condition.notify_all()
 
-    def _ingest(self, group: list[tuple[tuple[str, ...], str]]) -> None:
-        by_remote: dict[str, list[tuple[str, ...]]] = {}
-        for parts, remote in group:
-            by_remote.setdefault(remote, []).append(parts)
-        for remote, batch in by_remote.items():
+    def _ingest(self, group: list[tuple[tuple[str, ...], tuple[str, Stamp | None]]]) -> None:
+        by_remote: dict[str, list[tuple[tuple[str, ...], Stamp | None]]] = {}
+        for parts, (remote, stamp) in group:
+            by_remote.setdefault(remote, []).append((parts, stamp))
+        for remote, items in by_remote.items():
+            batch = [parts for parts, _ in items]
             try:
-                outcomes = self._area.ingest_many(self._store, batch, origin=self._origin, remote=remote)
+                outcomes = self._ingester.ingest_many(batch, [stamp for _, stamp in items], origin=self._origin,
+                                                      remote=remote)
             except Exception as error:  # a store error (a full disk) must not kill the thread
                 _log.exception("ingest of %d uploaded files failed; they stay in uploads/", len(batch))
                 for parts in batch:

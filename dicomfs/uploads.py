@@ -24,9 +24,11 @@ from dicomfs.store import IngestResult, Store
 from dicomfs.store.candidates import REJECTED
 from dicomfs.store.sources import Source, is_os_junk
 
-__all__ = ["ERROR_XATTR", "UploadArea", "UploadOutcome"]
+__all__ = ["ERROR_XATTR", "Stamp", "UploadArea", "UploadOutcome"]
 
 ERROR_XATTR = "user.dicomfs.error"
+Stamp = tuple[int, int, int]
+"""A file's inode, size and modification time (ns)."""
 _log = logging.getLogger(__name__)
 
 
@@ -60,8 +62,22 @@ class UploadArea:
         """Ingest the complete file at ``uploads/<parts>``: remove it when stored, else keep it with its reason."""
         return self.ingest_many(store, [parts], origin=origin, remote=remote)[0]
 
-    def ingest_many(self, store: Store, batch: Sequence[Sequence[str]], *, origin: str, remote: str = "") -> list[UploadOutcome]:
-        """``ingest`` for several complete files at once: one group commit for all of them."""
+    def stamp(self, parts: Sequence[str]) -> Stamp | None:
+        """What ``uploads/<parts>`` is now (None when it is not there), for ``ingest_many`` to tell
+        whether it was written again since it was found complete."""
+        try:
+            info = self.path(parts).stat()
+        except (OSError, PermissionDeniedError):
+            return None
+        return info.st_ino, info.st_size, info.st_mtime_ns
+
+    def ingest_many(self, store: Store, batch: Sequence[Sequence[str]], *, origin: str, remote: str = "",
+                    stamps: Sequence[Stamp | None] | None = None) -> list[UploadOutcome]:
+        """``ingest`` for several complete files at once: one group commit for all of them.
+
+        A file whose ``stamps`` entry no longer matches was written again after it was found
+        complete (a client writing it anew, perhaps under a lock): it is left alone, with no
+        reason, for its writer to hand in again once it is complete."""
         outcomes: dict[int, UploadOutcome] = {}
         to_ingest: list[tuple[int, Path, int]] = []  # (position in batch, path, inode read)
         for position, parts in enumerate(batch):
@@ -74,6 +90,10 @@ class UploadArea:
                 info = path.stat()
             except FileNotFoundError:
                 outcomes[position] = UploadOutcome([], removed=True)
+                continue
+            expected = stamps[position] if stamps is not None else None
+            if expected is not None and expected != (info.st_ino, info.st_size, info.st_mtime_ns):
+                outcomes[position] = UploadOutcome([], removed=False)
                 continue
             if info.st_size == 0:
                 outcomes[position] = self._keep(path, [], "empty file (0 bytes): nothing to store")

@@ -200,11 +200,15 @@ async def _main(operations: DicomOperations, config: Config, uploads: UploadArea
         if uploads is not None:
             nursery.start_soon(_sweep, operations, uploads, config)
         if config.mount.read_ahead_kb:
-            nursery.start_soon(trio.to_thread.run_sync, set_read_ahead, mountpoint, config.mount.read_ahead_kb)
+            nursery.start_soon(_read_ahead, mountpoint, config.mount.read_ahead_kb)
         notify_systemd("READY=1")
         _report(ready_fd, "ready")
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _read_ahead(mountpoint: Path, kib: int) -> None:
+    await trio.to_thread.run_sync(set_read_ahead, mountpoint, kib)  # its stat is a request to this loop
 
 
 async def _watch_signals(nursery: trio.Nursery) -> None:

@@ -211,7 +211,9 @@ class DicomOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         path = (*parent.path, name)
         try:
-            info = await self._thread(os.lstat, self._upload_path(path))
+            # On the loop: a stat in the staging folder is answered from the kernel's caches, and
+            # a thread hop for it doubled the time `cp -r` takes to create each file here.
+            info = os.lstat(self._upload_path(path))
         except FileNotFoundError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         node = self.inodes.node_for(parent.inode, path, "upload")
@@ -416,6 +418,8 @@ class DicomOperations(pyfuse3.Operations):
         handle = _Handle(node, fd=fd, written=bool(writing))
         if writing:
             self._writers[node.inode] = self._writers.get(node.inode, 0) + 1
+            if self._queue is not None:
+                self._queue.withdraw(node.path[1:])  # complete again only at its last close
         fh = self._new_fh()
         self._handles[fh] = handle
         return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False)
@@ -435,6 +439,8 @@ class DicomOperations(pyfuse3.Operations):
         node = self.inodes.node_for(parent.inode, path, "upload")
         self.inodes.looked_up(node)
         self._writers[node.inode] = self._writers.get(node.inode, 0) + 1
+        if self._queue is not None:
+            self._queue.withdraw(path[1:])  # an existing file truncated: complete again only at its last close
         fh = self._new_fh()
         self._handles[fh] = _Handle(node, fd=fd, written=True)
         return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False), self._upload_attributes(node, info)
@@ -463,21 +469,25 @@ class DicomOperations(pyfuse3.Operations):
             self._queue.submit(handle.node.path[1:])
 
     def _from_queue(self, parts: tuple[str, ...], outcome: UploadOutcome) -> None:
-        """The ingest thread's report, carried into the trio loop."""
+        """The ingest thread's report, carried into the trio loop without waiting for it (a wait
+        per file held up the next group)."""
         if self._trio_token is None:
             return
         try:
-            trio.from_thread.run_sync(self._uploaded, parts, outcome, trio_token=self._trio_token)
+            self._trio_token.run_sync_soon(self._uploaded, parts, outcome)
         except trio.RunFinishedError:
             pass  # unmounting: the kernel forgets everything anyway
 
     def _uploaded(self, parts: tuple[str, ...], outcome: UploadOutcome) -> None:
-        node = self.inodes.at((UPLOADS, *parts))
-        if outcome.removed and node is not None:
-            self._drop_names(node, vanished=False)
-        if not self._refresh_pending and self._nursery is not None:
-            self._refresh_pending = True  # one refresh for a whole group of ingested files
-            self._nursery.start_soon(self._refresh_after_ingest)
+        try:
+            node = self.inodes.at((UPLOADS, *parts))
+            if outcome.removed and node is not None:
+                self._drop_names(node, vanished=False)
+            if not self._refresh_pending and self._nursery is not None:
+                self._refresh_pending = True  # one refresh for a whole group of ingested files
+                self._nursery.start_soon(self._refresh_after_ingest)
+        except Exception:  # raised here, in a run_sync_soon callback, it would end the loop
+            _log.exception("after the ingest of uploads/%s", "/".join(parts))
 
     async def _refresh_after_ingest(self) -> None:
         self._refresh_pending = False

@@ -1,0 +1,30 @@
+"""What a helper process of a dicomfs daemon does first, whatever its job.
+
+Helpers start with ``spawn``: a forked child would inherit the parent's open LMDB environment,
+which LMDB forbids using across ``fork``. Each dies with its parent (``PR_SET_PDEATHSIG``), so no
+orphan writes a blob after the next start's recovery has run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+__all__ = ["become_helper_of"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def become_helper_of(parent: int) -> None:
+    """Die with ``parent``, leave Ctrl-C to it, and let go of its standard output."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Results travel through pipes; holding the parent's stdout would keep a reader of the
+    # command's output (a script, a test) waiting after the command itself has ended.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
