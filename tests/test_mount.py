@@ -201,6 +201,21 @@ def test_mount_xattrs_show_tags_and_set_metadata_and_protection(mount: Callable[
         assert unsupported.value.errno == errno.EOPNOTSUPP
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may drop the kernel's caches")
+def test_mount_lists_alike_after_the_kernel_forgot_its_entries(mount: Callable[..., Mounted], small_corpus: Corpus) -> None:
+    m = mount(ingest=(small_corpus.root,))
+
+    def walk() -> dict[str, int]:
+        return {str(p.relative_to(m.path)): p.stat().st_ino for view in VIEWS for p in (m.path / view).rglob("*")}
+
+    before = walk()
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")  # dentries and inodes: the kernel sends FORGETs
+    after = walk()  # listings are served again from what opendir built before, where still valid
+    assert after.keys() == before.keys()
+    assert {k: v for k, v in after.items() if k.endswith(".dcm")} == {k: v for k, v in before.items() if k.endswith(".dcm")}
+
+
 def _read_ahead_kb(mountpoint: Path) -> int:
     device = os.stat(mountpoint).st_dev
     return int(Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb").read_text())
