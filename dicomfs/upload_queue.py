@@ -111,6 +111,10 @@ class UploadQueue:
             pass  # gone meanwhile: nothing left to explain
 
     def _run(self) -> None:
+        try:
+            self._ingester.start()  # now, not at the first upload: a spawn takes ~0.3 s of CPU
+        except OSError:
+            _log.exception("cannot start the upload ingest process; trying again at the first upload")
         while True:
             with self._condition:
                 self._condition.wait_for(lambda: self._waiting or self._closed)

@@ -40,7 +40,8 @@ class UploadIngesterError(DicomfsError):
 
 
 class UploadIngester:
-    """``UploadArea.ingest_many`` for one store, run in a helper process started on first use.
+    """``UploadArea.ingest_many`` for one store, run in a helper process (started on first use,
+    unless ``start`` was called; started again if it died).
 
     Not thread-safe: one queue thread calls it.
     """
@@ -52,11 +53,17 @@ class UploadIngester:
         self._process: Any = None  # a SpawnProcess: multiprocessing's types are not public
         self._connection: Connection | None = None
 
+    def start(self) -> None:
+        """Start the helper ahead of the first group, unless it runs."""
+        if not self._alive():
+            self._start()
+
     def ingest_many(self, batch: Sequence[Sequence[str]], stamps: Sequence[Stamp | None], *, origin: str,
                     remote: str = "") -> list[UploadOutcome]:
         """``UploadArea.ingest_many`` of ``batch`` (parts under uploads/) in the helper; the
         outcomes in batch order."""
-        request = ([tuple(parts) for parts in batch], list(stamps), origin, remote)
+        # with the level this process logs at now: the helper logs what would be logged here
+        request = ([tuple(parts) for parts in batch], list(stamps), origin, remote, logging.getLogger().getEffectiveLevel())
         for attempt in (1, 2):
             connection = self._connection if self._alive() and self._connection is not None else self._start()
             try:
@@ -95,8 +102,7 @@ class UploadIngester:
         self._stop(kill=True)
         context = multiprocessing.get_context("spawn")
         ours, theirs = context.Pipe()
-        process = context.Process(target=_serve, args=(theirs, os.getpid(), logging.getLogger().getEffectiveLevel(),
-                                                       *self._arguments),
+        process = context.Process(target=_serve, args=(theirs, os.getpid(), *self._arguments),
                                   name="dicomfs-upload-ingest", daemon=True)
         process.start()
         theirs.close()
@@ -145,14 +151,13 @@ class _Records(list[logging.LogRecord]):
         return taken
 
 
-def _serve(connection: Connection, parent: int, log_level: int, folder: str, settings: WriteSettings,
+def _serve(connection: Connection, parent: int, folder: str, settings: WriteSettings,
            metadata_names: Mapping[str, int], attachment_types: Mapping[str, tuple[int, str]], root: str) -> None:
     """The helper: ingest each group the front end sends, until it sends None or goes."""
     become_helper_of(parent)
     records = _Records()
     logger = logging.getLogger()
     logger.handlers[:] = [logging.handlers.QueueHandler(records)]  # type: ignore[arg-type]
-    logger.setLevel(log_level)
     with Store(Path(folder), settings=settings, metadata_names=metadata_names,
                attachment_types=attachment_types) as store:
         area = UploadArea(Path(root))
@@ -163,7 +168,8 @@ def _serve(connection: Connection, parent: int, log_level: int, folder: str, set
                 return
             if request is None:
                 return
-            batch, stamps, origin, remote = request
+            batch, stamps, origin, remote, log_level = request
+            logger.setLevel(log_level)
             try:
                 outcomes = area.ingest_many(store, batch, origin=origin, remote=remote, stamps=stamps)
             except Exception as error:  # a store error (a full disk): the front end keeps the files
