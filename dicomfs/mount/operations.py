@@ -47,7 +47,8 @@ _VIEW_TIMEOUT = 300.0
 _UPLOAD_TIMEOUT = 1.0
 _BLOCK = 128 * 1024
 _VANISHED_KEPT = 10_000
-_BUILT_KEPT = 1024
+_BUILT_ENTRIES_KEPT = 100_000
+"""Entries kept built for opendir (~0.4 kB each): the folders walked last, ~40 MB at most."""
 _VANISHED_SECONDS = 10.0
 """How long a folder emptied by a delete still answers lookups (as an empty folder), so that
 `rm -r`, which removes the files first, can remove the folder too."""
@@ -99,6 +100,7 @@ class DicomOperations(pyfuse3.Operations):
         # folder inode -> (the listing, its entries as opendir gives them): see _folder_entries
         self._built: collections.OrderedDict[int, tuple[Listing, list[tuple[str, Node, pyfuse3.EntryAttributes]]]] = \
             collections.OrderedDict()
+        self._built_entries = 0
         self._next_fh = 1
         self._writers: dict[int, int] = {}  # upload inode -> open write handles
         self._nursery: trio.Nursery | None = None
@@ -321,9 +323,13 @@ class DicomOperations(pyfuse3.Operations):
             else:
                 attributes = self._entry_attributes(child, entry)
             entries.append((entry.name, child, attributes))
+        if known is not None:
+            self._built_entries -= len(known[1])
         self._built[node.inode] = (listing, entries)
-        if len(self._built) > _BUILT_KEPT:
-            self._built.popitem(last=False)
+        self._built.move_to_end(node.inode)
+        self._built_entries += len(entries)
+        while self._built_entries > _BUILT_ENTRIES_KEPT and len(self._built) > 1:
+            self._built_entries -= len(self._built.popitem(last=False)[1][1])
         return entries
 
     async def _upload_entries(self, node: Node) -> list[tuple[str, Node, pyfuse3.EntryAttributes]]:
