@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from dicomfs.samples import Corpus, write_corpus
+from dicomfs.store.index import Index
 from dicomfs.store.store import Store
 from tests.conftest import dicomfs_command, run_cli
 
@@ -95,3 +96,78 @@ def _assert_present_and_intact(store: Path, acknowledged: dict[str, str]) -> Non
             with opened.open_instance(instance) as reader:
                 stored = hashlib.sha256(b"".join(reader.iter_chunks())).hexdigest()
             assert stored == hashlib.sha256(Path(source).read_bytes()).hexdigest(), source
+
+
+def test_crash_workers_keep_a_killed_writer_alive_until_they_are_gone(tmp_path: Path, crash_corpus: Corpus) -> None:
+    """Bulk workers hold their parent's owner lock: with the parent killed and its workers not yet
+    gone (stopped here, so the moment lasts), recovery keeps the blobs they may still write;
+    once they are gone, it removes what was left and check is clean."""
+    store = tmp_path / "store"
+    config = tmp_path / "dicomfs.toml"
+    config.write_text("[ingest]\nworkers = 2\n")  # worker processes even on a machine with one CPU
+    assert run_cli("init", store=store, config=config).returncode == 0
+    env = {**os.environ, "DICOMFS_CONFIG": str(config)}
+    child = subprocess.Popen([*dicomfs_command(), "--store", str(store), "ingest", "--json", str(crash_corpus.root)],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    assert child.stdout is not None
+    acknowledged = [json.loads(child.stdout.readline())]  # the first batch is durable: workers are busy
+    helpers = _descendants(child.pid)  # the fork server, the workers, multiprocessing's resource tracker
+    assert len(helpers) >= 3, helpers
+    for pid in helpers:
+        os.kill(pid, signal.SIGSTOP)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    try:
+        before = _pending(store)
+        assert before, "the killed ingest left no pending blob: the test proved nothing"
+        Store(store).close()  # a writable open recovers
+        assert _pending(store) == before
+    finally:
+        for pid in helpers:
+            os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{pid}") and _state(pid) != "Z" for pid in helpers):
+        assert time.monotonic() < deadline, "a worker outlived its parent"
+        time.sleep(0.05)
+    child.stdout.close()
+    checked = run_cli("check", store=store, config=config)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert not _pending(store)
+    _assert_present_and_intact(store, {str(r["instance"]): str(r["path"]) for r in acknowledged})
+
+
+def _descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(_stat(int(entry))[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+    found: list[int] = []
+    frontier = [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        found.extend(frontier)
+    return found
+
+
+def _stat(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
+def _state(pid: int) -> str:
+    try:
+        return _stat(pid)[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+def _pending(store: Path) -> set[tuple[bytes, str]]:
+    index = Index(store / "index", readonly=True)
+    try:
+        with index.read() as txn:
+            return set(index.pending(txn))
+    finally:
+        index.close()

@@ -265,23 +265,29 @@ class GroupCommitter:
 
     def reserve_names(self, count: int) -> list[str]:
         """Blob names marked pending in one commit, for workers to write into later."""
-        names = [self.blobs.new_name() for _ in range(count)]
+        names = self.blobs.new_names(count)
         with self._writing() as txn:
             for name in names:
                 self.index.add_pending(txn, self.owner.token, name)
         return names
 
-    def commit_written(self, candidates: list[Candidate]) -> None:
+    def commit_written(self, candidates: list[Candidate], *, reserve: int = 0) -> list[str]:
         """Steps 3-5 for candidates whose blobs are written: sync, index, free the garbage.
 
         Used by the syncer thread and by bulk ingest, whose workers wrote the blobs themselves.
+        With ``reserve``, the index commit also marks that many new blob names pending (as
+        ``reserve_names`` does, without a commit of its own) and returns them; none when it failed.
         """
         if any(c.blob for c in candidates):
             sync_filesystem(self.store_folder)
-        self._finish(self._index_batch(candidates))
+        names = self.blobs.new_names(reserve)
+        garbage, committed = self._index_batch(candidates, names)
+        self._finish(garbage)
+        return names if committed else []
 
-    def _index_batch(self, candidates: list[Candidate]) -> list[str]:
-        """Step 4: index candidates whose blobs are durable; returns the blobs that became garbage.
+    def _index_batch(self, candidates: list[Candidate], reserve: list[str]) -> tuple[list[str], bool]:
+        """Step 4: index candidates whose blobs are durable, and mark the names ``reserve`` pending;
+        returns the blobs that became garbage, and whether the commit succeeded.
 
         Candidates without a blob were settled before writing and are left as they are.
         """
@@ -290,6 +296,8 @@ class GroupCommitter:
         try:
             with self._writing() as txn:
                 self._index_candidates(index, txn, candidates, changes)
+                for name in reserve:
+                    index.add_pending(txn, self.owner.token, name)
         except StoreFullError as error:
             # Nothing of the batch reached the index: its files are rejected and their blobs freed
             # (their pending marks go with the next commit that succeeds).
@@ -297,8 +305,8 @@ class GroupCommitter:
             for candidate in candidates:
                 if candidate.blob:
                     candidate.outcome, candidate.reason, candidate.blob, candidate.retry = REJECTED, str(error), "", True
-            return garbage
-        return changes.garbage
+            return garbage, False
+        return changes.garbage, True
 
     def _index_candidates(self, index: CachedIndex, txn: Txn, candidates: list[Candidate], changes: TxnChanges) -> None:
         for item in candidates:

@@ -5,6 +5,9 @@ its Store is open. Before it writes a blob that the index does not reference yet
 a commit leaves one unreferenced, it records ``(token, blob)`` in the index's ``pending`` table.
 If the process is killed, the lock goes with it; ``recover`` finds the pending entries whose owner
 holds no lock any more and deletes those blobs. So a kill at any moment leaves no stray blob.
+
+``flock`` belongs to the open file, not to a descriptor: the worker processes of a bulk ingest
+inherit the lock's descriptor (see ``bulk``), and the owner stays alive until all of them are gone.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ class Owner:
         self.lock_path = folder / f"{self.token.hex()}.lock"
         self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    @property
+    def lock_fd(self) -> int:
+        """The descriptor that holds the lock, for processes that write on this owner's behalf."""
+        return self._fd
 
     def release(self) -> None:
         if self._fd >= 0:
