@@ -3,8 +3,8 @@ of the same files through its REST API, in the same run.
 
 Run from the repository, as root (the archive lives in a private network namespace)::
 
-    .venv/bin/python bench/export.py [--quick] [--workdir DIR] [--keep] [--json FILE] [--dicomfs CMD]
-                                     [--profile DIR]
+    .venv/bin/python bench/export.py [--quick] [--rounds N] [--workdir DIR] [--keep] [--json FILE]
+                                     [--dicomfs CMD] [--profile DIR]
 
 The archive is Debian's Orthanc with its DICOMweb plugin, started by ``tests/orthanc_server.py``
 in a network namespace that has only loopback; **every run gets a fresh Orthanc** (new storage and
@@ -25,12 +25,16 @@ Each set is exported at concurrency 1 and 4 (``[destinations.orthanc]`` type ``s
 real command line run *inside* the namespace (``server.run``: ``nsenter ... dicomfs --store S
 --config C export --to orthanc --wait SELECTOR...``, the PatientIDs of the set), timed by this
 process from the command's start to its end: Python's start, the imports, opening the store,
-making the job, sending, the ``--wait`` loop (it polls every 0.2 s) and the exit all count;
-nothing is subtracted. The job's own duration (``finished - started`` from ``dicomfs jobs show
+making the job, sending, the ``--wait`` loop (woken by its runner as the job ends) and the exit
+all count; nothing is subtracted. The job's own duration (``finished - started`` from ``dicomfs jobs show
 JOB``) is the second figure, and the rest of the command's time is printed split in three:
 start-up (command start to the job's ``created``), claim (``created`` to ``started``) and tail
 (``finished`` to the command's end). MB/s counts the Part 10 bytes of the instances (10^6
 bytes per MB).
+
+The package's modules are byte-compiled first (``compileall``), as an installation has them: an
+environment with ``PYTHONDONTWRITEBYTECODE=1`` would otherwise compile every module edited since
+its last ``.pyc`` at every start of the command.
 
 The reference is Orthanc's ingest of the same files through its REST API, ``POST /instances``
 with one file's raw bytes per request, by a small stdlib-only Python script run in the namespace
@@ -41,9 +45,16 @@ reference figure. Also measured, without a target: the same script as a bare STO
 export's batches, multipart bodies, keep-alive), which tells Orthanc's STOW-RS cost apart from
 the exporter's. After every run Orthanc's ``/statistics`` must count every instance (and the job
 must have succeeded), else the benchmark stops. Before every run the store and the sources are
-read once (page cache) and ``sync`` runs. Each (set, concurrency) is measured in 2 rounds
-(``--quick``: 1), the order of export / REST / bare STOW-RS rotating from round to round; the
-table compares the best run of each side (all runs are printed as they go and kept in the JSON).
+read once (page cache) and ``sync`` runs. Each (set, concurrency) is measured in ``--rounds``
+rounds (3; ``--quick``: 2), the order of export / REST / bare STOW-RS rotating from round to
+round; the table compares the best run of each side (all runs are printed as they go and kept in
+the JSON): on a shared machine the same run varies by 2x and more from one round to the next.
+
+Both sides are timed alike, twice: from their process's start to its end (the target's figure:
+both include an interpreter's start, ours also the imports, the store and the job's creation),
+and their sending alone (the job's ``finished - started``; the script's first request to last
+answer). The table's "fixed cost" row is the difference of the two for each side: what the
+command costs besides sending, against what the script costs besides sending.
 
 Target: the exporter is never the bottleneck: its instances/s (small set) or MB/s (large set),
 command start to end, >= 0.9x the REST reference's at the same concurrency. The other figures
@@ -374,6 +385,7 @@ def measure_set(bench: Bench, data: Set, rounds: int) -> list[Row]:
     rows: list[Row] = []
     for position, concurrency in enumerate(CONCURRENCIES):
         where = f"{data.label}, concurrency {concurrency}"
+        progress(f"{where}: load {_load()}")
         runs: dict[str, list[Measured]] = {kind: [] for kind in KINDS}
         for number in range(rounds):
             # Rotate which kind goes first, so all meet the same drift of the machine.
@@ -407,8 +419,11 @@ def measure_set(bench: Bench, data: Set, rounds: int) -> list[Row]:
                         rate(rest, data.unit), limit=EXPORT_VS_REFERENCE, detail=detail))
         rows.append(Row(data.name, f"  the same in {other_unit}", rate(ours, other_unit), other_unit,
                         rate(rest, other_unit)))
-        rows.append(Row(data.name, "  job's own duration (finished - started) vs the script's own time",
+        rows.append(Row(data.name, "  sending alone: the job's finished - started vs the script's first request to last answer",
                         rate(own["export"], data.unit), data.unit, rate(own["rest"], data.unit)))
+        fixed = {kind: min(m.seconds - m.own_seconds for m in measured) for kind, measured in runs.items()}
+        rows.append(Row(data.name, "  fixed cost besides sending (start-up, claim, tail vs the script's start and exit)",
+                        fixed["export"] * 1000, "ms", fixed["rest"] * 1000, higher_is_better=False))
         rows.append(Row(data.name, "  export vs a bare STOW-RS client (same batches), start to end",
                         rate(ours, data.unit), data.unit, rate(stow, data.unit)))
     return rows
@@ -417,8 +432,8 @@ def measure_set(bench: Bench, data: Set, rounds: int) -> list[Row]:
 # -- the run --------------------------------------------------------------------------------------
 
 
-def measure(command: list[str], workdir: Path, rows: list[Row], *, quick: bool, profile: Path | None,
-            py_spy: str | None) -> None:
+def measure(command: list[str], workdir: Path, rows: list[Row], *, quick: bool, rounds: int | None,
+            profile: Path | None, py_spy: str | None) -> None:
     """Write the data, fill the store, append each set's rows to ``rows`` as it ends."""
     try:
         from tests.orthanc_server import DICOMWEB_PLUGIN, ORTHANC_BINARY
@@ -428,7 +443,8 @@ def measure(command: list[str], workdir: Path, rows: list[Row], *, quick: bool, 
         raise CannotRun(f"Orthanc ({ORTHANC_BINARY}) or its DICOMweb plugin ({DICOMWEB_PLUGIN}) is not installed "
                         "(scripts/setup installs them)")
     started = time.perf_counter()
-    patients, large_count, frames, rounds = (8, 20, 6, 1) if quick else (20, 50, 6, 2)
+    patients, large_count, frames = (8, 20, 6) if quick else (20, 50, 6)
+    rounds = rounds or (2 if quick else 3)
     small = write_corpus(workdir / "src" / "small", patients=patients, studies_per_patient=2, series_per_study=2,
                          instances_per_series=25, pixels=64, seed=31)
     large = write_large(workdir / "src" / "large", large_count, frames)
@@ -441,6 +457,14 @@ def measure(command: list[str], workdir: Path, rows: list[Row], *, quick: bool, 
     ]
     progress(f"data: {sets[0].count} small instances ({sets[0].sizes / 1e6:.1f} MB), {sets[1].count} large "
              f"({sets[1].sizes / 1e6:.1f} MB), written in {time.perf_counter() - started:.1f} s")
+
+    # As an installation has them: without .pyc files (PYTHONDONTWRITEBYTECODE=1 in the environment,
+    # or modules edited since they were last imported) every module compiles again at every start
+    # of the command, 40 ms and more, while the reference's stdlib modules have theirs.
+    compiled = subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "dicomfs"), str(REPO / "bridge")],
+                              capture_output=True, text=True, timeout=SHORT)
+    if compiled.returncode != 0:
+        raise CannotRun(f"compileall failed: {(compiled.stdout + compiled.stderr).strip()[-2000:]}")
 
     config = workdir / "dicomfs.toml"
     config.write_text('[storage]\ncompression = "none"\n')
@@ -470,12 +494,20 @@ def leftover_orthancs(workdir: Path) -> list[str]:
     return [line for line in done.stdout.strip().splitlines() if str(workdir) in line]
 
 
+def _load() -> str:
+    """The load averages (1, 5, 15 min): the machine is shared, and they say how much."""
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def main() -> int:
     """Parse the options, run every measurement, print the report; return the exit status."""
     parser = options(__doc__.splitlines()[0] if __doc__ else None,
-                     "800 small + 20 large instances instead of 2,000 + 50, one round instead of two",
+                     "800 small + 20 large instances instead of 2,000 + 50, two rounds instead of three",
                      profile="run each export under py-spy, stacks into DIR (slows the export: figures not comparable)")
+    parser.add_argument("--rounds", type=int, metavar="N", help="rounds of each measurement (default 3; --quick: 2)")
     args = parser.parse_args()
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds wants 1 or more")
     command = dicomfs_command(parser, args)
     py_spy = find_py_spy(parser, args)
     workdir = work_folder(parser, args, "export")
@@ -483,7 +515,8 @@ def main() -> int:
                                      capture_output=True, text=True).stdout or "?"
     machine = {"nproc": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                "pydicom": pydicom.__version__, "orthanc": orthanc_version, "dicomfs": shlex.join(command),
-               "workdir": str(workdir), "quick": args.quick, "profiled": bool(args.profile)}
+               "workdir": str(workdir), "quick": args.quick, "rounds": args.rounds or (2 if args.quick else 3),
+               "profiled": bool(args.profile), "load": _load()}
     print(" | ".join(f"{key} {value}" for key, value in machine.items()), flush=True)
     rows: list[Row] = []
     started = time.perf_counter()
@@ -495,13 +528,14 @@ def main() -> int:
     except ImportError:
         skipped = CannotRun
     try:
-        measure(command, workdir, rows, quick=args.quick, profile=args.profile, py_spy=py_spy)
+        measure(command, workdir, rows, quick=args.quick, rounds=args.rounds, profile=args.profile, py_spy=py_spy)
     except (CannotRun, subprocess.SubprocessError, OSError, RuntimeError, skipped) as error:
         print(f"cannot run: {error}", file=sys.stderr, flush=True)
         status = 2
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+    machine["load_at_end"] = _load()
     left = leftover_orthancs(workdir)
     if left:
         print(f"Orthanc processes still running: {left}", file=sys.stderr, flush=True)

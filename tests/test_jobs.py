@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dicomfs.jobs.export import _next_batches
 from dicomfs.jobs.model import EXPORT, Job, JobState
 from dicomfs.jobs.runner import JobRunner, JobWork, RetryPolicy, TransientJobError
 from dicomfs.jobs.storage import JobStateError, JobStore, LeaseLostError
@@ -79,6 +80,27 @@ def test_failed_items_fail_the_job_with_reasons_and_retry_sends_only_them(tmp_pa
     kind.refuse, kind.sent = set(), []
     ended = JobRunner(jobs, {"ack": kind}).run_once()
     assert ended is not None and ended.state is JobState.SUCCESS and kind.sent == ["c"]  # never the acknowledged ones
+
+
+@pytest.mark.parametrize(("items", "in_flight", "concurrency", "per_request", "free", "sizes"), [
+    (20, 0, 4, 2, 4, [2, 2, 2, 2]),  # plenty left: full batches
+    (20, 0, 1, 16, 1, [16]),
+    (6, 0, 4, 2, 4, [2, 2, 2]),  # the last ones shared out, none bigger than the rest
+    (12, 6, 4, 2, 1, [2]),
+    (9, 6, 4, 2, 1, [1]),  # 3 left beside those in flight: one each
+    (3, 0, 4, 16, 4, [1, 1, 1]),
+    (5, 5, 4, 2, 2, []),  # all in flight already
+])
+def test_export_batches_share_the_last_items_out(tmp_path: Path, items: int, in_flight: int, concurrency: int,
+                                                 per_request: int, free: int, sizes: list[int]) -> None:
+    jobs = JobStore(tmp_path / "jobs")
+    names = [f"i{n:02d}" for n in range(items)]
+    job = jobs.create(EXPORT, {}, [(name, 1) for name in names], "batches")
+    work = JobWork(jobs, job, "me", 30.0, threading.Event())
+    sending = set(names[:in_flight])
+    batches = _next_batches(work, sending, per_request, concurrency, free)
+    assert [len(batch) for batch in batches] == sizes
+    assert [item for batch in batches for item in batch] == names[in_flight:in_flight + sum(sizes)]
 
 
 def test_transient_errors_back_off_then_give_up(tmp_path: Path) -> None:

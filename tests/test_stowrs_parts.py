@@ -1,4 +1,5 @@
-"""The STOW-RS client's parts that need no server: response parsing, the multipart body, syntaxes, transcoding.
+"""The STOW-RS client's parts that need no archive: response parsing, the multipart body,
+keep-alive connections (against a minimal server on loopback, in this process), syntaxes, transcoding.
 
 The responses are written from PS3.18 10.5.3 (Store Instances Response Module), F.2 (DICOM JSON)
 and PS3.19 (NativeDicomModel). Sending to a real archive is tested against Orthanc elsewhere.
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import http.server
 import json
 import socket
+import threading
 from collections.abc import Iterator
 from io import BytesIO
 
@@ -31,9 +34,11 @@ from pydicom.uid import (
 )
 
 from dicomfs.errors import ConfigError, NotFoundError
+from dicomfs.jobs import stowrs
 from dicomfs.jobs.stowrs import (
     InstanceResult,
     Outgoing,
+    StowClient,
     StowRefusedError,
     StowSourceError,
     StowTarget,
@@ -393,6 +398,80 @@ def test_send_to_a_closed_port_is_transient_and_keeps_the_secret() -> None:
     message = str(caught.value)
     assert f"127.0.0.1:{port}/dicom-web/studies" in message and "connecting" in message
     assert "s3cr3t" not in message and "s3cr3t" not in repr(caught.value.args)
+
+
+class _Archive(http.server.ThreadingHTTPServer):
+    """Answers every POST with a report storing A; counts the connections it accepted and, with
+    ``drop``, closes each after its answer without saying so (as a server timing out an idle one)."""
+
+    daemon_threads = True
+
+    def __init__(self, drop: bool) -> None:
+        self.drop, self.connections, self.bodies = drop, 0, 0
+        super().__init__(("127.0.0.1", 0), _ArchiveHandler)
+
+
+class _ArchiveHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Archive
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections += 1
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.bodies += 1
+        answer = json.dumps({"00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": [A]}}]}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+        self.wfile.flush()
+        if self.server.drop:
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(params=[False, True], ids=["keep-alive", "dropped"])
+def archive(request: pytest.FixtureRequest) -> Iterator[_Archive]:
+    server = _Archive(drop=request.param)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _send_three_times(archive: _Archive) -> None:
+    """Three one-instance requests through one client: each stored, over one connection unless
+    the archive drops them."""
+    client = StowClient(StowTarget(f"http://127.0.0.1:{archive.server_address[1]}/dicom-web", SECRET, timeout=5))
+    try:
+        for _ in range(3):
+            assert client.send([_outgoing(A, BODY_A)]).stored == [InstanceResult(A, True)]
+    finally:
+        client.close()
+    assert archive.bodies == 3
+    assert archive.connections == (3 if archive.drop else 1)
+
+
+def test_client_keeps_its_connection_and_replaces_one_the_server_closed(archive: _Archive) -> None:
+    _send_three_times(archive)
+
+
+def test_client_sends_again_anew_when_a_reused_connection_was_closed_unseen(archive: _Archive,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server closes between the client's look and its request: the request fails on the old
+    # connection before any answer, and goes once more on a new one.
+    monkeypatch.setattr(stowrs, "_closed_by_peer", lambda sock: False)
+    _send_three_times(archive)
 
 
 # ------------------------------------------------------------------------------------------------

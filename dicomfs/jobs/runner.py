@@ -88,6 +88,9 @@ class JobRunner:
         self.only = only
         self.router = router
         """Called before each look for work: turns new instances into jobs (``jobs.routes``)."""
+        self.after_run: Callable[[Job], None] | None = None
+        """Called from the runner's thread with each job it ran, as the run left it (ended,
+        deferred or released), so a waiter learns at once rather than at its next poll."""
         self.owner = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._stopping = threading.Event()
         self._wake = threading.Event()
@@ -155,6 +158,8 @@ class JobRunner:
                 if self.router is not None:
                     self.router()
                 ran = self.run_once()
+                if ran is not None and self.after_run is not None:
+                    self.after_run(ran)
             except Exception:  # the store went away for a moment: the loop must outlive it
                 _log.exception("job runner step failed")
                 ran = None

@@ -4,17 +4,14 @@ target name calls for."""
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 from dicomfs.config import Config, Destination, XnatDestination
 from dicomfs.errors import ConfigError
-from dicomfs.jobs.export import StowExporter
 from dicomfs.jobs.model import EXPORT, PULL, SEND, XNAT_EXPORT
-from dicomfs.jobs.routes import Router
 from dicomfs.jobs.runner import Executor, JobRunner, RetryPolicy
 from dicomfs.jobs.storage import JobStore, open_jobs
-from dicomfs.jobs.xnat import XnatExporter
 from dicomfs.store import Store
-from dicomfs.transfers.jobs import PullExecutor, PushExecutor
 
 __all__ = ["job_for_target", "runner_for", "start_jobs"]
 
@@ -33,20 +30,46 @@ def job_for_target(config: Config, name: str) -> tuple[str, dict[str, object]]:
     raise ConfigError(f"no destination or peer {name!r} in the configuration (known: {known})")
 
 
-def executors_for(store: Store, config: Config) -> dict[str, Executor]:
-    """An executor for every kind of job this configuration can run."""
-    stow = {name: d for name, d in config.destinations.items() if isinstance(d, Destination)}
-    xnat = {name: d for name, d in config.destinations.items() if isinstance(d, XnatDestination)}
-    return {EXPORT: StowExporter(store, stow), XNAT_EXPORT: XnatExporter(store, xnat), SEND: PushExecutor(store, config.peers),
-            PULL: PullExecutor(store, config.peers)}
+_EVERY_KIND = (EXPORT, XNAT_EXPORT, SEND, PULL)
 
 
-def runner_for(store: Store, jobs: JobStore, config: Config, *, only: str | None = None) -> JobRunner:
-    """A runner with an executor for every kind of job this configuration can run."""
+def executors_for(store: Store, config: Config, kinds: Collection[str] = _EVERY_KIND) -> dict[str, Executor]:
+    """An executor for each of ``kinds`` (by default every kind this configuration can run).
+
+    Each kind's module is imported only when its kind is asked for: ``dicomfs export --wait``
+    runs one job of one kind, and the others' imports (HTTP clients, zip, the peer protocol)
+    would add to every such command's start.
+    """
+    executors: dict[str, Executor] = {}
+    if EXPORT in kinds:
+        from dicomfs.jobs.export import StowExporter
+
+        executors[EXPORT] = StowExporter(store, {n: d for n, d in config.destinations.items() if isinstance(d, Destination)})
+    if XNAT_EXPORT in kinds:
+        from dicomfs.jobs.xnat import XnatExporter
+
+        executors[XNAT_EXPORT] = XnatExporter(store, {n: d for n, d in config.destinations.items()
+                                                      if isinstance(d, XnatDestination)})
+    if SEND in kinds or PULL in kinds:
+        from dicomfs.transfers.jobs import PullExecutor, PushExecutor
+
+        if SEND in kinds:
+            executors[SEND] = PushExecutor(store, config.peers)
+        if PULL in kinds:
+            executors[PULL] = PullExecutor(store, config.peers)
+    return executors
+
+
+def runner_for(store: Store, jobs: JobStore, config: Config, *, only: str | None = None,
+               kinds: Collection[str] = _EVERY_KIND) -> JobRunner:
+    """A runner with an executor for every kind of job this configuration can run, or only for
+    ``kinds`` (the kind of the ``only`` job it is to run)."""
     c = config.jobs
-    runner = JobRunner(jobs, executors_for(store, config), lease=c.lease, poll=c.poll_ms / 1000,
+    runner = JobRunner(jobs, executors_for(store, config, kinds), lease=c.lease, poll=c.poll_ms / 1000,
                        retry=RetryPolicy(c.retry_delay, c.retry_max_delay, c.max_attempts), only=only)
     if config.routes and only is None and not store.readonly:
+        from dicomfs.jobs.routes import Router  # imported here: it reads the views' tags, which most runners never need
+
         runner.router = Router(store, jobs, config.routes, lambda name: job_for_target(config, name),
                                owner=runner.owner, lease=c.lease, clock=time.time).step
     return runner

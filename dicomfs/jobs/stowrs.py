@@ -1,10 +1,12 @@
 """A DICOMweb STOW-RS client: one call stores N instances in one request and says what happened to each.
 
-The export job calls :func:`send` with a :class:`StowTarget` (the endpoint and how to reach it, like
-dcm4chee's STOW-RS exporter properties ``chunked``, ``bearer-token``/``basic-auth``,
-``allow-any-hostname`` and ``disable-trust-manager``) and a batch of :class:`Outgoing` instances.
-Batching, concurrency, retries and persistence are the job engine's; this module only sends one
-request and interprets one answer:
+The export job makes a :class:`StowClient` for a :class:`StowTarget` (the endpoint and how to reach
+it, like dcm4chee's STOW-RS exporter properties ``chunked``, ``bearer-token``/``basic-auth``,
+``allow-any-hostname`` and ``disable-trust-manager``) and calls its ``send`` with each batch of
+:class:`Outgoing` instances, from several threads; each thread keeps its keep-alive connection
+(:func:`send` is the same on a connection of its own). Batching, concurrency, retries and
+persistence are the job engine's; this module only sends one request at a time and interprets
+its answer:
 
 - :class:`StowResponse`: the server answered 2xx or 409; ``results`` has an :class:`InstanceResult`
   for every instance sent (stored, stored with a warning, or failed with its reason).
@@ -28,29 +30,32 @@ The ``Authorization`` value never reaches a log, an exception or a ``repr``.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import email.utils
 import http.client
 import json
 import logging
 import re
 import secrets
+import select
+import threading
 import time
-import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from dicomfs import __version__
 from dicomfs.errors import ConfigError, DicomfsError
 from dicomfs.jobs.links import describe_failure, tls_context
 
+if TYPE_CHECKING:
+    from xml.etree.ElementTree import Element
+
 __all__ = [
     "InstanceResult",
     "Outgoing",
+    "StowClient",
     "StowError",
     "StowRefusedError",
     "StowReport",
@@ -508,14 +513,14 @@ def _local(name: str) -> str:
     return name.rsplit("}", 1)[-1]
 
 
-def _xml_tag(element: ElementTree.Element) -> str:
+def _xml_tag(element: Element) -> str:
     tag = element.get("tag")
     if tag:
         return tag.strip().upper()
     return _KEYWORDS.get(element.get("keyword", ""), "")
 
 
-def _xml_items(parent: ElementTree.Element, tag: str) -> list[dict[str, list[object]]]:
+def _xml_items(parent: Element, tag: str) -> list[dict[str, list[object]]]:
     items = []
     for attribute in parent:
         if _local(attribute.tag) != "DicomAttribute" or _xml_tag(attribute) != tag:
@@ -533,6 +538,8 @@ def _xml_items(parent: ElementTree.Element, tag: str) -> list[dict[str, list[obj
 
 def parse_xml_report(body: bytes) -> StowReport:
     """Parse a DICOM XML (PS3.19 NativeDicomModel) Store Instances Response; ValueError when it is not one."""
+    from xml.etree import ElementTree  # imported here: most archives answer JSON, and every command start pays for it
+
     try:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError as error:
@@ -546,6 +553,9 @@ def parse_xml_report(body: bytes) -> StowReport:
 
 def _first_part(content_type: str, body: bytes) -> tuple[str, bytes]:
     """The first part of a multipart answer (some servers wrap their XML report in one)."""
+    import email.parser  # imported here: only these answers need a MIME parser with the HTTP policy
+    import email.policy
+
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
         b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
     for part in message.iter_parts():
@@ -685,71 +695,170 @@ def read_answer(response: http.client.HTTPResponse) -> bytes:
 
 
 def send(target: StowTarget, instances: Sequence[Outgoing]) -> StowResponse:
-    """Store `instances` with one STOW-RS request to `target` and return what happened to each.
-
-    Opens one connection, streams the multipart body piece by piece (each instance's ``chunks()``
-    called once), reads the answer and closes the connection. Blocking; call it from a thread.
-
-    Raises
-    ------
-    ValueError
-        No instances, or the same SOP Instance UID twice.
-    StowTransientError
-        Connection refused, reset or timed out, TLS cut, HTTP 408/429/500/502/503/504.
-    StowRefusedError
-        Any other status but 2xx and 409 (unless its body is a Store Instances Response, see
-        :func:`interpret_response`), an untrusted certificate, TLS failing, an answer that is not HTTP.
-    StowSourceError
-        An instance could not be read or did not have its announced size.
-    """
-    if not instances:
-        raise ValueError("no instances to send")
-    uids = [item.sop_instance_uid for item in instances]
-    if len(set(uids)) != len(uids):
-        raise ValueError("the same SOP Instance UID is in the batch twice")
-    boundary = new_boundary()
-    length = None if target.chunked else content_length(boundary, instances)
-    headers = request_headers(target, boundary, length)
-    started = time.monotonic()
-    log.debug("STOW-RS %s: %d instances, %s", target.studies_url, len(instances),
-              "chunked" if length is None else f"{length} bytes")
-    connection = open_connection(target)
+    """Store `instances` with one STOW-RS request to `target`, on a connection of its own, and
+    return what happened to each; see :meth:`StowClient.send`, which also keeps the connection."""
+    client = StowClient(target)
     try:
-        try:
-            connection.connect()
-        except (OSError, http.client.HTTPException) as error:
-            raise _transport_error(target, error, "connecting") from error
-        send_error: OSError | None = None
-        try:
-            connection.request("POST", _request_path(target), body=_gathered(multipart_pieces(boundary, instances)),
-                               headers=headers, encode_chunked=length is None)
-        except OSError as error:
-            # The server may have answered (401, 413 ...) and closed before reading everything.
-            send_error = error
-            if connection.sock is not None:
-                try:
-                    connection.sock.settimeout(min(target.timeout, _EARLY_ANSWER_TIMEOUT))
-                except OSError:
-                    pass
-        if send_error is not None and connection.sock is None:
-            raise _transport_error(target, send_error, "sending") from send_error
-        try:
-            response = connection.getresponse()
-            status = response.status
-            content_type = response.getheader("Content-Type") or ""
-            retry_after = _retry_after(response.getheader("Retry-After"))
-            body = read_answer(response)
-        except (OSError, http.client.HTTPException) as error:
-            cause = send_error or error
-            raise _transport_error(target, cause, "sending" if send_error else "reading the answer") from cause
+        return client.send(instances)
     finally:
+        client.close()
+
+
+class StowClient:
+    """STOW-RS requests to one target over keep-alive connections, one per thread.
+
+    The export sends from several threads at once; each keeps its connection from one request to
+    the next, so a request costs no TCP (or TLS) handshake. Servers close idle connections
+    (Orthanc after 1 s): one found closed before sending is replaced, and a request that fails
+    on a reused connection before any answer goes once more on a new one (storing an instance
+    twice is harmless: archives answer it as stored). :meth:`close` once no thread sends any more.
+    """
+
+    def __init__(self, target: StowTarget) -> None:
+        self.target = target
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[http.client.HTTPConnection] = set()
+
+    def send(self, instances: Sequence[Outgoing]) -> StowResponse:
+        """Store `instances` with one STOW-RS request and return what happened to each.
+
+        Streams the multipart body piece by piece (each instance's ``chunks()`` called once per
+        attempt), reads the answer and keeps the connection unless the server closes it.
+        Blocking; call it from a thread.
+
+        Raises
+        ------
+        ValueError
+            No instances, or the same SOP Instance UID twice.
+        StowTransientError
+            Connection refused, reset or timed out, TLS cut, HTTP 408/429/500/502/503/504.
+        StowRefusedError
+            Any other status but 2xx and 409 (unless its body is a Store Instances Response, see
+            :func:`interpret_response`), an untrusted certificate, TLS failing, an answer that is not HTTP.
+        StowSourceError
+            An instance could not be read or did not have its announced size.
+        """
+        if not instances:
+            raise ValueError("no instances to send")
+        uids = [item.sop_instance_uid for item in instances]
+        if len(set(uids)) != len(uids):
+            raise ValueError("the same SOP Instance UID is in the batch twice")
+        target = self.target
+        boundary = new_boundary()
+        length = None if target.chunked else content_length(boundary, instances)
+        headers = request_headers(target, boundary, length)
+        started = time.monotonic()
+        log.debug("STOW-RS %s: %d instances, %s", target.studies_url, len(instances),
+                  "chunked" if length is None else f"{length} bytes")
+        connection, reused = self._connection()
+        try:
+            status, content_type, retry_after, body, send_error = self._exchange(connection, reused, boundary,
+                                                                                  instances, headers, length)
+        except _Stale:
+            connection, reused = self._connection()
+            status, content_type, retry_after, body, send_error = self._exchange(connection, reused, boundary,
+                                                                                  instances, headers, length)
+        if send_error is not None:
+            # An answer before the body was sent whole: believe a refusal or a "not now" (this raises
+            # them), never a per-instance report about a body the server did not get.
+            interpret_response(status, content_type, body, uids, retry_after)
+            raise _transport_error(target, send_error, "sending") from send_error
+        result = interpret_response(status, content_type, body, uids, retry_after)
+        log.debug("STOW-RS %s: HTTP %d in %.2f s, %d stored, %d failed", target.studies_url, status,
+                  time.monotonic() - started, len(result.stored), len(result.failed))
+        return result
+
+    def _exchange(self, connection: http.client.HTTPConnection, reused: bool, boundary: str,
+                  instances: Sequence[Outgoing], headers: dict[str, str],
+                  length: int | None) -> tuple[int, str, float | None, bytes, OSError | None]:
+        """One request and its answer on ``connection``: (status, content type, Retry-After, body,
+        the error that cut the sending short or None). Raises :class:`_Stale` when a ``reused``
+        connection turns out closed before any answer. Closes the connection unless it may serve again."""
+        target = self.target
+        keep = False
+        try:
+            if connection.sock is None:
+                try:
+                    connection.connect()
+                except (OSError, http.client.HTTPException) as error:
+                    raise _transport_error(target, error, "connecting") from error
+            send_error: OSError | None = None
+            try:
+                connection.request("POST", _request_path(target), body=_gathered(multipart_pieces(boundary, instances)),
+                                   headers=headers, encode_chunked=length is None)
+            except OSError as error:
+                if reused and isinstance(error, _STALE_ERRORS):
+                    raise _Stale from error
+                # The server may have answered (401, 413 ...) and closed before reading everything.
+                send_error = error
+                if connection.sock is not None:
+                    try:
+                        connection.sock.settimeout(min(target.timeout, _EARLY_ANSWER_TIMEOUT))
+                    except OSError:
+                        pass
+            if send_error is not None and connection.sock is None:
+                raise _transport_error(target, send_error, "sending") from send_error
+            try:
+                response = connection.getresponse()
+                status = response.status
+                content_type = response.getheader("Content-Type") or ""
+                retry_after = _retry_after(response.getheader("Retry-After"))
+                body = read_answer(response)
+            except (OSError, http.client.HTTPException) as error:
+                if reused and send_error is None and isinstance(error, _STALE_ERRORS):
+                    raise _Stale from error
+                cause = send_error or error
+                raise _transport_error(target, cause, "sending" if send_error else "reading the answer") from cause
+            # Only an answer read to its end leaves the connection ready for the next request.
+            keep = send_error is None and not response.will_close and response.isclosed()
+            return status, content_type, retry_after, body, send_error
+        finally:
+            if not keep:
+                self._discard(connection)
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection, and whether it served before; one the server closed is replaced."""
+        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
+        if connection is not None and connection.sock is not None and _closed_by_peer(connection.sock):
+            self._discard(connection)
+            connection = None
+        if connection is not None:
+            return connection, True
+        connection = open_connection(self.target)
+        self._local.connection = connection
+        with self._lock:
+            self._open.add(connection)
+        return connection, False
+
+    def _discard(self, connection: http.client.HTTPConnection) -> None:
         connection.close()
-    if send_error is not None:
-        # An answer before the body was sent whole: believe a refusal or a "not now" (this raises
-        # them), never a per-instance report about a body the server did not get.
-        interpret_response(status, content_type, body, uids, retry_after)
-        raise _transport_error(target, send_error, "sending") from send_error
-    result = interpret_response(status, content_type, body, uids, retry_after)
-    log.debug("STOW-RS %s: HTTP %d in %.2f s, %d stored, %d failed", target.studies_url, status,
-              time.monotonic() - started, len(result.stored), len(result.failed))
-    return result
+        if getattr(self._local, "connection", None) is connection:
+            self._local.connection = None
+        with self._lock:
+            self._open.discard(connection)
+
+    def close(self) -> None:
+        """Close every thread's connection (call it once none sends any more)."""
+        with self._lock:
+            connections, self._open = self._open, set()
+        for connection in connections:
+            connection.close()
+
+
+class _Stale(Exception):
+    """A reused connection was found closed by the server before any answer: send again, anew."""
+
+
+# What a connection the server closed while idle gives when written to or read from.
+_STALE_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
+def _closed_by_peer(sock: Any) -> bool:
+    """Whether an idle connection has something to read: the server's close (or stray bytes,
+    which make it unusable too)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
