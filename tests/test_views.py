@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -230,3 +231,64 @@ def test_views_refresh_shows_ingests_and_deletes(corpus_tree: tuple[Store, Tree]
     with pytest.raises(NotFoundError):
         tree.lookup(("by-patients", "NEW - NEW^ONE"))
     assert len(tree.listing(("by-patients",)).entries) == before
+
+
+def test_views_by_uids_lookup_of_a_plain_uid_reads_no_listing_and_agrees_with_it(open_store: Callable[..., Store], tmp_path: Path) -> None:
+    store = open_store()
+    rows = [  # (patient, study uid): stored in this order
+        ("A", "1.2.3."),  # named "1.2.3": the plain 1.2.3 stored after it becomes "1.2.3 (2)"
+        ("A", "1.2.3"),
+        ("B", "5.6"),  # one StudyInstanceUID under two patients: "5.6" and "5.6 (2)"
+        ("C", "5.6"),
+        ("D", "7.8.9"),  # plain, alone, with series and instance UIDs that extend it
+    ]
+    for n, (patient, uid) in enumerate(rows):
+        ids = dict(patient_id=patient, patient_name="X", study_uid=uid, series_uid=f"7.8.9.{n}", sop_uid=f"7.8.9.{n}.1")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pydicom's, writing the invalid "1.2.3." on purpose
+            path = _write(tmp_path / str(n), "a.dcm", **ids)
+        list(store.ingest([path]))
+    listed = {e.name: e for e in Tree(store).listing(("by-uids",)).entries}
+    assert set(listed) == {"1.2.3", "1.2.3 (2)", "5.6", "5.6 (2)", "7.8.9"}
+    for name, entry in listed.items():
+        fresh = Tree(store)
+        assert fresh.lookup(("by-uids", name)) == entry
+        assert fresh.listing(("by-uids", name)) == Tree(store).listing(("by-uids", name))
+    plain = Tree(store)
+    assert plain.lookup(("by-uids", "7.8.9")) == listed["7.8.9"]
+    with pytest.raises(NotFoundError):
+        plain.lookup(("by-uids", "7.8"))
+    assert plain.cached(("by-uids",)) is None  # answered from the UID index alone
+
+
+def test_views_refresh_drops_only_the_listings_a_change_touched(corpus_tree: tuple[Store, Tree], tmp_path: Path) -> None:
+    store, tree = corpus_tree
+    patients = tree.listing(("by-patients",)).entries
+    first, second = (("by-patients", p.name) for p in patients[:2])
+    assert tree.cached(first) is None
+    kept = tree.listing(second)
+    changed = tree.listing(first)
+    by_uids = tree.listing(("by-uids",))
+    patient = next(p for p in patients if p.name == first[1])
+    record = store.get(patient.resource_id)  # type: ignore[arg-type]
+    ids = dict(patient_id=record.patient_id, patient_name=record.patient_name,  # type: ignore[union-attr]
+               study_uid="9.9", series_uid="9.9.1", sop_uid="9.9.1.1", study_date="20010203")
+    list(store.ingest([_write(tmp_path / "new", "a.dcm", **ids)]))
+    assert tree.refresh()
+    assert tree.cached(second) is kept  # nothing of that patient changed
+    assert tree.cached(first) is None and tree.cached(("by-uids",)) is None
+    assert len(tree.listing(first).entries) == len(changed.entries) + 1
+    assert len(tree.listing(("by-uids",)).entries) == len(by_uids.entries) + 1
+    assert tree.lookup(("by-uids", "9.9")).resource_id is not None
+
+
+def test_views_refresh_drops_everything_after_more_commits_than_it_reads(corpus_tree: tuple[Store, Tree]) -> None:
+    store, tree = corpus_tree
+    patients = tree.listing(("by-patients",)).entries
+    untouched = ("by-patients", patients[1].name)
+    tree.listing(untouched)
+    for n in range(257):  # one commit each, all on the first patient: more than a refresh reads the log of
+        store.set_protected(patients[0].resource_id, n % 2 == 0)  # type: ignore[arg-type]
+    assert tree.refresh()
+    assert tree.cached(untouched) is None
+    assert tree.change_number == store.change_number()

@@ -195,6 +195,15 @@ class Store:
         with self.index.read() as txn:
             return list(self.index.studies_by_date(txn, prefix))
 
+    def child_ids(self, resource_id: str | None = None) -> list[ResourceId]:
+        """The ids of the children of a resource (``None``: all patients), in index order."""
+        with self.index.read() as txn:
+            return list(self.index.child_ids(txn, resource_id))
+
+    def release_pages(self) -> None:
+        """Let go of the index pages read so far (``Index.release_pages``): after a large read."""
+        self.index.release_pages()
+
     def children(self, resource_id: str | None = None) -> list[Record]:
         """The children of a resource (``None``: all patients), in index order."""
         with self.index.read() as txn:
@@ -231,6 +240,17 @@ class Store:
                 elif record.level < level:
                     stack.extend(reversed(list(self.index.children(txn, record.id))))
         return found
+
+    def with_uid(self, uid: str, level: Level, *, padding: str = "", longest: int = 0) -> list[Record] | None:
+        """The resources of ``level`` whose DICOM UID is exactly ``uid``, read in one snapshot.
+
+        With ``padding``: None instead when some resource's UID is ``uid`` padded with those
+        characters (``Index.has_padded_uid``), so that a name made from the UID may be shared."""
+        with self.index.read() as txn:
+            if padding and self.index.has_padded_uid(txn, uid, padding, longest):
+                return None
+            found = [self.index.get(txn, rid) for found_level, rid in self.index.find_uid(txn, uid) if found_level == level]
+        return [r for r in found if r is not None]
 
     def resolve(self, selector: str) -> list[Record]:
         """Resources named by a selector: a resource id, a DICOM UID, or a PatientID."""
@@ -281,6 +301,19 @@ class Store:
         (created), ``-`` (removed) or ``~`` (changed). Front ends use it to invalidate caches."""
         with self.index.read() as txn:
             return [change for _, changes in self.index.changes_since(txn, number) for change in changes]
+
+    def changes_after(self, number: int, most: int) -> tuple[int, list[tuple[str, int, str]]] | None:
+        """The store's change number and what the commits after change ``number`` did (as
+        ``changes_since``), read in one snapshot; None when there were more than ``most`` of them
+        or the change log no longer reaches back to them (it keeps the last commits only)."""
+        with self.index.read() as txn:
+            current = self.index.counter(txn, "change")
+            if not number <= current <= number + most:
+                return None
+            commits = list(self.index.changes_since(txn, number))
+        if current > number and (not commits or commits[0][0] != number + 1):
+            return None
+        return current, [change for _, changes in commits for change in changes]
 
     def open_instance(self, resource_id: str) -> BlobReader:
         """A reader of an instance's original bytes."""

@@ -2,9 +2,14 @@
 
 A path is a tuple of names from the root, e.g. ``("by-uids", "1.2.3", "series.json")``. Each folder
 entry carries a *node* saying what it lists (``("study", "by-patients", <study id>)``), so listing a
-folder never needs its path's names parsed back. Listings are cached by path and the whole cache
-is dropped when the store's change number moves (``refresh``); front ends call ``refresh`` when
-they changed the store and on a timer for changes made by other processes.
+folder never needs its path's names parsed back. Listings are cached by path; when the store's
+change number moves (``refresh``), the change log says which of them are stale (``freshness``) and
+only those go. Front ends call ``refresh`` when they changed the store and on a timer for changes
+made by other processes.
+
+A folder is found by listing its parent, except a ``by-uids/<StudyInstanceUID>/`` whose name is
+a plain UID that no other study's name can be confused with: that one comes from the UID index,
+so opening one study of a million never lists them all.
 
 The tree is safe to use from several threads: a listing is computed outside the lock and
 published under it.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import threading
 import time
 from typing import Callable, Sequence
@@ -21,10 +27,11 @@ from typing import Callable, Sequence
 from dicomfs.errors import NotFoundError
 from dicomfs.jobs.model import Job
 from dicomfs.jobs.storage import JobStore
-from dicomfs.store import Instance, Patient, Record, Series, Store, Study
+from dicomfs.store import Instance, Level, Patient, Record, ResourceId, Series, Store, Study
 from dicomfs.views.documents import series_document, study_document
 from dicomfs.views.entries import Entry, EntryKind, Listing, Node
-from dicomfs.views.names import disambiguate, join_fields, safe_text
+from dicomfs.views.freshness import listing_sources, touched
+from dicomfs.views.names import MAX_NAME_BYTES, disambiguate, join_fields, safe_text
 
 __all__ = ["JOBS", "UPLOADS", "VIEWS", "NotAFolderError", "Path", "Tree"]
 
@@ -38,6 +45,24 @@ UNDATED = "unknown"
 """The by-dates folder of studies without a valid StudyDate (Orthanc leaves them out entirely)."""
 STUDY_DOCUMENT, SERIES_DOCUMENT = "study.json", "series.json"
 _CACHED_FOLDERS = 4096
+_CHANGES_READ = 256
+"""Commits a refresh reads the change log of to keep what they left exact; after more (a bulk
+ingest, a long idle bridge) dropping every listing is cheaper than reading the log."""
+_PLAIN_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+"""A UID that is its own by-uids folder name: digits and dots, no dot at the end, so no case,
+Unicode form, unsafe character or trimming changes it (see ``names``)."""
+_READ_BETWEEN_RELEASES = 512
+"""Records listings read before the store lets go of the index pages they mapped
+(``Store.release_pages``, ~1 ms): each record read at random maps ~64-100 KiB, so this bounds what
+listings add to a daemon's RSS (~50 MB) however large the archive, where a listing of every study
+of a million instances added ~300 MB. Pages let go of stay in the page cache: reading them again
+is cheap."""
+_LONGEST_UID = 64
+"""DICOM's limit; longer names are left to the listing, so only a padded UID (``_TRIMMED``) can
+reach the 255 bytes at which names are cut."""
+_TRIMMED = " .?"
+"""What names lose at their ends (spaces, dots; ``?`` is any other character in the UID index):
+a UID that is a plain one with these added may have the same folder name."""
 
 
 class NotAFolderError(NotFoundError):
@@ -57,18 +82,20 @@ class Tree:
         self._jobs_token = jobs.change_token() if jobs is not None else 0
         self._started = clock()
         self._lock = threading.Lock()
-        self._cache: collections.OrderedDict[Path, Listing] = collections.OrderedDict()
-        self._documents: dict[Node, bytes] = {}
+        # path -> (listing, its sources: see freshness); documents: node -> (content, sources)
+        self._cache: collections.OrderedDict[Path, tuple[Listing, frozenset[str]]] = collections.OrderedDict()
+        self._documents: dict[Node, tuple[bytes, frozenset[str]]] = {}
         self._change = store.change_number()
+        self._reads = 0  # records read since the index pages were last let go of
 
     # -- freshness ---------------------------------------------------------------------------------
 
     def refresh(self) -> bool:
-        """Drop every cached listing if the store changed since; True when it did.
+        """Drop the cached listings and documents the store's changes since made stale; True when
+        the store changed.
 
         A change of the jobs alone drops only the ``jobs/`` folder (and says False: no stored
         resource changed)."""
-        change = self.store.change_number()
         if self.jobs is not None:
             token = self.jobs.change_token()
             if token != self._jobs_token:
@@ -77,12 +104,25 @@ class Tree:
                     self._cache.pop((JOBS,), None)
                     for node in [n for n in self._documents if n[0] == "job-document"]:
                         del self._documents[node]
+        since = self._change
+        changed = self.store.changes_after(since, _CHANGES_READ)
+        current = self.store.change_number() if changed is None else changed[0]
         with self._lock:
-            if change == self._change:
+            if current == self._change:
                 return False
-            self._change = change
-            self._cache.clear()
-            self._documents.clear()
+            if since != self._change:  # refreshed meanwhile by another thread: that one is enough
+                return True
+            if changed is None:
+                self._change = current
+                self._cache.clear()
+                self._documents.clear()
+                return True
+            self._change, changes = changed
+            stale = touched(changes)
+            for path in [p for p, (_, sources) in self._cache.items() if not sources.isdisjoint(stale)]:
+                del self._cache[path]
+            for node in [n for n, (_, sources) in self._documents.items() if not sources.isdisjoint(stale)]:
+                del self._documents[node]
         return True
 
     @property
@@ -99,7 +139,7 @@ class Tree:
             cached = self._cache.get(path)
             if cached is not None:
                 self._cache.move_to_end(path)
-                return cached
+                return cached[0]
         if path:
             entry = self.lookup(path)
             if not entry.is_folder:
@@ -111,7 +151,9 @@ class Tree:
         listing = self._list_node(node)
         with self._lock:
             if change == self._change:  # not refreshed meanwhile: the listing is current
-                self._cache[path] = listing
+                documents = {e.node: self._documents[e.node][1] for e in listing.entries
+                             if e.kind is EntryKind.DOCUMENT and e.node in self._documents}
+                self._cache[path] = (listing, listing_sources(node, listing, documents))
                 if len(self._cache) > _CACHED_FOLDERS:
                     self._cache.popitem(last=False)
         return listing
@@ -119,14 +161,27 @@ class Tree:
     def cached(self, path: Sequence[str]) -> Listing | None:
         """The listing of ``path`` if it is cached (a front end's event loop can use it without blocking)."""
         with self._lock:
-            return self._cache.get(tuple(path))
+            cached = self._cache.get(tuple(path))
+        return None if cached is None else cached[0]
 
     def lookup(self, path: Sequence[str]) -> Entry:
-        """The entry at ``path`` (which must not be the root)."""
+        """The entry at ``path`` (which must not be the root); NotFoundError when there is none.
+
+        From the parent's listing when it is cached or must be made; a plain UID's study folder
+        in ``by-uids/`` from the UID index (see the module docstring)."""
         path = tuple(path)
         if not path:
             raise ValueError("the root has no entry; use root_entry()")
-        found = self.listing(path[:-1]).find(path[-1])
+        parent = self.cached(path[:-1])
+        if (parent is None and len(path) == 2 and path[0] == "by-uids" and len(path[1]) <= _LONGEST_UID
+                and _PLAIN_UID.fullmatch(path[1])):
+            studies = self.store.with_uid(path[1], Level.STUDY, padding=_TRIMMED, longest=MAX_NAME_BYTES)
+            if studies is not None and len(studies) < 2:  # else names like "<uid> (2)" are in play
+                if not studies:
+                    raise NotFoundError(f"no {'/'.join(path)} in the tree")
+                study = studies[0]
+                return Entry(path[1], EntryKind.FOLDER, 0, study.last_update, ("study", "by-uids", study.id), study.id)
+        found = (parent or self.listing(path[:-1])).find(path[-1])
         if found is None:
             raise NotFoundError(f"no {'/'.join(path)} in the tree")
         return found
@@ -139,40 +194,47 @@ class Tree:
         with self._lock:
             cached = self._documents.get(entry.node)
         if cached is not None:
-            return cached
+            return cached[0]
         kind, resource_id = entry.node[0], entry.node[-1]
         if kind == "job-document":
             assert self.jobs is not None
             return self._job_document(self.jobs.get(resource_id))
         if kind == "study-document":
-            return self._study_document(resource_id, [r for r in self.store.children(resource_id) if isinstance(r, Series)])
-        return self._series_document(resource_id, [r for r in self.store.children(resource_id) if isinstance(r, Instance)])
+            return self._study_document(resource_id, [r for r in self._children(resource_id) if isinstance(r, Series)])
+        return self._series_document(resource_id, [r for r in self._children(resource_id) if isinstance(r, Instance)])
 
     def _study_document(self, study_id: str, series: list[Series]) -> bytes:
+        change = self._change
         study = self.store.find(study_id)
         if not isinstance(study, Study):
             raise NotFoundError(f"no study {study_id}")
         patient = self.store.find(study.parent)
         content = study_document(study, patient if isinstance(patient, Patient) else None, series, self.store.metadata(study_id))
-        with self._lock:
-            self._documents[("study-document", study_id)] = content
+        self._keep_document(("study-document", study_id), content, frozenset((study_id, study.parent, *(s.id for s in series))), change)
         return content
 
     def _series_document(self, series_id: str, instances: list[Instance]) -> bytes:
+        change = self._change
         series = self.store.find(series_id)
         if not isinstance(series, Series):
             raise NotFoundError(f"no series {series_id}")
         content = series_document(series, instances, self.store.metadata(series_id))
-        with self._lock:
-            self._documents[("series-document", series_id)] = content
+        self._keep_document(("series-document", series_id), content, frozenset((series_id, *(i.id for i in instances))), change)
         return content
+
+    def _keep_document(self, node: Node, content: bytes, sources: frozenset[str], change: int) -> None:
+        """Cache a document read while the tree showed ``change``, unless a refresh came meanwhile
+        (it could have been made from what that refresh found stale)."""
+        with self._lock:
+            if change == self._change:
+                self._documents[node] = (content, sources)
 
     def _job_document(self, job: Job) -> bytes:
         assert self.jobs is not None
         data = self.jobs.report(job, most_failures=_FAILURES_SHOWN)
         content = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
-            self._documents[("job-document", job.id)] = content
+            self._documents[("job-document", job.id)] = (content, frozenset())  # dropped when the jobs change
         return content
 
     def _jobs(self) -> Listing:
@@ -216,20 +278,52 @@ class Tree:
             entries.append(Entry(JOBS, EntryKind.FOLDER, 0, self._started, (JOBS,)))
         return Listing.of(entries, self._started)
 
+    # -- reading the store, letting go of mapped pages as listings read -----------------------------
+
+    def _children(self, parent: str | None) -> list[Record]:
+        records = self.store.children(parent)
+        self._count_reads(len(records))
+        return records
+
+    def _records(self, ids: Sequence[str]) -> list[Record]:
+        """The records of ``ids`` that exist, read in batches with the mapped pages let go of between
+        them: a view's root reads every patient or study."""
+        found: list[Record] = []
+        for start in range(0, len(ids), _READ_BETWEEN_RELEASES):
+            batch = ids[start : start + _READ_BETWEEN_RELEASES]
+            found += [r for r in self.store.records(batch) if r is not None]
+            self._count_reads(len(batch))
+        return found
+
+    def _count_reads(self, count: int) -> None:
+        with self._lock:
+            self._reads += count
+            release = self._reads >= _READ_BETWEEN_RELEASES
+            if release:
+                self._reads = 0
+        if release:
+            self.store.release_pages()
+
     def _patients(self, view: str) -> Listing:
-        patients = [r for r in self.store.children(None) if isinstance(r, Patient)]
+        patients = [r for r in self._records(self.store.child_ids(None)) if isinstance(r, Patient)]
         names = disambiguate([(_patient_name(p), "") for p in patients], [(p.created, p.patient_id) for p in patients])
         return self._folders(view, "patient", patients, names)
 
     def _studies_of(self, view: str, patient_id: str) -> Listing:
-        studies = [r for r in self.store.children(patient_id) if isinstance(r, Study)]
+        studies = [r for r in self._children(patient_id) if isinstance(r, Study)]
         names = disambiguate([(_dated_study_name(s), "") for s in studies], [(s.created, s.study_uid) for s in studies])
         return self._folders(view, "study", studies, names)
 
     def _all_studies(self, view: str) -> Listing:
-        pairs = [(patient, study) for patient in self.store.children(None) if isinstance(patient, Patient)
-                 for study in self.store.children(patient.id) if isinstance(study, Study)]
-        return self._study_folders(view, pairs)
+        return self._study_folders(view, self._with_patients([study_id for _, study_id in self.store.studies_by_date()]))
+
+    def _with_patients(self, study_ids: list[ResourceId]) -> list[tuple[Patient, Study]]:
+        """(patient, study) of each of these studies whose patient exists. Callers find every study
+        through the date index, which holds them in a few pages, rather than through each patient's
+        links: one random read less per patient."""
+        studies = [s for s in self._records(study_ids) if isinstance(s, Study)]
+        patients = {p.id: p for p in self._records(list(dict.fromkeys(s.parent for s in studies))) if isinstance(p, Patient)}
+        return [(patients[s.parent], s) for s in studies if s.parent in patients]
 
     def _study_folders(self, view: str, pairs: list[tuple[Patient, Study]]) -> Listing:
         studies = [study for _, study in pairs]
@@ -241,7 +335,7 @@ class Tree:
         return self._folders(view, "study", studies, names)
 
     def _series_of(self, view: str, study_id: str) -> Listing:
-        series = [r for r in self.store.children(study_id) if isinstance(r, Series)]
+        series = [r for r in self._children(study_id) if isinstance(r, Series)]
         if view == "by-uids":
             stems = [(safe_text(s.series_uid) or "(no uid)", "") for s in series]
         else:
@@ -255,7 +349,7 @@ class Tree:
         return Listing.of([*listing.entries, document], listing.mtime)
 
     def _instances_of(self, view: str, series_id: str) -> Listing:
-        instances = [r for r in self.store.children(series_id) if isinstance(r, Instance)]
+        instances = [r for r in self._children(series_id) if isinstance(r, Instance)]
         if view == "by-uids":
             stems = [(safe_text(i.sop_uid) or "(no uid)", ".dcm") for i in instances]
         else:
@@ -275,32 +369,30 @@ class Tree:
             by_year.setdefault(date[:4] or UNDATED, []).append(study_id)
         entries = []
         for year, study_ids in by_year.items():
-            mtime = _latest(self.store.records(study_ids), self._started)
+            mtime = _latest(self._records(study_ids), self._started)
             entries.append(Entry(year, EntryKind.FOLDER, 0, mtime, ("undated",) if year == UNDATED else ("year", year)))
         return Listing.of(entries, max((e.mtime for e in entries), default=self._started))
 
     def _months(self, year: str) -> Listing:
-        by_month: dict[str, list[str]] = {}
+        by_month: dict[str, list[ResourceId]] = {}
         for date, study_id in self.store.studies_by_date(year):
             by_month.setdefault(f"{year}-{date[4:6]}", []).append(study_id)
-        entries = [Entry(month, EntryKind.FOLDER, 0, _latest(self.store.records(ids), self._started), ("month", year, month))
+        entries = [Entry(month, EntryKind.FOLDER, 0, _latest(self._records(ids), self._started), ("month", year, month))
                    for month, ids in by_month.items()]
         return Listing.of(entries, max((e.mtime for e in entries), default=self._started))
 
     def _studies_on(self, prefix: str) -> Listing:
         """by-dates studies whose date starts with ``prefix`` (blank: those without a date)."""
         ids = [study_id for date, study_id in self.store.studies_by_date(prefix) if bool(date) == bool(prefix)]
-        studies = [s for s in self.store.records(ids) if isinstance(s, Study)]
-        patients = {p.id: p for p in self.store.records({s.parent for s in studies}) if isinstance(p, Patient)}
-        return self._study_folders("by-dates", [(patients[s.parent], s) for s in studies if s.parent in patients])
+        return self._study_folders("by-dates", self._with_patients(ids))
 
     def _folders(self, view: str, kind: str, records: Sequence[Record], names: list[str]) -> Listing:
         entries = [Entry(name, EntryKind.FOLDER, 0, r.last_update, (kind, view, r.id), r.id) for name, r in zip(names, records, strict=True)]
         return Listing.of(entries, max((e.mtime for e in entries), default=self._started))
 
 
-def _latest(records: Sequence[Record | None], default: float) -> float:
-    return max((r.last_update for r in records if r is not None), default=default)
+def _latest(records: Sequence[Record], default: float) -> float:
+    return max((r.last_update for r in records), default=default)
 
 
 def _number(number: int | None) -> str:
