@@ -183,6 +183,19 @@ class DicomOperations(pyfuse3.Operations):
         cached = self.tree.cached(path)
         return cached if cached is not None else await self._thread(self.tree.listing, path)
 
+    async def _lookup(self, path: tuple[str, ...]) -> Entry | None:
+        """The entry at ``path``, or None; from its folder's listing when that is cached (no thread),
+        else through Tree.lookup, which finds a by-uids study without listing every study."""
+        cached = self.tree.cached(path[:-1])
+        if cached is not None:
+            return cached.find(path[-1])
+        try:
+            return await self._thread(self.tree.lookup, path)
+        except NotAFolderError:
+            raise
+        except NotFoundError:
+            return None
+
     async def _child(self, parent: Node, name: str) -> tuple[Node, pyfuse3.EntryAttributes]:
         """The node and attributes of ``name`` in ``parent``; FUSEError(ENOENT) when there is none."""
         if parent.kind == "upload":
@@ -190,7 +203,7 @@ class DicomOperations(pyfuse3.Operations):
         if parent.kind != "folder":
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         try:
-            entry = (await self._listing(parent.path)).find(name)
+            entry = await self._lookup((*parent.path, name))
         except NotAFolderError:
             raise pyfuse3.FUSEError(errno.ENOTDIR) from None
         except NotFoundError:  # the parent went too (its last instance was deleted)
@@ -237,10 +250,9 @@ class DicomOperations(pyfuse3.Operations):
         if node.inode == ROOT_INODE:
             return self.tree.root_entry()
         try:
-            listing = await self._listing(node.path[:-1])
-        except NotFoundError:
+            entry = await self._lookup(node.path)
+        except NotFoundError:  # a folder on the way is a file now
             raise pyfuse3.FUSEError(errno.ENOENT) from None
-        entry = listing.find(node.path[-1])
         if entry is None or (entry.resource_id or None) != node.resource_id:
             if node.kind == "instance" and node.resource_id:  # shown elsewhere, or still open after a delete
                 record = await self._thread(self.store.find, node.resource_id)
