@@ -35,7 +35,6 @@ from dicomfs.errors import (
     StoreNotFoundError,
 )
 from dicomfs.store.blobs import BlobReader, BlobStore, sync_filesystem
-from dicomfs.store.bulk import ingest_in_workers
 from dicomfs.store.candidates import Archive, Candidate, IngestResult, examine, unreadable
 from dicomfs.store.committer import GroupCommitter, Submission, WriteSettings
 from dicomfs.store.ids import Level, ResourceId, looks_like_id, patient_resource_id
@@ -345,6 +344,8 @@ class Store:
         sources = itertools.chain(first, remaining)  # listing goes on while the first files go in
         workers = self.settings.workers or os.cpu_count() or 1
         if not in_process and workers > 1 and len(first) >= _BULK_MIN_FILES and _mean_size(first) < _BULK_MAX_MEAN_SIZE:
+            from dicomfs.store.bulk import ingest_in_workers  # multiprocessing: ~10 ms at every start otherwise
+
             yield from ingest_in_workers(committer, self.folder, self.settings, sources,
                                          origin=origin, remote=remote, workers=workers)
             return
