@@ -67,7 +67,7 @@ class FastPut:
         if not target.parent.is_dir() or target.is_dir() or self._locked(path):
             return None
         existed = target.is_file()
-        provider.upload_started(path, target)
+        provider.uploads.clear_reason(target)  # Explorer's 0-byte PUT was marked empty
         environ["wsgidav.auth.user_name"] = user  # who uploaded, for the store's RemoteUser
         expected = environ.get("CONTENT_LENGTH") or ""
         written = 0

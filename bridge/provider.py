@@ -14,7 +14,6 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 from urllib.parse import urlsplit
 
@@ -245,11 +244,6 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
     def upload_arrived(self, dest_path: str, environ: dict[str, Any]) -> None:
         """A COPY or MOVE put a complete file at ``dest_path``."""
         self._arrived(util.quote(dest_path), _upload_parts(dest_path), environ)
-
-    def upload_started(self, path: str, file_path: Path) -> None:
-        """A PUT began writing ``path``: what was queued of it, or said of it, no longer holds."""
-        self.uploads.clear_reason(file_path)  # Explorer's 0-byte PUT was marked empty
-        self.queue.withdraw(_upload_parts(path))
 
     def upload_removed(self, path: str) -> None:
         with self._awaiting_lock:

@@ -340,7 +340,7 @@ class UploadFile(FileResource):  # type: ignore[misc]
     def begin_write(self, *, content_type: str | None = None) -> Any:
         self.provider.check_upload()
         _refuse_clutter(self.name)
-        self.provider.upload_started(self.path, self.file_path)
+        self.provider.uploads.clear_reason(self.file_path)  # Explorer's 0-byte PUT was marked empty
         return super().begin_write(content_type=content_type)
 
     def end_write(self, *, with_errors: bool) -> None:

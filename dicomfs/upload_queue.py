@@ -53,19 +53,15 @@ class UploadQueue:
         self._thread.start()
 
     def submit(self, parts: Sequence[str], remote: str = "") -> None:
-        """Queue ``uploads/<parts>`` for ingest (once, however often it is submitted before then)."""
+        """Queue ``uploads/<parts>`` for ingest (once, however often it is submitted before then).
+
+        The file goes with what it is now (``UploadArea.stamp``): written again before its turn,
+        as Explorer does with the 0-byte file it puts first, it is left for its writer to submit
+        again, rather than ingested half-written or while its client still holds a lock."""
         stamp = self._area.stamp(parts)
         with self._condition:
             self._waiting[tuple(parts)] = (remote, stamp)
             self._condition.notify()
-
-    def withdraw(self, parts: Sequence[str]) -> None:
-        """``uploads/<parts>`` is being written again: it is complete only when submitted anew.
-
-        (A queued file rewritten before its turn, as Explorer does with the 0-byte file it puts
-        first, would otherwise be ingested half-written or while its client still holds a lock.)"""
-        with self._condition:
-            self._waiting.pop(tuple(parts), None)
 
     def adopt_leftovers(self, busy: Collection[tuple[str, ...]] = ()) -> int:
         """Queue the files in uploads/ that a front end answered for but never ingested (it was

@@ -66,10 +66,9 @@ class UploadArea:
         """What ``uploads/<parts>`` is now (None when it is not there), for ``ingest_many`` to tell
         whether it was written again since it was found complete."""
         try:
-            info = self.path(parts).stat()
+            return _stamp_of(self.path(parts).stat())
         except (OSError, PermissionDeniedError):
             return None
-        return info.st_ino, info.st_size, info.st_mtime_ns
 
     def ingest_many(self, store: Store, batch: Sequence[Sequence[str]], *, origin: str, remote: str = "",
                     stamps: Sequence[Stamp | None] | None = None) -> list[UploadOutcome]:
@@ -92,7 +91,7 @@ class UploadArea:
                 outcomes[position] = UploadOutcome([], removed=True)
                 continue
             expected = stamps[position] if stamps is not None else None
-            if expected is not None and expected != (info.st_ino, info.st_size, info.st_mtime_ns):
+            if expected is not None and expected != _stamp_of(info):
                 outcomes[position] = UploadOutcome([], removed=False)
                 continue
             if info.st_size == 0:
@@ -201,6 +200,10 @@ class UploadArea:
             except OSError:
                 pass  # refilled or removed meanwhile
         return removed
+
+
+def _stamp_of(info: os.stat_result) -> Stamp:
+    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def _split_by_source(paths: list[str], results: list[IngestResult]) -> list[list[IngestResult]]:

@@ -456,8 +456,6 @@ class DicomOperations(pyfuse3.Operations):
         handle = _Handle(node, fd=fd, written=bool(writing))
         if writing:
             self._writers[node.inode] = self._writers.get(node.inode, 0) + 1
-            if self._queue is not None:
-                self._queue.withdraw(node.path[1:])  # complete again only at its last close
         fh = self._new_fh()
         self._handles[fh] = handle
         return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False)
@@ -477,8 +475,6 @@ class DicomOperations(pyfuse3.Operations):
         node = self.inodes.node_for(parent.inode, path, "upload")
         self.inodes.looked_up(node)
         self._writers[node.inode] = self._writers.get(node.inode, 0) + 1
-        if self._queue is not None:
-            self._queue.withdraw(path[1:])  # an existing file truncated: complete again only at its last close
         fh = self._new_fh()
         self._handles[fh] = _Handle(node, fd=fd, written=True)
         return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False), self._upload_attributes(node, info)
