@@ -1,8 +1,9 @@
 """What a helper process of a dicomfs daemon does first, whatever its job.
 
-Helpers start with ``spawn``: a forked child would inherit the parent's open LMDB environment,
-which LMDB forbids using across ``fork``. Each dies with its parent (``PR_SET_PDEATHSIG``), so no
-orphan writes a blob after the next start's recovery has run.
+A forked child would inherit the parent's open LMDB environment, which LMDB forbids using across
+``fork``: helpers are spawned (the upload ingest) or forked by a fork server (bulk workers, see
+``store.bulk``, which watch their parent in their own way). A spawned helper dies with its parent
+(``PR_SET_PDEATHSIG``), so no orphan writes a blob after the next start's recovery has run.
 """
 
 from __future__ import annotations
@@ -11,17 +12,22 @@ import ctypes
 import os
 import signal
 
-__all__ = ["become_helper_of"]
+__all__ = ["become_helper_of", "leave_the_terminal_to_the_parent"]
 
 _PR_SET_PDEATHSIG = 1
 
 
 def become_helper_of(parent: int) -> None:
-    """Die with ``parent``, leave Ctrl-C to it, and let go of its standard output."""
+    """Die with ``parent`` (the process that spawned this one), and leave it the terminal."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the line above took effect
         os._exit(1)
+    leave_the_terminal_to_the_parent()
+
+
+def leave_the_terminal_to_the_parent() -> None:
+    """Ignore Ctrl-C (the parent's to handle) and let go of the parent's standard output."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Results travel through pipes; holding the parent's stdout would keep a reader of the
     # command's output (a script, a test) waiting after the command itself has ended.

@@ -28,7 +28,6 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
 import os
-import signal
 import sys
 import threading
 from collections import deque
@@ -37,6 +36,7 @@ from multiprocessing import reduction
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Union
 
+from dicomfs.childprocess import leave_the_terminal_to_the_parent
 from dicomfs.errors import StoreFullError
 from dicomfs.store.blobs import BlobStore
 from dicomfs.store.candidates import (
@@ -133,12 +133,7 @@ _worker: _Worker | None = None
 def _start_worker(folder: str, settings: WriteSettings, lock: _OwnerLock) -> None:
     global _worker
     threading.Thread(target=_exit_with_parent, name="dicomfs-parent-watch", daemon=True).start()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    # Results travel through the pool's pipes; holding the parent's stdout would keep a reader of
-    # the command's output (a script, a test) waiting after the command itself has ended.
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.close(devnull)
+    leave_the_terminal_to_the_parent()
     _worker = _Worker(Path(folder), settings, lock)
 
 
