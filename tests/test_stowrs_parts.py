@@ -34,7 +34,7 @@ from pydicom.uid import (
 )
 
 from dicomfs.errors import ConfigError, NotFoundError
-from dicomfs.jobs import stowrs
+from dicomfs.jobs import links
 from dicomfs.jobs.stowrs import (
     InstanceResult,
     Outgoing,
@@ -470,7 +470,7 @@ def test_client_sends_again_anew_when_a_reused_connection_was_closed_unseen(arch
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # The server closes between the client's look and its request: the request fails on the old
     # connection before any answer, and goes once more on a new one.
-    monkeypatch.setattr(stowrs, "_closed_by_peer", lambda sock: False)
+    monkeypatch.setattr(links, "closed_by_peer", lambda sock: False)
     _send_three_times(archive)
 
 

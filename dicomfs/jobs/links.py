@@ -1,5 +1,6 @@
 """What every outgoing HTTP(S) client of the jobs shares: the TLS context a target's options ask
-for, and what a failure to talk to the server means (worth trying later, or not).
+for, what a failure to talk to the server means (worth trying later, or not), and keep-alive
+connections, one per sending thread.
 
 The STOW-RS exporter, the XNAT exporter and the peer client each wrap the verdict in their own
 error classes and put their own "where" in front; the rules are here once.
@@ -8,12 +9,72 @@ error classes and put their own "where" in front; the rules are here once.
 from __future__ import annotations
 
 import http.client
+import select
 import socket
 import ssl
+import threading
+from collections.abc import Callable
 
 from dicomfs.errors import ConfigError
 
-__all__ = ["describe_failure", "tls_context"]
+__all__ = ["STALE_ERRORS", "ThreadConnections", "describe_failure", "tls_context"]
+
+STALE_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+"""What a kept connection the server closed while it was idle gives when written to or read from:
+a request that fails so on a connection that served before may go once more on a new one."""
+
+
+class ThreadConnections:
+    """One keep-alive connection per thread to one server, made by ``connect`` when needed.
+
+    Servers close idle connections (Orthanc after 1 s): ``get`` replaces one it finds closed, and
+    says whether the one it gives has served before (see ``STALE_ERRORS``). Thread-safe; ``close``
+    closes every thread's connection once none sends any more.
+    """
+
+    def __init__(self, connect: Callable[[], http.client.HTTPConnection]) -> None:
+        self._connect = connect
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[http.client.HTTPConnection] = set()
+
+    def get(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection, and whether it served before."""
+        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
+        if connection is not None and connection.sock is not None and closed_by_peer(connection.sock):
+            self.discard(connection)
+            connection = None
+        if connection is not None:
+            return connection, True
+        connection = self._connect()
+        self._local.connection = connection
+        with self._lock:
+            self._open.add(connection)
+        return connection, False
+
+    def discard(self, connection: http.client.HTTPConnection) -> None:
+        """Close ``connection``: it may not serve again (an error, an answer not read whole)."""
+        connection.close()
+        if getattr(self._local, "connection", None) is connection:
+            self._local.connection = None
+        with self._lock:
+            self._open.discard(connection)
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._open = self._open, set()
+        for connection in connections:
+            connection.close()
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether an idle connection has something to read: the server's close (or stray bytes,
+    which make it unusable too)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def tls_context(ca_file: str | None, *, verify: bool, verify_hostname: bool) -> ssl.SSLContext:

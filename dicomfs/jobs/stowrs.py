@@ -36,8 +36,6 @@ import json
 import logging
 import re
 import secrets
-import select
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +45,7 @@ from urllib.parse import urlsplit
 
 from dicomfs import __version__
 from dicomfs.errors import ConfigError, DicomfsError
-from dicomfs.jobs.links import describe_failure, tls_context
+from dicomfs.jobs.links import STALE_ERRORS, ThreadConnections, describe_failure, tls_context
 
 if TYPE_CHECKING:
     from xml.etree.ElementTree import Element
@@ -716,9 +714,7 @@ class StowClient:
 
     def __init__(self, target: StowTarget) -> None:
         self.target = target
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._open: set[http.client.HTTPConnection] = set()
+        self._connections = ThreadConnections(lambda: open_connection(target))
 
     def send(self, instances: Sequence[Outgoing]) -> StowResponse:
         """Store `instances` with one STOW-RS request and return what happened to each.
@@ -751,12 +747,12 @@ class StowClient:
         started = time.monotonic()
         log.debug("STOW-RS %s: %d instances, %s", target.studies_url, len(instances),
                   "chunked" if length is None else f"{length} bytes")
-        connection, reused = self._connection()
+        connection, reused = self._connections.get()
         try:
             status, content_type, retry_after, body, send_error = self._exchange(connection, reused, boundary,
                                                                                   instances, headers, length)
         except _Stale:
-            connection, reused = self._connection()
+            connection, reused = self._connections.get()
             status, content_type, retry_after, body, send_error = self._exchange(connection, reused, boundary,
                                                                                   instances, headers, length)
         if send_error is not None:
@@ -788,7 +784,7 @@ class StowClient:
                 connection.request("POST", _request_path(target), body=_gathered(multipart_pieces(boundary, instances)),
                                    headers=headers, encode_chunked=length is None)
             except OSError as error:
-                if reused and isinstance(error, _STALE_ERRORS):
+                if reused and isinstance(error, STALE_ERRORS):
                     raise _Stale from error
                 # The server may have answered (401, 413 ...) and closed before reading everything.
                 send_error = error
@@ -806,7 +802,7 @@ class StowClient:
                 retry_after = _retry_after(response.getheader("Retry-After"))
                 body = read_answer(response)
             except (OSError, http.client.HTTPException) as error:
-                if reused and send_error is None and isinstance(error, _STALE_ERRORS):
+                if reused and send_error is None and isinstance(error, STALE_ERRORS):
                     raise _Stale from error
                 cause = send_error or error
                 raise _transport_error(target, cause, "sending" if send_error else "reading the answer") from cause
@@ -815,50 +811,14 @@ class StowClient:
             return status, content_type, retry_after, body, send_error
         finally:
             if not keep:
-                self._discard(connection)
-
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        """This thread's connection, and whether it served before; one the server closed is replaced."""
-        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
-        if connection is not None and connection.sock is not None and _closed_by_peer(connection.sock):
-            self._discard(connection)
-            connection = None
-        if connection is not None:
-            return connection, True
-        connection = open_connection(self.target)
-        self._local.connection = connection
-        with self._lock:
-            self._open.add(connection)
-        return connection, False
-
-    def _discard(self, connection: http.client.HTTPConnection) -> None:
-        connection.close()
-        if getattr(self._local, "connection", None) is connection:
-            self._local.connection = None
-        with self._lock:
-            self._open.discard(connection)
+                self._connections.discard(connection)
 
     def close(self) -> None:
         """Close every thread's connection (call it once none sends any more)."""
-        with self._lock:
-            connections, self._open = self._open, set()
-        for connection in connections:
-            connection.close()
+        self._connections.close()
 
 
 class _Stale(Exception):
     """A reused connection was found closed by the server before any answer: send again, anew."""
 
 
-# What a connection the server closed while idle gives when written to or read from.
-_STALE_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
-
-
-def _closed_by_peer(sock: Any) -> bool:
-    """Whether an idle connection has something to read: the server's close (or stray bytes,
-    which make it unusable too)."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
-import threading
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -20,7 +19,7 @@ from urllib.parse import quote, urlsplit
 from dicomfs import __version__
 from dicomfs.config import Peer
 from dicomfs.errors import DicomfsError
-from dicomfs.jobs.links import describe_failure, tls_context
+from dicomfs.jobs.links import STALE_ERRORS, ThreadConnections, describe_failure, tls_context
 from dicomfs.jobs.runner import TransientJobError
 from dicomfs.transfers.protocol import BUCKET_TYPE, GZIP_LEVEL, Piece, Wanted
 
@@ -59,9 +58,9 @@ class PeerClient:
         self._host, self._port = parts.hostname or "", parts.port
         self._base = parts.path.rstrip("/") + "/transfers"
         self._authorization = peer.authorization()
-        self._local = threading.local()
         self._context = (tls_context(peer.tls_ca_file, verify=peer.tls_verify, verify_hostname=peer.tls_verify_hostname)
                          if self._https else None)
+        self._connections = ThreadConnections(self._connect)
 
     # -- the protocol ---------------------------------------------------------------------------
 
@@ -148,16 +147,10 @@ class PeerClient:
     def _url(self, path: str) -> str:
         return f"{self.peer.url.rstrip('/')}/transfers{path}"
 
-    def _connection(self) -> http.client.HTTPConnection:
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            if self._https:
-                connection = http.client.HTTPSConnection(self._host, self._port, timeout=self.peer.timeout,
-                                                         context=self._context)
-            else:
-                connection = http.client.HTTPConnection(self._host, self._port, timeout=self.peer.timeout)
-            self._local.connection = connection
-        return connection
+    def _connect(self) -> http.client.HTTPConnection:
+        if self._https:
+            return http.client.HTTPSConnection(self._host, self._port, timeout=self.peer.timeout, context=self._context)
+        return http.client.HTTPConnection(self._host, self._port, timeout=self.peer.timeout)
 
     def _request(self, method: str, path: str, body: bytes | None,
                  headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
@@ -165,8 +158,7 @@ class PeerClient:
         if self._authorization:
             headers["Authorization"] = self._authorization
         for attempt in (1, 2):
-            reused = getattr(self._local, "connection", None) is not None
-            connection = self._connection()
+            connection, reused = self._connections.get()
             try:
                 connection.request(method, self._base + path, body=body, headers=headers)
                 response = connection.getresponse()
@@ -174,15 +166,15 @@ class PeerClient:
                 if len(answer) > _MAX_ANSWER:
                     raise http.client.HTTPException(f"an answer of more than {_MAX_ANSWER} bytes")
                 if response.will_close:
-                    self.close()
+                    self._connections.discard(connection)
                 return response.status, {k.lower(): v for k, v in response.getheaders()}, answer
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as error:
-                self.close()
+            except STALE_ERRORS as error:
+                self._connections.discard(connection)
                 if reused and attempt == 1:  # the peer closed an idle keep-alive connection: once more, anew
                     continue
                 raise self._transport_error(error, path) from None
             except (OSError, http.client.HTTPException) as error:
-                self.close()
+                self._connections.discard(connection)
                 raise self._transport_error(error, path) from None
         raise AssertionError("unreachable")
 
@@ -192,11 +184,8 @@ class PeerClient:
         return PeerUnreachableError(f"{where}: {text}") if transient else PeerRefusedError(f"{where}: {text}")
 
     def close(self) -> None:
-        """Close this thread's connection (the others close when their threads end)."""
-        connection = getattr(self._local, "connection", None)
-        if connection is not None:
-            connection.close()
-            self._local.connection = None
+        """Close every thread's connection (once none talks to the peer any more)."""
+        self._connections.close()
 
 
 def _error_text(body: bytes) -> str:
