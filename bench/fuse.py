@@ -34,6 +34,13 @@ same disk. Data comes from :func:`dicomfs.samples.write_corpus`. GB means 10^9 b
    instance. The reference is ``dicomfs ingest --quiet`` of the same folder into another fresh
    store. Sources are in the page cache for both. Target: >= 0.7x the files/s of the CLI.
 
+**The pyfuse3 floor.** Each section also runs against ``bench/bare_fuse.py``: a pyfuse3 file
+system with nothing of dicomfs in it, serving a plain folder from memory (the uncompressed store's
+blob files; the plain reference tree; an empty folder for ``cp -r``, where nothing is ingested)
+with dicomfs's timeouts, read path (mmap slices) and read-ahead. Its rows, and the dicomfs rows
+compared with it, carry no target: they tell what pyfuse3, trio and the kernel cost per request
+on this machine, below which no pyfuse3 file system goes, from what dicomfs adds.
+
 The targets are printed as PASS/FAIL; the exit status is 0 whatever they say, since this is a
 measurement, and 2 only when it cannot run. Every mount is undone in a ``finally`` (``dicomfs
 umount``, else ``fusermount3 -u -z``) and every subprocess has a timeout.
@@ -130,6 +137,33 @@ class Dicomfs(Cli):
                 print(f"  mount daemon {pid} still running 20 s after unmount: SIGTERM", file=sys.stderr, flush=True)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
+
+
+BARE = Path(__file__).with_name("bare_fuse.py")
+
+
+@contextlib.contextmanager
+def bare_mounted(source: Path, mountpoint: Path, *, writable: bool = False) -> Iterator[Path]:
+    """``bench/bare_fuse.py`` serving ``source`` at ``mountpoint`` for the block, with dicomfs's
+    read-ahead (1 MiB): the pyfuse3 floor the dicomfs figures are also compared with."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    daemon = subprocess.Popen([sys.executable, str(BARE), str(source), str(mountpoint),
+                               *(["--writable"] if writable else [])], stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout is not None
+        if daemon.stdout.readline().strip() != "ready" or not os.path.ismount(mountpoint):
+            raise CannotRun(f"bench/bare_fuse.py did not mount {source} at {mountpoint}")
+        device = os.stat(mountpoint).st_dev
+        Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb").write_text("1024\n")
+        yield mountpoint
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        _lazy_unmount(mountpoint)
 
 
 def _lazy_unmount(mountpoint: Path) -> None:
@@ -310,7 +344,30 @@ def measure_reads(command: list[str], workdir: Path, *, quick: bool) -> list[Row
             ratio = repeated_row.ratio or 0.0
             repeated_row.target, repeated_row.passed = f">= {REPEATED_VS_DIRECT:g}x direct", ratio >= REPEATED_VS_DIRECT
         rows += [first_row, repeated_row]
+        if compression == "none":
+            rows += bare_reads(workdir, cli.store / "blobs", first, repeated_gbps, direct_gbps)
     return rows
+
+
+def bare_reads(workdir: Path, blobs: Path, first: float, repeated: float, direct: float) -> list[Row]:
+    """The same reads through bench/bare_fuse.py over the blob files: the pyfuse3 floor."""
+    with bare_mounted(blobs, workdir / "mnt-read-bare") as mountpoint:
+        files = files_under(mountpoint)
+        seconds, total = timed_read(files)
+        bare_first = total / seconds / 1e9
+        passes = []
+        for _ in range(REPEATS):
+            seconds, total = timed_read(files)
+            passes.append(total / seconds / 1e9)
+    bare_repeated = statistics.median(passes)
+    progress(f"  bare pyfuse3 first {bare_first:6.2f} GB/s  repeated {bare_repeated:6.2f} GB/s")
+    return [Row("read", "first read through a bare pyfuse3 file system (the floor)", bare_first, "GB/s", direct,
+                "direct blob read"),
+            Row("read", "repeated read through the bare pyfuse3 file system", bare_repeated, "GB/s", direct,
+                "direct blob read", detail={"passes_gbps": passes}),
+            Row("read", "first read (none): dicomfs vs the bare pyfuse3 floor", first, "GB/s", bare_first, "bare pyfuse3"),
+            Row("read", "repeated read (none): dicomfs vs the bare pyfuse3 floor", repeated, "GB/s", bare_repeated,
+                "bare pyfuse3")]
 
 
 # -- 2. metadata walks ----------------------------------------------------------------------------
@@ -345,6 +402,7 @@ def measure_walks(command: list[str], workdir: Path, caches: Caches, *, quick: b
     if folder is None:
         raise CannotRun(f"no folder of {series.instances} instances under by-patients")
     series_folder = folder.relative_to(plain)
+    bare = workdir / "mnt-meta-bare"
 
     commands = {
         "find by-uids | wc -l": "find {root}/by-uids | wc -l",
@@ -356,10 +414,12 @@ def measure_walks(command: list[str], workdir: Path, caches: Caches, *, quick: b
         times: dict[str, list[float]] = {}
         outputs: dict[str, list[str]] = {}
         statuses: list[int] = []
-        for side in ("mount", "plain"):
-            root = mountpoint if side == "mount" else plain
+        for side in ("mount", "plain", "bare"):
+            root = {"mount": mountpoint, "plain": plain, "bare": bare}[side]
             text = template.format(root=shlex.quote(str(root)), series=shlex.quote(str(root / series_folder)))
-            with cli.mounted(mountpoint) if side == "mount" else contextlib.nullcontext():
+            mounted = {"mount": lambda: cli.mounted(mountpoint), "plain": contextlib.nullcontext,
+                       "bare": lambda: bare_mounted(plain, bare)}[side]
+            with mounted():
                 caches.drop()
                 runs = [shell(text) for _ in range(2)]
             times[side] = [seconds for seconds, _, _ in runs]
@@ -368,6 +428,11 @@ def measure_walks(command: list[str], workdir: Path, caches: Caches, *, quick: b
             progress(f"  {label:<36} {side:<5} " + "  ".join(f"{t * 1000:9.1f} ms" for t in times[side]))
         if outputs["mount"] != outputs["plain"]:
             print(f"  {label}: output differs: mount {outputs['mount']} plain {outputs['plain']}", flush=True)
+        for run, which in enumerate(("first", "second")):
+            scale = 1000 if label.startswith("ls -l of") else 1
+            rows.append(Row("walk", f"{label}, {which} run: the bare pyfuse3 floor", times["bare"][run] * scale,
+                            "ms" if scale > 1 else "s", times["plain"][run] * scale, "plain tree",
+                            higher_is_better=False))
         ok = not any(statuses)
         for run, which in enumerate(("first", "second")):
             mount_s, plain_s = times["mount"][run], times["plain"][run]
@@ -441,7 +506,21 @@ def measure_uploads(command: list[str], workdir: Path) -> list[Row]:
               detail={"cp_seconds": copied, "until_ingested_seconds": upload_seconds, "cli_seconds": cli_seconds,
                       "stored": stored, "timed_out": timed_out})
     row.passed = not timed_out and stored == count and fuse_rate >= UPLOAD_VS_CLI * cli_rate
-    return [row]
+    staging = workdir / "upload-bare"
+    staging.mkdir()
+    with bare_mounted(staging, workdir / "mnt-upload-bare", writable=True) as bare:
+        warm(corpus)
+        started = time.perf_counter()
+        subprocess.run(["cp", "-r", str(corpus.root), str(bare / "cd")], check=True, timeout=LONG)
+        bare_seconds = time.perf_counter() - started
+    if files_in(staging) != count:
+        raise CannotRun(f"cp -r into the bare file system left {files_in(staging)} files, not {count}")
+    progress(f"  cp -r to a bare pyfuse3 folder {bare_seconds:7.2f} s  {count / bare_seconds:8.0f} files/s")
+    return [row,
+            Row("upload", f"cp -r of {count:,} files into a bare pyfuse3 folder (the floor: nothing ingested)",
+                count / bare_seconds, "files/s", cli_rate, "dicomfs ingest (CLI)"),
+            Row("upload", "cp -r into uploads/ until ingested: dicomfs vs the bare pyfuse3 floor", fuse_rate,
+                "files/s", count / bare_seconds, "bare pyfuse3")]
 
 
 # -- report ---------------------------------------------------------------------------------------
