@@ -94,3 +94,45 @@ def test_check_leftovers_of_a_dead_writer_are_recovered_on_open(tmp_path: Path, 
     with Store(tmp_path / "s") as store:
         assert not store.blobs.exists(blob)
         assert check_store(store).clean
+
+
+def test_series_children_come_from_the_copies_kept_with_their_links(open_store: Callable[..., Store],
+                                                                    small_corpus: Corpus) -> None:
+    store, ids = _filled(open_store, small_corpus)
+    series_id = store.get(ids[0]).parent  # type: ignore[union-attr]
+    listed = store.children(series_id)
+    assert listed and all(store.get(r.id) == r for r in listed)
+    with store.index.read() as txn:
+        assert all(store.index.link_row(txn, series_id, r.id) for r in listed)
+
+
+def test_check_finds_and_mends_a_stale_copy_of_an_instance_record(open_store: Callable[..., Store],
+                                                                  small_corpus: Corpus) -> None:
+    import dataclasses
+
+    store, ids = _filled(open_store, small_corpus)
+    record = store.get(ids[0])
+    assert record is not None
+    with store.index.write() as txn:  # the record changed without its copy: what relist prevents
+        store.index.put(txn, dataclasses.replace(record, origin="elsewhere"))  # type: ignore[arg-type]
+    report = check_store(store)
+    assert any(ids[0] in p and "copy of its record" in p for p in report.problems)
+    check_store(store, repair=True)
+    assert check_store(store).clean
+    assert [r for r in store.children(record.parent) if r.id == ids[0]][0].origin == "elsewhere"
+
+
+def test_links_without_a_copy_still_list_and_check_clean(open_store: Callable[..., Store], small_corpus: Corpus) -> None:
+    """Stores written before links held copies: their records are read from the resources table."""
+    store, ids = _filled(open_store, small_corpus)
+    series_id = store.get(ids[0]).parent  # type: ignore[union-attr]
+    before = store.children(series_id)
+    with store.index.write() as txn:
+        for record in before:
+            store.index.link(txn, series_id, record.id)  # b"": as an older dicomfs wrote it
+    with store.index.read() as txn:
+        assert not any(store.index.link_row(txn, series_id, r.id) for r in before)
+    assert store.children(series_id) == before
+    assert check_store(store).clean
+    check_store(store, repair=True)  # nothing to repair: the copies are an optimisation, not required
+    assert check_store(store).clean

@@ -118,6 +118,8 @@ def test_store_conflicting_bytes_replace_when_overwrite_is_on(open_store: Callab
     with store.open_instance(result.ids[3]) as reader:
         assert b"".join(reader.iter_chunks()) == second.read_bytes()
     assert store_first.ids == result.ids
+    listed = store.children(result.ids[2])  # from the copy kept with the link: the new record
+    assert listed == [store.get(result.ids[3])] and listed[0].size == second.stat().st_size
     assert check_store(store).clean
 
 

@@ -1,6 +1,7 @@
 """``dicomfs check``: prove the index and the blobs agree, and repair what can be repaired.
 
-Checked: every record's parent exists and links to it; every link joins two records; counts and
+Checked: every record's parent exists and links to it; every link joins two records; the copy of
+an instance's record its link holds, when it holds one, is the record; counts and
 sizes at every level equal a recount of what is below; the global counters equal the records;
 the UID, date and recycling indexes match the records; every instance and attachment has its blob
 with the recorded size and (unless ``verify_hashes`` is off) the recorded SHA-256; and every blob
@@ -29,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 from dicomfs.store.ids import Level, ResourceId
 from dicomfs.store.index import COUNTER_NAMES, Index, Txn
 from dicomfs.store.mutations import TxnChanges, remove_resource
-from dicomfs.store.records import Instance, Patient, Record, Series, Study, replace_record
+from dicomfs.store.records import Instance, Patient, Record, Series, Study, encode_record, replace_record
 from dicomfs.store.store import Store
 
 __all__ = ["CheckReport", "check_store"]
@@ -90,6 +91,8 @@ def check_store(store: Store, *, repair: bool = False, verify_hashes: bool = Tru
         report.records = census.records
         report.problems += _parent_problems(store.index, txn, census)
         report.problems += _link_problems(store.index, txn, census)
+        report.problems += [f"instance {rid}: the copy of its record kept with its link differs from the record"
+                            for rid in census.stale_copies]
         report.problems += [f"{census.nodes[rid].label} {rid}: counts {recorded} but recount gives {expected}"
                             for rid, recorded, expected in census.miscounted()]
         report.problems += _counter_problems(store.index, txn, census.totals())
@@ -147,6 +150,8 @@ class _Census:
     studies: set[ResourceId] = field(default_factory=set)
     patients: set[ResourceId] = field(default_factory=set)
     missing_parents: set[ResourceId] = field(default_factory=set)
+    stale_copies: list[ResourceId] = field(default_factory=list)
+    """Instances whose link holds a copy of their record that is not the record."""
 
     @property
     def records(self) -> int:
@@ -171,11 +176,14 @@ class _Census:
         parent = record.parent
         self.levels[record.level] += 1
         self.children[parent] += 1
-        if index.is_linked(txn, parent, record.id):
+        row = index.link_row(txn, parent, record.id)
+        if row is not None:
             self.linked[parent] += 1
         else:
             self.unlinked.append((parent, record.id))
         if isinstance(record, Instance):
+            if row and row != encode_record(record):
+                self.stale_copies.append(record.id)
             below = self.below[record.parent]
             below[0] += 1
             below[1] += record.size
@@ -428,7 +436,7 @@ def _rebuild(index: Index, txn: Txn, report: CheckReport) -> None:
     census = _Census.take(index, txn, lambda record: None)
     for record in _each_record(index, txn):
         if census.exists(record.parent):
-            index.link(txn, record.parent, record.id)
+            index.link(txn, record.parent, record.id, listed=record if isinstance(record, Instance) else None)
         uid = _uid_of(record)
         if uid is not None:
             index.add_uid(txn, uid, record.level, record.id)

@@ -3,7 +3,7 @@
 Tables (LMDB named databases) and their keys::
 
     resources  id(20)                          -> record row (see records)
-    children   parent id(20) + child id(20)    -> b""     ordered children per parent
+    children   parent id(20) + child id(20)    -> b"", or an instance's record row (below)
     dates      StudyDate(8, blank = unknown) + study id(20) -> b""   by-date browsing
     uids       UID + NUL + level(1) + id(20)   -> b""     find resources by a DICOM UID
     recycling  seq(8 BE) + patient id(20)      -> b""     oldest unprotected patient first
@@ -13,6 +13,14 @@ Tables (LMDB named databases) and their keys::
                                                   size, stored_size, attachment_bytes, change, seq)
     pending    owner(16) + blob name           -> b""     blobs an operation may leave behind
     changes    change number(8 BE)             -> msgpack [[op, level, id], ...]
+
+The link of an instance to its series holds a copy of the instance's record, written in the same
+transaction as the record (``link(..., listed=)``, ``relist``), so that the records of a series come
+with one range scan of ``children``. Read one by one, they cost a random index page each once the
+caches are cold: instance ids are hashes, so a series' records are spread over ``resources``, and
+listing 1,000 of them took 80 ms of 4 KiB reads. Other links, and instance links written before
+this copy existed, are b"": their records are read from ``resources``. Records above the instances
+change with every instance added, so they are not copied.
 
 Every write goes through one LMDB write transaction, so counts and links never disagree even with
 several processes writing (LMDB serialises writers across processes). The ``change`` counter goes
@@ -34,7 +42,7 @@ import msgpack
 
 from dicomfs.errors import StoreError, StoreFullError
 from dicomfs.store.ids import ROOT_KEY, Level, ResourceId, id_from_key, key_from_id
-from dicomfs.store.records import Record, decode_record, encode_record
+from dicomfs.store.records import Instance, Record, decode_record, encode_record
 
 __all__ = ["COUNTER_NAMES", "AttachmentEntry", "CachedIndex", "Index", "Txn"]
 
@@ -170,8 +178,14 @@ class Index:
     def delete_record(self, txn: Txn, record: Record) -> None:
         txn.delete(key_from_id(record.id), db=self.db["resources"])
 
-    def link(self, txn: Txn, parent: str | None, child: str) -> None:
-        txn.put(_parent_key(parent) + key_from_id(child), b"", db=self.db["children"])
+    def link(self, txn: Txn, parent: str | None, child: str, listed: Instance | None = None) -> None:
+        """Link ``child`` under ``parent``; an instance's link with its record, ``listed``."""
+        row = b"" if listed is None else encode_record(listed)
+        txn.put(_parent_key(parent) + key_from_id(child), row, db=self.db["children"])
+
+    def relist(self, txn: Txn, record: Instance) -> None:
+        """Bring the copy of ``record`` kept with its link up to date (after a ``put`` replacing it)."""
+        self.link(txn, record.parent, record.id, listed=record)
 
     def unlink(self, txn: Txn, parent: str | None, child: str) -> None:
         txn.delete(_parent_key(parent) + key_from_id(child), db=self.db["children"])
@@ -188,15 +202,25 @@ class Index:
             yield id_from_key(key[20:])
 
     def children(self, txn: Txn, parent: str | None) -> Iterator[Record]:
-        """The records of the children of ``parent``."""
-        for child in self.child_ids(txn, parent):
-            record = self.get(txn, child)  # through get, so a CachedIndex answers from its cache
+        """The records of the children of ``parent``: an instance's from its link when it holds one."""
+        prefix = _parent_key(parent)
+        cursor = txn.cursor(db=self.db["children"])
+        if not cursor.set_range(prefix):
+            return
+        for key, row in cursor.iternext(keys=True, values=True):
+            if not key.startswith(prefix):
+                return
+            if row:
+                yield decode_record(key[20:], row)
+                continue
+            record = self.get(txn, id_from_key(key[20:]))
             if record is not None:
                 yield record
 
-    def is_linked(self, txn: Txn, parent: str | None, child: str) -> bool:
-        """Whether ``child`` is linked under ``parent`` (for ``check``)."""
-        return txn.get(_parent_key(parent) + key_from_id(child), db=self.db["children"]) is not None
+    def link_row(self, txn: Txn, parent: str | None, child: str) -> bytes | None:
+        """What the link of ``child`` under ``parent`` holds (None: not linked), for ``check``."""
+        row = txn.get(_parent_key(parent) + key_from_id(child), db=self.db["children"])
+        return None if row is None else bytes(row)
 
     def link_counts(self, txn: Txn) -> dict[ResourceId | None, int]:
         """How many children are linked under each parent (``None``: the patients), for ``check``:
@@ -426,6 +450,14 @@ class CachedIndex(Index):
 
     def set_counter(self, txn: Txn, name: str, value: int) -> None:
         self._counters[name] = value
+
+    def children(self, txn: Txn, parent: str | None) -> Iterator[Record]:
+        """The records of the children of ``parent``, through the cache: a record changed in this
+        batch is newer here than anything in the transaction."""
+        for child in self.child_ids(txn, parent):
+            record = self.get(txn, child)
+            if record is not None:
+                yield record
 
     def flush(self, txn: Txn) -> None:
         """Write the changed records and counters into the transaction (call before commit)."""

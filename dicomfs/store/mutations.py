@@ -86,11 +86,12 @@ def add_instance(index: Index, txn: Txn, new: NewInstance, changes: TxnChanges, 
     )
     index.put(txn, record)
     if replacing is not None:
+        index.relist(txn, record)
         changes.garbage.append(replacing.blob)
         changes.note("~", record)
         _grow(index, txn, new.ids[:3], 0, record.size - replacing.size, record.stored_size - replacing.stored_size, now, changes)
         return record
-    index.link(txn, series_key, instance_key)
+    index.link(txn, series_key, instance_key, listed=record)
     index.add_uid(txn, record.sop_uid, Level.INSTANCE, instance_key)
     index.count_level(txn, Level.INSTANCE, 1)
     changes.note("+", record)
