@@ -5,6 +5,8 @@ own folder is on ``sys.path``)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import resource
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 __all__ = ["CannotRun", "Cli", "Row", "children_cpu", "dicomfs_command", "finish", "options", "print_report",
-           "process_cpu", "progress", "py_spy", "work_folder", "write_json"]
+           "process_cpu", "progress", "py_spy", "update_doc", "work_folder", "write_json"]
 
 
 class CannotRun(Exception):
@@ -39,6 +41,9 @@ def options(description: str | None, quick: str, *, profile: str | None = None) 
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
     parser.add_argument("--dicomfs", metavar="CMD", help="the dicomfs command (default: this Python's `-m dicomfs`)")
+    parser.add_argument("--doc", type=Path, metavar="FILE",
+                        help="also write the report into FILE (docs/benchmarks.md) between this benchmark's "
+                             "markers for the run kind (full or quick), the rest of the file untouched")
     if profile is not None:
         parser.add_argument("--profile", type=Path, metavar="DIR", help=profile)
     return parser
@@ -125,16 +130,54 @@ def write_json(path: Path | None, machine: dict[str, object], rows: list[Any], *
     path.write_text(json.dumps({"machine": machine, "rows": plain, "complete": complete}, indent=2, default=str) + "\n")
 
 
+class _Tee(io.StringIO):
+    """Standard output that is also kept (the report, for ``--doc``)."""
+
+    def __init__(self, shown: Any) -> None:
+        super().__init__()
+        self.shown = shown
+
+    def write(self, text: str) -> int:
+        self.shown.write(text)
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.shown.flush()
+
+
 def finish(args: argparse.Namespace, machine: dict[str, object], rows: Sequence[Any], status: int, started: float,
            report: Callable[[Any], None]) -> int:
-    """The end of every benchmark: the report, the total time, the JSON; returns the exit status."""
+    """The end of every benchmark: the report, the total time, the JSON and ``--doc``; returns the
+    exit status."""
     total = time.perf_counter() - started
     machine["seconds"] = round(total, 1)
+    kept = _Tee(sys.stdout)
     if rows:
-        report(rows)
+        with contextlib.redirect_stdout(kept):
+            report(rows)
     print(f"\n{total:.0f} s in all.", flush=True)
     write_json(args.json, machine, list(rows), complete=status == 0)
+    if getattr(args, "doc", None) and rows:
+        script = f"bench/{Path(sys.argv[0]).name}"
+        kind = "quick" if args.quick else "full"
+        heading = f"### {script} {'`--quick` run' if args.quick else 'full run'}, {time.strftime('%Y-%m-%d')}"
+        command = shlex.join([script, *sys.argv[1:]])
+        update_doc(args.doc, f"{script} {kind}", f"{heading}\n\n`{command}`, {total:.0f} s in all"
+                   + (" (incomplete: the run stopped early)" if status == 2 else "") + f"\n{kept.getvalue()}")
     return status
+
+
+def update_doc(path: Path, marker: str, text: str) -> None:
+    """Put ``text`` between the markers ``<!-- MARKER: begin -->`` and ``<!-- MARKER: end -->`` in
+    ``path`` (added at the end the first time), the rest of the file untouched."""
+    begin, end = f"<!-- {marker}: begin -->", f"<!-- {marker}: end -->"
+    old = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{text.strip()}\n{end}"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + block + "\n"
+    path.write_text(new)
 
 
 @dataclass

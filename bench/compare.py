@@ -847,25 +847,11 @@ def machine_facts(command: list[str], workdir: Path, quick: bool) -> dict[str, o
             "workdir": str(workdir), "quick": quick}
 
 
-def update_doc(path: Path, key: str, text: str) -> None:
-    """Put ``text`` between this run kind's markers in ``path``, the rest of the file untouched."""
-    begin, end = f"<!-- bench/compare.py {key}: begin -->", f"<!-- bench/compare.py {key}: end -->"
-    old = path.read_text() if path.exists() else ""
-    block = f"{begin}\n{text.strip()}\n{end}"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = (old.rstrip() + "\n\n" if old.strip() else "") + block + "\n"
-    path.write_text(new)
-
-
 def main() -> int:
     """Parse the options, run every measurement, print the report; return the exit status."""
     parser = options(__doc__.splitlines()[0] if __doc__ else None,
                      "240 small + 6 large instances, browsing at 200 and 2,000 patients, one ingest round: "
                      "the same table in at most two minutes")
-    parser.add_argument("--doc", type=Path, metavar="FILE",
-                        help="also write the report into FILE between this run kind's markers (docs/benchmarks.md)")
     args = parser.parse_args()
     command = dicomfs_command(parser, args)
     workdir = work_folder(parser, args, "compare")
@@ -901,13 +887,7 @@ def main() -> int:
             print_report(shown)
         print(report.getvalue(), end="", flush=True)
 
-    code = finish(args, machine, rows, status, started, report_both)
-    if args.doc and rows:
-        kind = "quick" if args.quick else "full"
-        heading = f"### {'`--quick` run' if args.quick else 'Full run'}, {time.strftime('%Y-%m-%d')}"
-        update_doc(args.doc, kind, f"{heading}\n\n`{machine['command']}`, {machine['seconds']:.0f} s in all"
-                   + (" (incomplete: the run stopped early)" if status else "") + f"\n{report.getvalue()}")
-    return code
+    return finish(args, machine, rows, status, started, report_both)
 
 
 if __name__ == "__main__":

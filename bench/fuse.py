@@ -417,9 +417,7 @@ def measure_walks(command: list[str], workdir: Path, caches: Caches, *, quick: b
         for side in ("mount", "plain", "bare"):
             root = {"mount": mountpoint, "plain": plain, "bare": bare}[side]
             text = template.format(root=shlex.quote(str(root)), series=shlex.quote(str(root / series_folder)))
-            mounted = {"mount": lambda: cli.mounted(mountpoint), "plain": contextlib.nullcontext,
-                       "bare": lambda: bare_mounted(plain, bare)}[side]
-            with mounted():
+            with _side_mounted(side, cli, mountpoint, plain, bare):
                 caches.drop()
                 runs = [shell(text) for _ in range(2)]
             times[side] = [seconds for seconds, _, _ in runs]
@@ -449,6 +447,15 @@ def measure_walks(command: list[str], workdir: Path, caches: Caches, *, quick: b
                           passed=ok and mount_s <= limit * plain_s, detail=detail)
             rows.append(row)
     return rows
+
+
+def _side_mounted(side: str, cli: Dicomfs, mountpoint: Path, plain: Path, bare: Path) -> contextlib.AbstractContextManager[object]:
+    """What the walk of ``side`` needs mounted: dicomfs, nothing (the plain tree) or the bare file system."""
+    if side == "mount":
+        return cli.mounted(mountpoint)
+    if side == "bare":
+        return bare_mounted(plain, bare)
+    return contextlib.nullcontext()
 
 
 # -- 3. uploads -----------------------------------------------------------------------------------
