@@ -113,7 +113,7 @@ def test_check_finds_and_mends_a_stale_copy_of_an_instance_record(open_store: Ca
     store, ids = _filled(open_store, small_corpus)
     record = store.get(ids[0])
     assert record is not None
-    with store.index.write() as txn:  # the record changed without its copy: what relist prevents
+    with store.index.write() as txn:  # the record changed without its copy, as a replacing put that forgot the link would leave it
         store.index.put(txn, dataclasses.replace(record, origin="elsewhere"))  # type: ignore[arg-type]
     report = check_store(store)
     assert any(ids[0] in p and "copy of its record" in p for p in report.problems)

@@ -15,7 +15,7 @@ Tables (LMDB named databases) and their keys::
     changes    change number(8 BE)             -> msgpack [[op, level, id], ...]
 
 The link of an instance to its series holds a copy of the instance's record, written in the same
-transaction as the record (``link(..., listed=)``, ``relist``), so that the records of a series come
+transaction as the record (``link(..., listed=)``, again after a replacing put), so that the records of a series come
 with one range scan of ``children``. Read one by one, they cost a random index page each once the
 caches are cold: instance ids are hashes, so a series' records are spread over ``resources``, and
 listing 1,000 of them took 80 ms of 4 KiB reads. Other links, and instance links written before
@@ -183,37 +183,33 @@ class Index:
         row = b"" if listed is None else encode_record(listed)
         txn.put(_parent_key(parent) + key_from_id(child), row, db=self.db["children"])
 
-    def relist(self, txn: Txn, record: Instance) -> None:
-        """Bring the copy of ``record`` kept with its link up to date (after a ``put`` replacing it)."""
-        self.link(txn, record.parent, record.id, listed=record)
-
     def unlink(self, txn: Txn, parent: str | None, child: str) -> None:
         txn.delete(_parent_key(parent) + key_from_id(child), db=self.db["children"])
 
-    def child_ids(self, txn: Txn, parent: str | None) -> Iterator[ResourceId]:
-        """Ids of the children of ``parent`` (``None``: every patient), in key order."""
+    def _links(self, txn: Txn, parent: str | None, *, values: bool = True) -> Iterator[tuple[bytes, bytes]]:
+        """(child key, what the link holds; b"" without ``values``) for each child of ``parent``, in key order."""
         prefix = _parent_key(parent)
         cursor = txn.cursor(db=self.db["children"])
         if not cursor.set_range(prefix):
             return
-        for key in cursor.iternext(keys=True, values=False):
+        links = cursor.iternext(keys=True, values=True) if values else ((key, b"") for key in cursor.iternext(keys=True, values=False))
+        for key, row in links:
             if not key.startswith(prefix):
                 return
-            yield id_from_key(key[20:])
+            yield key[20:], row
+
+    def child_ids(self, txn: Txn, parent: str | None) -> Iterator[ResourceId]:
+        """Ids of the children of ``parent`` (``None``: every patient), in key order."""
+        for key, _ in self._links(txn, parent, values=False):  # the copies are not read for ids
+            yield id_from_key(key)
 
     def children(self, txn: Txn, parent: str | None) -> Iterator[Record]:
         """The records of the children of ``parent``: an instance's from its link when it holds one."""
-        prefix = _parent_key(parent)
-        cursor = txn.cursor(db=self.db["children"])
-        if not cursor.set_range(prefix):
-            return
-        for key, row in cursor.iternext(keys=True, values=True):
-            if not key.startswith(prefix):
-                return
+        for key, row in self._links(txn, parent):
             if row:
-                yield decode_record(key[20:], row)
+                yield decode_record(key, row)
                 continue
-            record = self.get(txn, id_from_key(key[20:]))
+            record = self.get(txn, id_from_key(key))
             if record is not None:
                 yield record
 

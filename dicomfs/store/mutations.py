@@ -86,7 +86,7 @@ def add_instance(index: Index, txn: Txn, new: NewInstance, changes: TxnChanges, 
     )
     index.put(txn, record)
     if replacing is not None:
-        index.relist(txn, record)
+        index.link(txn, record.parent, record.id, listed=record)  # the link's copy is the new record too
         changes.garbage.append(replacing.blob)
         changes.note("~", record)
         _grow(index, txn, new.ids[:3], 0, record.size - replacing.size, record.stored_size - replacing.stored_size, now, changes)
