@@ -122,3 +122,40 @@ async def test_operations_upload_write_then_release_leaves_a_non_dicom_file_with
     assert not outcome.removed and "not DICOM" in outcome.reason
     inode = await _walk(ops, "uploads", "notes.txt")
     assert (await ops.getxattr(inode, b"user.dicomfs.error", CONTEXT)).decode() == outcome.reason
+
+
+@pytest.mark.parametrize("disk_busy", [False, True], ids=["quiet disk: on the loop", "busy disk: on threads"])
+async def test_operations_uploads_work_the_same_on_the_loop_and_on_threads(
+        open_store: Callable[..., Store], small_corpus: Corpus, disk_busy: bool) -> None:
+    store = open_store()
+    ops = _operations(store)
+    if disk_busy:
+        ops.disk.measured(100.0)
+    on_threads: list[str] = []
+    real_thread = ops._thread
+
+    async def spied_thread(function: Callable[..., object], *args: object) -> object:
+        on_threads.append(getattr(function, "__name__", repr(function)))
+        return await real_thread(function, *args)
+
+    ops._thread = spied_thread  # type: ignore[method-assign]
+    source = small_corpus.valid_files[0].path.read_bytes()
+    uploads = await _walk(ops, "uploads")
+    with pytest.raises(pyfuse3.FUSEError) as missing:
+        await ops.lookup(uploads, b"cd", CONTEXT)
+    assert missing.value.errno == errno.ENOENT
+    folder = (await ops.mkdir(uploads, b"cd", 0o755, CONTEXT)).st_ino
+    info, attributes = await ops.create(folder, b"one.dcm", 0o644, os.O_WRONLY, CONTEXT)
+    assert attributes.st_size == 0
+    half = len(source) // 2
+    assert await ops.write(info.fh, 0, source[:half]) == half
+    assert await ops.write(info.fh, half, source[half:]) == len(source) - half
+    assert (await ops.getattr(attributes.st_ino, CONTEXT)).st_size == len(source)
+    await ops.release(info.fh)
+    assert (store.folder / "uploads" / "cd" / "one.dcm").read_bytes() == source
+    assert (await ops.lookup(folder, b"one.dcm", CONTEXT)).st_size == len(source)
+    small_calls = {"lstat", "_create", "_pwrite_all", "_close_upload"}
+    if disk_busy:
+        assert small_calls <= set(on_threads), on_threads
+    else:
+        assert not small_calls & set(on_threads), on_threads  # only the mkdir went to a thread

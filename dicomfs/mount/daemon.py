@@ -31,6 +31,7 @@ from dicomfs.config import Config
 from dicomfs.errors import DicomfsError
 from dicomfs.jobs.service import start_jobs
 from dicomfs.jobs.storage import JobStore, open_jobs
+from dicomfs.mount.diskpressure import DiskPressure, io_pressure
 from dicomfs.mount.operations import DicomOperations, MountSettings
 from dicomfs.mount.readahead import set_read_ahead
 from dicomfs.store import Store
@@ -197,6 +198,7 @@ async def _main(operations: DicomOperations, config: Config, uploads: UploadArea
         operations.attach(nursery)
         nursery.start_soon(_watch_signals, nursery)
         nursery.start_soon(_refresh, operations, config.mount.refresh_ms / 1000)
+        nursery.start_soon(_watch_disk, operations.disk)
         if uploads is not None:
             nursery.start_soon(_sweep, operations, uploads, config)
         if config.mount.read_ahead_kb:
@@ -227,6 +229,13 @@ async def _refresh(operations: DicomOperations, seconds: float) -> None:
             await operations.apply_changes()
         except Exception:  # a failed refresh is retried next time; the mount keeps serving
             _log.exception("refreshing the tree failed")
+
+
+async def _watch_disk(disk: DiskPressure) -> None:
+    """Keep ``disk`` told of the I/O pressure, once a second (a /proc read: it never waits on I/O)."""
+    while True:
+        disk.measured(io_pressure())
+        await trio.sleep(1)
 
 
 async def _sweep(operations: DicomOperations, uploads: UploadArea, config: Config) -> None:

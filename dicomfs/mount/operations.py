@@ -29,6 +29,7 @@ import pyfuse3
 import trio
 
 from dicomfs.errors import DicomfsError, NotFoundError
+from dicomfs.mount.diskpressure import DiskPressure
 from dicomfs.mount.inodes import ROOT_INODE, InodeTable, Node
 from dicomfs.store import Instance, Store
 from dicomfs.store.blobs import BlobReader
@@ -94,6 +95,7 @@ class DicomOperations(pyfuse3.Operations):
         super().__init__()
         self.store, self.tree, self.uploads, self.settings = store, tree, uploads, settings
         self.limiter = limiter or trio.CapacityLimiter(8)
+        self.disk = DiskPressure()
         self.inodes = InodeTable()
         self._handles: dict[int, _Handle] = {}
         self._folders: dict[int, _Folder] = {}
@@ -141,6 +143,18 @@ class DicomOperations(pyfuse3.Operations):
 
     async def _thread(self, function: Callable[..., _T], *args: Any) -> _T:
         return await trio.to_thread.run_sync(function, *args, limiter=self.limiter)
+
+    async def _upload_call(self, function: Callable[..., _T], *args: Any) -> _T:
+        """A small file operation in uploads/ (a stat, a create, a write into the page cache, a
+        close): on the loop while the disk keeps up, where it costs less than a thread hop; on
+        a thread while the disk lags and it may block (see diskpressure)."""
+        if self.disk.busy:
+            return await self._thread(function, *args)
+        started = time.perf_counter()
+        try:
+            return function(*args)
+        finally:
+            self.disk.took(time.perf_counter() - started)
 
     # -- attributes --------------------------------------------------------------------------------
 
@@ -230,9 +244,7 @@ class DicomOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         path = (*parent.path, name)
         try:
-            # On the loop: a stat in the staging folder is answered from the kernel's caches, and
-            # a thread hop for it doubled the time `cp -r` takes to create each file here.
-            info = os.lstat(self._upload_path(path))
+            info = await self._upload_call(os.lstat, self._upload_path(path))
         except FileNotFoundError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         node = self.inodes.node_for(parent.inode, path, "upload")
@@ -272,7 +284,7 @@ class DicomOperations(pyfuse3.Operations):
         node = self._node(inode)
         if node.kind == "upload":
             try:
-                return self._upload_attributes(node, await self._thread(os.lstat, self._upload_path(node.path)))
+                return self._upload_attributes(node, await self._upload_call(os.lstat, self._upload_path(node.path)))
             except FileNotFoundError:
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
         try:
@@ -433,7 +445,6 @@ class DicomOperations(pyfuse3.Operations):
         if handle.reader is not None:
             handle.reader.close()
         if handle.fd >= 0:
-            os.close(handle.fd)
             await self._upload_closed(handle)
 
     # -- uploads -------------------------------------------------------------------------------------
@@ -468,8 +479,7 @@ class DicomOperations(pyfuse3.Operations):
         real = self._upload_path(path)
         open_flags = (flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_EXCL)) | os.O_CREAT | os.O_CLOEXEC
         try:
-            fd = os.open(real, open_flags, 0o644)  # a new file in the staging folder: no disk wait
-            info = os.fstat(fd)
+            fd, info = await self._upload_call(_create, real, open_flags)
         except OSError as error:
             raise _fuse_error(error) from None
         node = self.inodes.node_for(parent.inode, path, "upload")
@@ -484,23 +494,28 @@ class DicomOperations(pyfuse3.Operations):
         if handle.fd < 0:
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
-            if len(buf) <= _BLOCK:  # into the page cache: cheaper than the thread hop it would cost
-                return _pwrite_all(handle.fd, buf, off)
+            if len(buf) <= _BLOCK:
+                return await self._upload_call(_pwrite_all, handle.fd, buf, off)
             return await self._thread(_pwrite_all, handle.fd, buf, off)
         except OSError as error:
             raise _fuse_error(error) from None
 
     async def _upload_closed(self, handle: _Handle) -> None:
-        """The last writer closed a file: it is complete, so ingest it (in the background)."""
-        if not handle.written:
-            return
-        inode = handle.node.inode
-        self._writers[inode] -= 1
-        if self._writers[inode] > 0:
-            return
-        del self._writers[inode]
-        if self._queue is not None:
-            self._queue.submit(handle.node.path[1:])
+        """Close an upload's file; closed by its last writer, it is complete, so queue it for
+        ingest (which stats it)."""
+        complete = False
+        if handle.written:
+            inode = handle.node.inode
+            self._writers[inode] -= 1
+            if self._writers[inode] == 0:
+                del self._writers[inode]
+                complete = self._queue is not None
+        await self._upload_call(self._close_upload, handle.fd, handle.node.path[1:] if complete else None)
+
+    def _close_upload(self, fd: int, complete: tuple[str, ...] | None) -> None:
+        os.close(fd)
+        if complete is not None and self._queue is not None:
+            self._queue.submit(complete)
 
     def _from_queue(self, parts: tuple[str, ...], outcome: UploadOutcome) -> None:
         """The ingest thread's report, carried into the trio loop without waiting for it (a wait
@@ -533,8 +548,7 @@ class DicomOperations(pyfuse3.Operations):
         path = (*parent.path, os.fsdecode(name))
         real = self._upload_path(path)
         try:
-            await self._thread(os.mkdir, real, 0o755)
-            info = os.lstat(real)
+            info = await self._thread(_make_folder, real)
         except OSError as error:
             raise _fuse_error(error) from None
         node = self.inodes.node_for(parent.inode, path, "upload")
@@ -808,6 +822,20 @@ def _invalidate_inodes(stale: list[tuple[int, bool]]) -> None:
 
 def _fuse_error(error: OSError) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(error.errno or errno.EIO)
+
+
+def _make_folder(path: Path) -> os.stat_result:
+    os.mkdir(path, 0o755)
+    return os.lstat(path)
+
+
+def _create(path: Path, flags: int) -> tuple[int, os.stat_result]:
+    fd = os.open(path, flags, 0o644)
+    try:
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
