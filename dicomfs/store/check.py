@@ -35,7 +35,7 @@ from dicomfs.store.store import Store
 
 __all__ = ["CheckReport", "check_store"]
 
-_RELEASE_EVERY = 256
+_RELEASE_EVERY = 64
 """Records read between two ``Index.release_pages`` (~1 ms each): a check reads the whole index,
 whose mapped pages would otherwise all end up in its RSS (~600 MB at 760,000 instances). Each
 record costs a random read in the links and in the UID index, ~64-100 KiB mapped each: 256 of
