@@ -164,6 +164,23 @@ def test_views_by_uids_has_study_and_series_documents_with_exact_sizes(corpus_tr
     assert {i["SOPInstanceUID"] + ".dcm" for i in parsed["Instances"]} == {e.name for e in series_entries if e.name != "series.json"}
 
 
+def test_views_documents_are_indented_utf8_json_a_person_can_read(corpus_tree: tuple[Store, Tree]) -> None:
+    """The documents keep one format whatever renders them: json.dumps(indent=2), UTF-8 names left
+    readable, one newline at the end (the tricky corpus has non-ASCII names and descriptions)."""
+    _, tree = corpus_tree
+    rendered = 0
+    for study in tree.listing(("by-uids",)).entries:
+        for entry in tree.listing(("by-uids", study.name)).entries:
+            documents = [entry] if entry.name == "study.json" else []
+            if entry.is_folder:
+                documents += [e for e in tree.listing(("by-uids", study.name, entry.name)).entries if e.name == "series.json"]
+            for document in documents:
+                content = tree.document(document)
+                assert content == (json.dumps(json.loads(content), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+                rendered += 1
+    assert rendered > 4
+
+
 def test_views_lookup_errors(corpus_tree: tuple[Store, Tree]) -> None:
     _, tree = corpus_tree
     with pytest.raises(NotFoundError):
