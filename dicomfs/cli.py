@@ -324,6 +324,7 @@ def _serve_until_stopped(started: str) -> None:
 
 def cmd_webdav(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     from bridge.server import Bridge  # wsgidav and cheroot: only this command needs them
+    from dicomfs.gctuning import tune_for_a_server
     from dicomfs.jobs.service import start_jobs
 
     _log_to(loaded.config, foreground=True)
@@ -331,6 +332,7 @@ def cmd_webdav(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         bridge = Bridge(store, loaded.config, bind=args.bind, allow_anonymous=args.allow_anonymous)
         bridge.start()
         jobs = start_jobs(store, loaded.config) if not args.read_only else None
+        tune_for_a_server()
         try:
             _serve_until_stopped(f"serving {store.folder} at {bridge.url}")
         finally:

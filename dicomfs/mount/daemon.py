@@ -29,6 +29,7 @@ import trio
 
 from dicomfs.config import Config
 from dicomfs.errors import DicomfsError
+from dicomfs.gctuning import tune_for_a_server
 from dicomfs.jobs.service import start_jobs
 from dicomfs.jobs.storage import JobStore, open_jobs
 from dicomfs.mount.diskpressure import DiskPressure, io_pressure
@@ -160,6 +161,7 @@ def _serve(open_store: Callable[[], Store], config: Config, options: MountOption
                       "read-only" if options.read_only else "read-write",
                       "allowed" if config.mount.delete_allowed and not options.read_only else "refused")
             clean = False
+            tune_for_a_server()
             try:
                 trio.run(_main, operations, config, uploads, mountpoint, ready_fd, instruments=[_SlowStepWarning()])
                 clean = True
