@@ -36,7 +36,9 @@ and the output says so.
    answer comes once the instance is stored); and PUT of the same in-memory files into
    ``/webdav/uploads/`` with 1 and 4 connections, until ``/statistics`` counts every instance
    (Python's client sends no ``Expect: 100-continue``, which Orthanc never answers). Each path
-   runs 2 rounds (``--quick``: 1), fresh stores every time; the best round counts. Targets: each
+   runs 2 rounds (``--quick``: 1), fresh stores every time; the best round counts. Beside the
+   bridge, the same PUTs go to ``bench/bare_webdav.py``, a cheroot server with the bridge's settings
+   that only writes each body to a file: the floor under any cheroot server, without a target. Targets: each
    dicomfs path >= 3x Orthanc's WebDAV (the faster of its 1- and 4-connection runs; WebDAV
    against WebDAV with the same connections) and >= 2x Orthanc's REST with 4 connections.
 2. **Browsing** a fresh pair of archives of 2,000 then 20,000 patients (``--quick``: 200 then
@@ -125,6 +127,7 @@ if TYPE_CHECKING:
     from tests.orthanc_server import Orthanc
 
 SHARED_CORPUS = REPO.parent / "shared" / "corpus" / "make_corpus.py"
+BARE_WEBDAV = Path(__file__).with_name("bare_webdav.py")
 INGEST_VS_WEBDAV = 3.0
 INGEST_VS_REST = 2.0
 BROWSE_VS_ORTHANC = 1.0
@@ -490,6 +493,12 @@ def ingest_round(bench: Bench, corpus: Corpus, files: list[tuple[str, bytes]], s
             ingested, puts, spawned = main_server.in_namespace(dav.put_until_ingested, bridge, cli, files, clients)
         note(f"dicomfs WebDAV x{clients}", ingested, f"PUTs alone {puts:.2f} s, {spawned} ingest processes")
         warm(corpus)
+        with bare_webdav(bench, main_server) as (bare, folder), others.window(f"bare cheroot PUT x{clients}"):
+            seconds = main_server.in_namespace(dav.put_all, bare, "/uploads/", files, clients)
+        if files_in(folder) != count:
+            raise CannotRun(f"PUT into the bare cheroot server left {files_in(folder)} files, not {count}")
+        note(f"bare cheroot PUT x{clients}", seconds, "nothing ingested")
+        warm(corpus)
         with bench.orthanc(f"webdav-c{clients}") as server, others.window(f"Orthanc WebDAV x{clients}"):
             started = time.perf_counter()
             server.in_namespace(dav.put_all, endpoint(server, bench.workdir), "/webdav/uploads/", files, clients)
@@ -524,6 +533,19 @@ def ingest_round(bench: Bench, corpus: Corpus, files: list[tuple[str, bytes]], s
     return results, main_server, ingest_cli
 
 
+@contextlib.contextmanager
+def bare_webdav(bench: Bench, host: Orthanc) -> Iterator[tuple[dav.Server, Path]]:
+    """``bench/bare_webdav.py`` in ``host``'s namespace, as the bridges run, over a new folder."""
+    bench.count += 1
+    folder = bench.workdir / "bare-webdav" / f"{bench.count:02d}"
+    server = dav.Server(f"bare-webdav-{bench.count:02d}", host.nsenter([sys.executable, str(BARE_WEBDAV), str(folder)]),
+                        bench.workdir)
+    try:
+        yield server.start(), folder
+    finally:
+        server.stop()
+
+
 def ingest_rows(results: list[dict[str, Ingested]], count: int, size: int) -> list[Row]:
     best = {key: min(r[key].seconds for r in results) for key in results[0]}
     rate = {key: count / seconds for key, seconds in best.items()}
@@ -549,6 +571,11 @@ def ingest_rows(results: list[dict[str, Ingested]], count: int, size: int) -> li
                                                         "orthanc": detail(f"Orthanc WebDAV x{clients}")}))
         rows.append(Row("ingest", "  the same dicomfs figure vs Orthanc REST, 4 connections", rate[key], "files/s",
                         rate["Orthanc REST x4"], limit=INGEST_VS_REST))
+        floor = f"bare cheroot PUT x{clients}"
+        rows.append(Row("ingest", f"  PUT into a bare cheroot server (the floor: files written, nothing ingested) vs "
+                        f"Orthanc WebDAV, {clients} connection{'s' * (clients > 1)}", rate[floor], "files/s",
+                        rate[f"Orthanc WebDAV x{clients}"], detail=detail(floor)))
+        rows.append(Row("ingest", "  dicomfs WebDAV PUT until ingested vs that floor", rate[key], "files/s", rate[floor]))
     key = "dicomfs FUSE cp -r"
     rows.append(Row("ingest", f"FUSE `cp -r` into uploads/ until ingested vs Orthanc WebDAV (its faster){of}", rate[key],
                     "files/s", orthanc_webdav, limit=INGEST_VS_WEBDAV, detail=detail(key)))
