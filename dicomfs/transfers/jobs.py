@@ -13,6 +13,8 @@ the wire, after gzip) and ``skipped_items`` / ``skipped_bytes`` (already on the 
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -50,7 +52,9 @@ class _PeerExecutor:
     def run(self, job: Job, work: JobWork) -> None:
         peer = self.peers[job.params["peer"]]
         client = PeerClient(peer)
-        with ThreadPoolExecutor(peer.workers, thread_name_prefix=f"transfer-{peer.name}") as pool:
+        # The pool's threads are done with the client once the pool is shut down: close their
+        # keep-alive connections then, rather than leave them to the peer's idle timeout.
+        with contextlib.closing(client), ThreadPoolExecutor(peer.workers, thread_name_prefix=f"transfer-{peer.name}") as pool:
             while work.keep_going():
                 batch = [item for item, _ in work.pending(peer.lookup_batch)]
                 if not batch:
