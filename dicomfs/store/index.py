@@ -127,8 +127,9 @@ class Index:
         from the cache. Where /proc/self/maps is missing (not Linux) this does nothing.
 
         The map's address is looked up once: the environment maps its fixed ``_MAP_SIZE`` at open
-        and never moves it (nothing here resizes it), and reading /proc/self/maps each time cost
-        0.4 ms a call, 12% of a check that calls this every 64 records."""
+        and never moves it (nothing here resizes it; code that ever does must reset ``_mapped``),
+        and reading /proc/self/maps each time cost 0.4 ms a call, 12% of a check that calls this
+        every 64 records."""
         if self._mapped is None:
             self._mapped = self._find_map()
         used = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
