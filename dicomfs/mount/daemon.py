@@ -200,8 +200,8 @@ async def _main(operations: DicomOperations, config: Config, uploads: UploadArea
         operations.attach(nursery)
         nursery.start_soon(_watch_signals, nursery)
         nursery.start_soon(_refresh, operations, config.mount.refresh_ms / 1000)
-        nursery.start_soon(_watch_disk, operations.disk)
-        if uploads is not None:
+        if uploads is not None:  # the pressure decides only where uploads/ calls run
+            nursery.start_soon(_watch_disk, operations.disk)
             nursery.start_soon(_sweep, operations, uploads, config)
         if config.mount.read_ahead_kb:
             nursery.start_soon(_read_ahead, mountpoint, config.mount.read_ahead_kb)

@@ -145,9 +145,11 @@ class DicomOperations(pyfuse3.Operations):
         return await trio.to_thread.run_sync(function, *args, limiter=self.limiter)
 
     async def _upload_call(self, function: Callable[..., _T], *args: Any) -> _T:
-        """A small file operation in uploads/ (a stat, a create, a write into the page cache, a
-        close): on the loop while the disk keeps up, where it costs less than a thread hop; on
-        a thread while the disk lags and it may block (see diskpressure)."""
+        """A small file operation in uploads/ (a stat, a create, a mkdir, a write into the page
+        cache, a close): on the loop while the disk keeps up, where it costs less than a thread
+        hop; on a thread while the disk lags and it may block (see diskpressure). Opening an
+        existing upload, renaming, removing and truncating always take a thread: each may free a
+        large file's blocks, which takes long on a quiet disk too."""
         if self.disk.busy:
             return await self._thread(function, *args)
         started = time.perf_counter()
@@ -501,21 +503,20 @@ class DicomOperations(pyfuse3.Operations):
             raise _fuse_error(error) from None
 
     async def _upload_closed(self, handle: _Handle) -> None:
-        """Close an upload's file; closed by its last writer, it is complete, so queue it for
-        ingest (which stats it)."""
-        complete = False
+        """Close an upload's file. Closed by its last writer, it is complete: queue it for ingest."""
+        complete = None
         if handle.written:
             inode = handle.node.inode
             self._writers[inode] -= 1
             if self._writers[inode] == 0:
                 del self._writers[inode]
-                complete = self._queue is not None
-        await self._upload_call(self._close_upload, handle.fd, handle.node.path[1:] if complete else None)
+                complete = handle.node.path[1:]
+        await self._upload_call(self._close_upload, handle.fd, complete)
 
     def _close_upload(self, fd: int, complete: tuple[str, ...] | None) -> None:
         os.close(fd)
         if complete is not None and self._queue is not None:
-            self._queue.submit(complete)
+            self._queue.submit(complete)  # stats the file, hence here and not before the call
 
     def _from_queue(self, parts: tuple[str, ...], outcome: UploadOutcome) -> None:
         """The ingest thread's report, carried into the trio loop without waiting for it (a wait
@@ -548,7 +549,7 @@ class DicomOperations(pyfuse3.Operations):
         path = (*parent.path, os.fsdecode(name))
         real = self._upload_path(path)
         try:
-            info = await self._thread(_make_folder, real)
+            info = await self._upload_call(_make_folder, real)
         except OSError as error:
             raise _fuse_error(error) from None
         node = self.inodes.node_for(parent.inode, path, "upload")
