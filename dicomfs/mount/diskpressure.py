@@ -42,15 +42,13 @@ def io_pressure(path: Path = PRESSURE_FILE) -> float | None:
     except OSError:
         return None
     for line in text.splitlines():
-        fields = line.split()
-        if fields and fields[0] == "some":
-            for field in fields[1:]:
-                name, _, value = field.partition("=")
-                if name == "avg10":
-                    try:
-                        return float(value)
-                    except ValueError:
-                        return None
+        kind, _, rest = line.partition(" ")
+        if kind == "some":
+            figures = dict(field.partition("=")[::2] for field in rest.split())
+            try:
+                return float(figures["avg10"])
+            except (KeyError, ValueError):
+                return None
     return None
 
 

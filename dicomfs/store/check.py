@@ -36,10 +36,10 @@ from dicomfs.store.store import Store
 __all__ = ["CheckReport", "check_store"]
 
 _RELEASE_EVERY = 64
-"""Records read between two ``Index.release_pages`` (~1 ms each): a check reads the whole index,
-whose mapped pages would otherwise all end up in its RSS (~600 MB at 760,000 instances). Each
-record costs a random read in the links and in the UID index, ~64-100 KiB mapped each: 256 of
-them ~50 MB."""
+"""Records read between two ``Index.release_pages`` (a few microseconds each): a check reads the
+whole index, whose mapped pages would otherwise all end up in its RSS (~600 MB at 760,000
+instances). Each record costs a random read in the links and in the UID index, ~64-100 KiB
+mapped each: 64 of them ~12 MB."""
 
 
 @dataclass
