@@ -23,12 +23,9 @@ from typing import Any, Callable, Iterable, Sequence
 from dicomfs import __version__
 from dicomfs.config import Config, LoadedConfig, load_config
 from dicomfs.errors import DicomfsError, NotFoundError
-from dicomfs.store.candidates import REJECTED
-from dicomfs.store.committer import WriteSettings
 from dicomfs.store.ids import Level
-from dicomfs.store.mutations import Limits
 from dicomfs.store.records import Instance, Patient, Record, Series, Study
-from dicomfs.store.sources import Source, iter_sources
+from dicomfs.store.settings import Limits, WriteSettings
 from dicomfs.store.store import Store
 
 __all__ = ["main", "open_store", "write_settings"]
@@ -76,6 +73,9 @@ def cmd_init(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 def cmd_ingest(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     # imported here: only ingest draws a bar, and tqdm costs ~34 ms at every command's start
     from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type information
+
+    from dicomfs.store.candidates import REJECTED
+    from dicomfs.store.sources import Source, iter_sources
 
     paths = [Path(p) for p in args.paths]
     for path in paths:

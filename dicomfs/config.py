@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import difflib
 import os
 import re
 import tomllib
@@ -1002,6 +1001,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _did_you_mean(name: str, known: list[str]) -> str:
+    import difflib  # only for a mistyped name
+
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
     return f" (known: {', '.join(known)}{hint})"

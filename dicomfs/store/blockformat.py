@@ -23,9 +23,11 @@ import threading
 import zlib
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-import zstandard
+if TYPE_CHECKING:
+    import zstandard
+
 
 __all__ = ["BlockTable", "CODECS", "Codec", "TRAILER_SIZE", "block_bounds", "compress_blocks", "parse_trailer"]
 
@@ -54,6 +56,8 @@ def _zstd_compress(data: bytes | memoryview, level: int) -> bytes:
     compressors: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("zstd_c", {})
     compressor = compressors.get(level)
     if compressor is None:
+        import zstandard  # here: its import (and the platform module it pulls) costs every command ~3 ms
+
         compressor = compressors[level] = zstandard.ZstdCompressor(level=level or 3, write_content_size=True)
     return compressor.compress(data)
 
@@ -61,6 +65,8 @@ def _zstd_compress(data: bytes | memoryview, level: int) -> bytes:
 def _zstd_decompress(data: bytes, raw_length: int) -> bytes:
     decompressor = _local.__dict__.get("zstd_d")
     if decompressor is None:
+        import zstandard
+
         decompressor = _local.zstd_d = zstandard.ZstdDecompressor()
     return decompressor.decompress(data, max_output_size=raw_length)
 

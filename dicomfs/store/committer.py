@@ -38,27 +38,12 @@ from dicomfs.errors import StoreFullError
 from dicomfs.store.blobs import BlobStore, sync_filesystem
 from dicomfs.store.candidates import REJECTED, REPLACED, STORED, Candidate, IngestResult, settle_if_stored, store_write_failure
 from dicomfs.store.index import CachedIndex, Index, Txn
-from dicomfs.store.mutations import Limits, NewInstance, TxnChanges, add_instance, apply_growth, make_room
+from dicomfs.store.mutations import NewInstance, TxnChanges, add_instance, apply_growth, make_room
 from dicomfs.store.owners import Owner
 from dicomfs.store.records import Instance
+from dicomfs.store.settings import WriteSettings
 
 __all__ = ["GroupCommitter", "Submission", "WriteSettings"]
-
-@dataclass(frozen=True)
-class WriteSettings:
-    """How the committer writes: codec, batching and recycling, from the configuration."""
-
-    codec: str = "none"
-    level: int = 0
-    block_size: int = 131072
-    overwrite: bool = False
-    limits: Limits = Limits()
-    batch_files: int = 128
-    batch_bytes: int = 64 << 20
-    batch_delay: float = 0.02
-    threads: int = 4
-    workers: int = 0
-    """Processes for bulk ingest; 0 means one per CPU."""
 
 
 @dataclass

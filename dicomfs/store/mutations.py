@@ -11,22 +11,18 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dicomfs.errors import StoreFullError
-from dicomfs.store.dicomparse import DicomHeader
 from dicomfs.store.ids import Level, ResourceId
 from dicomfs.store.index import Index, Txn
 from dicomfs.store.records import Instance, Patient, Record, Series, Study, replace_record
+from dicomfs.store.settings import Limits
+
+if TYPE_CHECKING:
+    from dicomfs.store.dicomparse import DicomHeader
 
 __all__ = ["Limits", "NewInstance", "TxnChanges", "add_instance", "apply_growth", "make_room", "remove_resource", "set_protected"]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Recycling limits; 0 switches a limit off."""
-
-    max_size: int = 0
-    max_patients: int = 0
 
 
 @dataclass(frozen=True)

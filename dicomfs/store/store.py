@@ -22,10 +22,9 @@ import json
 import os
 import time
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
 from dicomfs.errors import (
     AmbiguousError,
@@ -35,15 +34,23 @@ from dicomfs.errors import (
     StoreNotFoundError,
 )
 from dicomfs.store.blobs import BlobReader, BlobStore, sync_filesystem
-from dicomfs.store.candidates import Archive, Candidate, IngestResult, examine, unreadable
-from dicomfs.store.committer import GroupCommitter, Submission, WriteSettings
 from dicomfs.store.ids import Level, ResourceId, looks_like_id, patient_resource_id
 from dicomfs.store.index import COUNTER_NAMES, AttachmentEntry, Index, Txn
 from dicomfs.store.metadata import core_metadata, user_key
 from dicomfs.store.mutations import TxnChanges, remove_resource, set_protected
 from dicomfs.store.owners import Owner, recover
 from dicomfs.store.records import Instance, Patient, Record
-from dicomfs.store.sources import Source, archive_members, iter_sources
+from dicomfs.store.settings import WriteSettings
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from dicomfs.store.candidates import IngestResult
+    from dicomfs.store.committer import GroupCommitter
+    from dicomfs.store.sources import Source
+
+# What only writing needs (the parser, the committer, sources and archives) is imported where it
+# is used: commands that only read (``export``, ``ls``, ``jobs``) start ~15 ms sooner.
 
 __all__ = ["Attachment", "Store", "StoreStats"]
 
@@ -131,6 +138,8 @@ class Store:
         self._owner: Owner | None = None
         self._committer: GroupCommitter | None = None
         if not readonly:
+            from dicomfs.store.committer import GroupCommitter
+
             self._owner = Owner(folder / "owners")
             recover(self.index, self.blobs, folder / "owners")
             self._committer = GroupCommitter(self.index, self.blobs, self._owner, folder, settings)
@@ -328,6 +337,8 @@ class Store:
 
         A result is yielded only once the instance is durable (or was judged not to need storing).
         """
+        from dicomfs.store.sources import iter_sources
+
         return self.ingest_sources(iter_sources(list(paths)), origin=origin, remote=remote)
 
     def ingest_sources(self, sources: Iterable[Source], *, origin: str = "cli", remote: str = "",
@@ -338,6 +349,8 @@ class Store:
         through the committer thread. A front end ingesting what clients uploaded meanwhile passes
         ``in_process``: its groups are small and frequent, and starting workers costs ~1 s each time.
         """
+        from dicomfs.store.candidates import IngestResult
+
         committer = self._writer()
         remaining = iter(sources)
         first = list(itertools.islice(remaining, _BULK_MIN_FILES))
@@ -365,6 +378,9 @@ class Store:
     def ingest_file(self, path: Path, *, label: str | None = None, origin: str = "cli", remote: str = "") -> list[IngestResult]:
         """Ingest one file and wait until it is durable; one result per DICOM file it holds (a zip
         archive holds several). Front ends ingest uploads in groups (``ingest_sources``)."""
+        from dicomfs.store.candidates import IngestResult
+        from dicomfs.store.sources import Source
+
         pending = self._offer(self._writer(), Source(label or str(path), str(path)), origin, remote, last=True)
         return [p if isinstance(p, IngestResult) else p.result() for p in pending]
 
@@ -372,6 +388,10 @@ class Store:
                last: bool = False) -> "list[Future[IngestResult] | IngestResult]":
         """Examine one source and hand a candidate to the committer; verdicts come back at once.
         ``last``: nothing follows it, so its batch need not wait for company."""
+        from dicomfs.store.candidates import Archive, Candidate, examine, unreadable
+        from dicomfs.store.committer import Submission
+        from dicomfs.store.sources import archive_members
+
         closer = contextlib.ExitStack()
         try:
             data, fd = closer.enter_context(source.open())
@@ -480,6 +500,8 @@ class Store:
 
     def put_attachment(self, resource_id: str, name: str, source: Path, mime: str | None = None) -> Attachment:
         """Store the file ``source`` as attachment ``name``, replacing any previous one."""
+        from dicomfs.store.sources import Source
+
         key = self._attachment_key(name)
         configured_mime = next((m for k, m in self.attachment_types.values() if k == key), "application/octet-stream")
         self._writer()  # refuses when read-only
