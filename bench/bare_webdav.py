@@ -17,7 +17,6 @@ client's PUTs take against it is what cheroot, the client and the kernel take, s
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading

@@ -883,6 +883,7 @@ def main() -> int:
     command = dicomfs_command(parser, args)
     workdir = work_folder(parser, args, "compare")
     machine = machine_facts(command, workdir, args.quick)
+    machine["disk"] = f"{machine['disk']} ({args.disk_settled})"
     print(" | ".join(f"{key} {value}" for key, value in machine.items()), flush=True)
     rows: list[Row] = []
     report = io.StringIO()

@@ -516,7 +516,7 @@ def main() -> int:
     machine = {"nproc": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                "pydicom": pydicom.__version__, "orthanc": orthanc_version, "dicomfs": shlex.join(command),
                "workdir": str(workdir), "quick": args.quick, "rounds": args.rounds or (2 if args.quick else 3),
-               "profiled": bool(args.profile), "load": _load()}
+               "profiled": bool(args.profile), "load": _load(), "disk": args.disk_settled}
     print(" | ".join(f"{key} {value}" for key, value in machine.items()), flush=True)
     rows: list[Row] = []
     started = time.perf_counter()
