@@ -12,8 +12,12 @@ unchanged, which answers it as before.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
+import stat
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsgidav import util
@@ -64,32 +68,53 @@ class FastPut:
             target = provider.uploads.path(parts[1:])
         except DicomfsError:
             return None
-        if not target.parent.is_dir() or target.is_dir() or self._locked(path):
+        try:
+            found: os.stat_result | None = os.stat(target)
+        except FileNotFoundError:
+            found = None
+        except OSError:  # a file where a folder should be, a name too long: wsgidav says which
             return None
-        existed = target.is_file()
-        provider.uploads.clear_reason(target)  # Explorer's 0-byte PUT was marked empty
+        if (found is not None and stat.S_ISDIR(found.st_mode)) or self._locked(path):
+            return None
+        try:
+            file = open(target, "wb")
+        except (FileNotFoundError, NotADirectoryError):  # no such folder: wsgidav answers 409 Conflict
+            return None
+        except OSError as error:
+            return self._failed(start_response, provider, target, error)
+        if found is not None:
+            provider.uploads.clear_reason(target)  # Explorer's 0-byte PUT was marked empty
         environ["wsgidav.auth.user_name"] = user  # who uploaded, for the store's RemoteUser
         expected = environ.get("CONTENT_LENGTH") or ""
         written = 0
         try:
-            with open(target, "wb") as file:
+            with file:
                 stream = environ["wsgi.input"]
                 while chunk := stream.read(self.block_size):
                     written += file.write(chunk)
+                file.flush()
+                info = os.fstat(file.fileno())  # for the ETag, the queue and StoredUpload: no stat after
         except OSError as error:  # the disk (ENOSPC), or the client went away mid-body
-            full = error.errno == errno.ENOSPC
-            provider.uploads.set_reason(target, "the upload did not fit: no space left on the bridge's disk" if full
-                                        else "the upload was interrupted: only part of the file arrived")
-            return _plain(start_response, "507 Insufficient Storage" if full else "400 Bad Request",
-                          "no space left for the upload" if full else "the upload was interrupted")
+            return self._failed(start_response, provider, target, error)
         if expected.isdigit() and written != int(expected):  # cheroot ends the body early when the client leaves
             provider.uploads.set_reason(target, "the upload was interrupted: only part of the file arrived")
             return _plain(start_response, "400 Bad Request", f"{written} of {expected} bytes arrived")
-        etag = util.get_file_etag(str(target))  # before queueing: the ingest may remove the file at once
-        provider.upload_completed(util.quote(path), parts[1:], environ)
-        status = "204 No Content" if existed else "201 Created"
+        provider.upload_completed(util.quote(path), parts[1:], environ, info)
+        status = "204 No Content" if found is not None else "201 Created"
+        # wsgidav's own ETag for a file (util.get_file_etag), from the stat already made
+        etag = f"{info.st_ino}-{int(info.st_mtime)}-{info.st_size}"
         start_response(status, [("Content-Length", "0"), ("Date", util.get_rfc1123_time()), ("ETag", f'"{etag}"')])
         return [b""]
+
+    @staticmethod
+    def _failed(start_response: Callable[..., Any], provider: DicomfsProvider, target: Path,
+                error: OSError) -> list[bytes]:
+        full = error.errno == errno.ENOSPC
+        with contextlib.suppress(FileNotFoundError):  # the open itself failed: no file to explain
+            provider.uploads.set_reason(target, "the upload did not fit: no space left on the bridge's disk" if full
+                                        else "the upload was interrupted: only part of the file arrived")
+        return _plain(start_response, "507 Insufficient Storage" if full else "400 Bad Request",
+                      "no space left for the upload" if full else "the upload was interrupted")
 
     def _user(self, environ: dict[str, Any]) -> str | None:
         """The user, when the request carries good credentials with the upload right ("" when no

@@ -237,9 +237,11 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
             return
         self._arrived(resource.get_ref_url(), parts, resource.environ)
 
-    def upload_completed(self, ref_url: str, parts: tuple[str, ...], environ: dict[str, Any]) -> None:
-        """A PUT answered before wsgidav (bridge.fast_put) wrote ``uploads/<parts>`` whole."""
-        self._arrived(ref_url, parts, environ)
+    def upload_completed(self, ref_url: str, parts: tuple[str, ...], environ: dict[str, Any],
+                         info: os.stat_result | None = None) -> None:
+        """A PUT answered before wsgidav (bridge.fast_put) wrote ``uploads/<parts>`` whole; ``info``
+        is the file as the PUT left it, when the caller has it (it saves two stats a file)."""
+        self._arrived(ref_url, parts, environ, info)
 
     def upload_arrived(self, dest_path: str, environ: dict[str, Any]) -> None:
         """A COPY or MOVE put a complete file at ``dest_path``."""
@@ -250,7 +252,8 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
             self._awaiting_unlock.pop(util.quote(path), None)
             self._submitted.pop(_upload_parts(path), None)
 
-    def _arrived(self, ref_url: str, parts: tuple[str, ...], environ: dict[str, Any]) -> None:
+    def _arrived(self, ref_url: str, parts: tuple[str, ...], environ: dict[str, Any],
+                 info: os.stat_result | None = None) -> None:
         remote = _remote(environ)
         lock_manager = self.lock_manager
         if lock_manager is not None and lock_manager.is_url_locked(ref_url):
@@ -259,7 +262,7 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
             with self._awaiting_lock:
                 self._awaiting_unlock[ref_url] = (parts, remote)
             return
-        self._submit(parts, remote)
+        self._submit(parts, remote, info)
 
     def unlocked(self, ref_url: str) -> None:
         """A lock was released or expired: ingest what it held back."""
@@ -270,12 +273,13 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
             del self._awaiting_unlock[ref_url]
         self._submit(*waiting)
 
-    def _submit(self, parts: tuple[str, ...], remote: str) -> None:
+    def _submit(self, parts: tuple[str, ...], remote: str, info: os.stat_result | None = None) -> None:
         """Queue a complete upload for ingest, keeping its size and date for StoredUpload."""
-        try:
-            info: os.stat_result | None = self.uploads.path(parts).stat()
-        except (DicomfsError, OSError):
-            info = None
+        if info is None:
+            try:
+                info = self.uploads.path(parts).stat()
+            except (DicomfsError, OSError):
+                info = None
         now = time.monotonic()
         with self._awaiting_lock:
             while self._submitted and next(iter(self._submitted.values()))[0] < now - _READ_BACK_SECONDS:
@@ -283,7 +287,7 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
             self._submitted.pop(parts, None)
             if info is not None:
                 self._submitted[parts] = (now, info)
-        self.queue.submit(parts, remote)
+        self.queue.submit(parts, remote, info)
 
     def _stored_upload(self, parts: tuple[str, ...]) -> os.stat_result | None:
         """What a file just queued from ``uploads/<parts>`` was, for a few seconds after it was stored."""

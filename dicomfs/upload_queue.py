@@ -11,6 +11,7 @@ DICOM stays with its reason (see ``uploads``).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -18,7 +19,7 @@ from typing import Callable, Collection, Sequence
 
 from dicomfs.store import Store
 from dicomfs.upload_worker import UploadIngester
-from dicomfs.uploads import Stamp, UploadArea, UploadOutcome
+from dicomfs.uploads import Stamp, UploadArea, UploadOutcome, stamp_of
 
 __all__ = ["UploadQueue"]
 
@@ -52,13 +53,14 @@ class UploadQueue:
         self._thread = threading.Thread(target=self._run, name=f"{origin}-uploads", daemon=True)
         self._thread.start()
 
-    def submit(self, parts: Sequence[str], remote: str = "") -> None:
+    def submit(self, parts: Sequence[str], remote: str = "", info: os.stat_result | None = None) -> None:
         """Queue ``uploads/<parts>`` for ingest (once, however often it is submitted before then).
 
         The file goes with what it is now (``UploadArea.stamp``): written again before its turn,
         as Explorer does with the 0-byte file it puts first, it is left for its writer to submit
-        again, rather than ingested half-written or while its client still holds a lock."""
-        stamp = self._area.stamp(parts)
+        again, rather than ingested half-written or while its client still holds a lock. ``info``:
+        the file's stat, when the caller just made one (a stat less per upload)."""
+        stamp = self._area.stamp(parts) if info is None else stamp_of(info)
         with self._condition:
             self._waiting[tuple(parts)] = (remote, stamp)
             self._condition.notify()

@@ -24,7 +24,7 @@ from dicomfs.store import IngestResult, Store
 from dicomfs.store.candidates import REJECTED
 from dicomfs.store.sources import Source, is_os_junk
 
-__all__ = ["ERROR_XATTR", "Stamp", "UploadArea", "UploadOutcome"]
+__all__ = ["ERROR_XATTR", "Stamp", "UploadArea", "UploadOutcome", "stamp_of"]
 
 ERROR_XATTR = "user.dicomfs.error"
 Stamp = tuple[int, int, int]
@@ -66,7 +66,7 @@ class UploadArea:
         """What ``uploads/<parts>`` is now (None when it is not there), for ``ingest_many`` to tell
         whether it was written again since it was found complete."""
         try:
-            return _stamp_of(self.path(parts).stat())
+            return stamp_of(self.path(parts).stat())
         except (OSError, PermissionDeniedError):
             return None
 
@@ -91,7 +91,7 @@ class UploadArea:
                 outcomes[position] = UploadOutcome([], removed=True)
                 continue
             expected = stamps[position] if stamps is not None else None
-            if expected is not None and expected != _stamp_of(info):
+            if expected is not None and expected != stamp_of(info):
                 outcomes[position] = UploadOutcome([], removed=False)
                 continue
             if info.st_size == 0:
@@ -202,7 +202,8 @@ class UploadArea:
         return removed
 
 
-def _stamp_of(info: os.stat_result) -> Stamp:
+def stamp_of(info: os.stat_result) -> Stamp:
+    """A file's stamp from its stat."""
     return info.st_ino, info.st_size, info.st_mtime_ns
 
 

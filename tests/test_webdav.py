@@ -229,7 +229,12 @@ def test_plain_puts_are_written_before_wsgidav_and_the_rest_still_reach_it(tmp_p
         (stored,) = bridge.instances()
         assert stored.remote == "carol@127.0.0.1" and stored.origin == "webdav"
         assert bridge.request("PUT", "/uploads/n.txt", b"one", auth=carol).status == 201
-        assert bridge.request("PUT", "/uploads/n.txt", b"two", auth=carol).status == 204  # kept (not DICOM): replaced
+        replaced = bridge.request("PUT", "/uploads/n.txt", b"two", auth=carol)
+        assert replaced.status == 204  # kept (not DICOM): replaced
+        bridge.wait_ingested()  # n.txt stays, rejected; its ETag is wsgidav's own for the same file
+        assert bridge.request("HEAD", "/uploads/n.txt", auth=carol).headers.get("etag") == replaced.headers.get("etag")
+        assert bridge.request("MKCOL", "/uploads/a-folder", auth=carol).status == 201
+        assert bridge.request("PUT", "/uploads/a-folder", b"x", auth=carol).status not in (201, 204)  # wsgidav refuses
         assert bridge.request("PUT", "/uploads/x.dcm", good, auth=("bob", BOB_PASSWORD)).status == 403  # read only
         assert bridge.request("PUT", "/uploads/x.dcm", good, auth=("carol", "wrong")).status == 401
         assert bridge.request("PUT", "/uploads/x.dcm", good, {"Content-Range": "bytes 0-9/99"}, auth=carol).status == 400
