@@ -751,7 +751,8 @@ _SCHEMA: tuple[_Section | _NamedTable, ...] = (
                 "which bounds the memory ingest holds."),
         _Option("batch_delay_ms", 20, _integer(0, 10_000),
                 "How long a lone upload waits for company before it commits (up to 10 s: longer looks "
-                "like a hang to a client waiting for its answer)."),
+                "like a hang to a client waiting for its answer); files completed in uploads/ also gather "
+                "this long before they go to the ingest as one group."),
         _Option("threads", 4, _integer(1),
                 "Threads that write (and compress) the blobs of a batch in parallel: even "
                 "uncompressed, parallel writes into the page cache are 3x faster than one at a time."),

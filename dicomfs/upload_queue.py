@@ -41,6 +41,8 @@ class UploadQueue:
     def __init__(self, store: Store, area: UploadArea, *, origin: str,
                  on_done: Callable[[tuple[str, ...], UploadOutcome], None] | None = None) -> None:
         self._ingester = UploadIngester(store, area)
+        self._gathering = store.settings.batch_delay
+        self._enough = min(store.settings.batch_files, _MOST_PER_GROUP)
         self._area = area
         self._origin = origin
         self._on_done = on_done
@@ -63,7 +65,10 @@ class UploadQueue:
         stamp = self._area.stamp(parts) if info is None else stamp_of(info)
         with self._condition:
             self._waiting[tuple(parts)] = (remote, stamp)
-            self._condition.notify()
+            # Woken only when this may end a wait: the first file (nothing was queued) or a full
+            # group. A wake per file would cost the front end a thread switch per upload.
+            if len(self._waiting) in (1, self._enough):
+                self._condition.notify_all()
 
     def adopt_leftovers(self, busy: Collection[tuple[str, ...]] = ()) -> int:
         """Queue the files in uploads/ that a front end answered for but never ingested (it was
@@ -118,6 +123,7 @@ class UploadQueue:
                 self._condition.wait_for(lambda: self._waiting or self._closed)
                 if not self._waiting:
                     return
+                self._gather()
                 group: list[tuple[tuple[str, ...], tuple[str, Stamp | None]]] = []
                 while self._waiting and len(group) < _MOST_PER_GROUP:
                     group.append(self._waiting.popitem(last=False))
@@ -128,6 +134,21 @@ class UploadQueue:
                 with self._condition:
                     self._in_progress = set()
                     self._condition.notify_all()
+
+    def _gather(self) -> None:
+        """Let a group gather company for up to ``ingest.batch_delay_ms`` (the condition held).
+
+        A group costs the ingest process ~1.5 ms besides ~0.22 ms a file (two index commits, a
+        syncfs, the round trip), and the mount a refresh on its loop when the group is done.
+        Taken as they came, a `cp -r` gave groups of ~15 files; gathered, ~100. `cp -r` of 2,400
+        small files into a mount until ingested, 6 alternated pairs: 2.2-2.9 s before, 1.7-2.1 s
+        after (one outlier at 4.0 s), the ingest's CPU down 20-40% and the mount's 20-35%. PUTs
+        over WebDAV, which wait for the bridge rather than for the ingest, did not change."""
+        deadline = time.monotonic() + self._gathering
+        while len(self._waiting) < self._enough and not self._closed:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._condition.wait(left):
+                return
 
     def _ingest(self, group: list[tuple[tuple[str, ...], tuple[str, Stamp | None]]]) -> None:
         by_remote: dict[str, list[tuple[tuple[str, ...], Stamp | None]]] = {}

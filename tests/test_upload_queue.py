@@ -81,6 +81,29 @@ def test_queue_ingests_in_a_process_of_its_own_and_logs_here(open_store: Callabl
     assert not _helper_pids(), "close() left the ingest process running"
 
 
+def test_a_group_gathers_for_the_batch_delay_unless_it_fills_first(open_store: Callable[..., Store],
+                                                                    small_corpus: Corpus) -> None:
+    """Files completed one after another go to the ingest together: a group waits up to
+    ``batch_delay`` for company, and leaves at once when ``batch_files`` are waiting."""
+    store = open_store(batch_files=3, batch_delay=30.0)
+    area = UploadArea(store.folder / "uploads")
+    reports = Reports()
+    queue = UploadQueue(store, area, origin="fuse", on_done=reports)
+    try:
+        parts = _uploaded(area, small_corpus, "g")
+        assert len(parts) >= 4
+        for item in parts[:3]:  # a full group: no wait
+            queue.submit(item)
+        assert queue.wait_idle(timeout=20), "a full group waited for the delay"
+        assert set(reports.outcomes) == set(parts[:3])
+        queue.submit(parts[3])  # alone: it waits for company (30 s here)
+        assert not queue.wait_idle(timeout=1.0)
+        assert parts[3] not in reports.outcomes and area.path(parts[3]).exists()
+    finally:
+        queue.close()  # closing ends the wait: what waited is ingested, not dropped
+    assert reports.outcomes[parts[3]].removed and not area.path(parts[3]).exists()
+
+
 def test_queue_recovers_from_a_killed_ingest_process(open_store: Callable[..., Store], small_corpus: Corpus) -> None:
     store = open_store()
     area = UploadArea(store.folder / "uploads")
