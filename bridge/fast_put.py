@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -76,14 +77,16 @@ class FastPut:
             return None
         if (found is not None and stat.S_ISDIR(found.st_mode)) or self._locked(path):
             return None
+        # A file that is there may be in the ingest's hands: a new version goes into a new inode,
+        # renamed over the name once whole, so the ingest never reads a file being rewritten.
+        replacement: int | None = None
         try:
-            file = open(target, "wb")
+            replacement = _anonymous_file(target.parent) if found is not None else None
+            file = open(replacement if replacement is not None else target, "wb")
         except (FileNotFoundError, NotADirectoryError):  # no such folder: wsgidav answers 409 Conflict
             return None
         except OSError as error:
-            return self._failed(start_response, provider, target, error)
-        if found is not None:
-            provider.uploads.clear_reason(target)  # Explorer's 0-byte PUT was marked empty
+            return self._failed(start_response, provider, target, error, mark=found is None and replacement is None)
         environ["wsgidav.auth.user_name"] = user  # who uploaded, for the store's RemoteUser
         expected = environ.get("CONTENT_LENGTH") or ""
         written = 0
@@ -94,8 +97,15 @@ class FastPut:
                     written += file.write(chunk)
                 file.flush()
                 info = os.fstat(file.fileno())  # for the ETag, the queue and StoredUpload: no stat after
+                if replacement is not None and (not expected.isdigit() or written == int(expected)):
+                    _rename_over(file.fileno(), target)
         except OSError as error:  # the disk (ENOSPC), or the client went away mid-body
-            return self._failed(start_response, provider, target, error)
+            return self._failed(start_response, provider, target, error, mark=replacement is None)
+        if replacement is not None and expected.isdigit() and written != int(expected):
+            return _plain(start_response, "400 Bad Request", f"{written} of {expected} bytes arrived; "
+                          "the earlier file is left as it was")
+        if found is not None:
+            provider.uploads.clear_reason(target)  # Explorer's 0-byte PUT was marked empty
         if expected.isdigit() and written != int(expected):  # cheroot ends the body early when the client leaves
             provider.uploads.set_reason(target, "the upload was interrupted: only part of the file arrived")
             return _plain(start_response, "400 Bad Request", f"{written} of {expected} bytes arrived")
@@ -108,11 +118,14 @@ class FastPut:
 
     @staticmethod
     def _failed(start_response: Callable[..., Any], provider: DicomfsProvider, target: Path,
-                error: OSError) -> list[bytes]:
+                error: OSError, *, mark: bool) -> list[bytes]:
+        """The answer to a PUT whose file could not be written whole; ``mark``: the part written
+        is at ``target`` and gets its reason (a replacement's part went with its inode)."""
         full = error.errno == errno.ENOSPC
         with contextlib.suppress(FileNotFoundError):  # the open itself failed: no file to explain
-            provider.uploads.set_reason(target, "the upload did not fit: no space left on the bridge's disk" if full
-                                        else "the upload was interrupted: only part of the file arrived")
+            if mark:
+                provider.uploads.set_reason(target, "the upload did not fit: no space left on the bridge's disk" if full
+                                            else "the upload was interrupted: only part of the file arrived")
         return _plain(start_response, "507 Insufficient Storage" if full else "400 Bad Request",
                       "no space left for the upload" if full else "the upload was interrupted")
 
@@ -138,6 +151,32 @@ class FastPut:
             return False
         url = util.quote(path)
         return bool(locks.get_indirect_url_lock_list(url) or locks.get_url_lock_list(util.get_uri_parent(url)))
+
+
+def _anonymous_file(folder: Path) -> int | None:
+    """A new file with no name yet in ``folder`` (``O_TMPFILE``), or None where the file system
+    has none: the new version is then written in place, as before."""
+    try:
+        return os.open(folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        if error.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return None
+        raise
+
+
+def _rename_over(fd: int, target: Path) -> None:
+    """Give the anonymous file ``fd`` the name ``target``, replacing what is there in one step."""
+    staged = target.with_name(f".{target.name}.{secrets.token_hex(4)}.dicomfs-put")
+    proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:  # linkat(AT_SYMLINK_FOLLOW) through /proc: os.link of "/proc/self/fd/N" alone calls link(),
+        os.link(str(fd), staged, src_dir_fd=proc, follow_symlinks=True)  # which does not follow it
+    finally:
+        os.close(proc)
+    try:
+        os.replace(staged, target)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
 
 
 def _plain(start_response: Callable[..., Any], status: str, message: str) -> list[bytes]:
