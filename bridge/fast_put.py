@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -26,6 +25,7 @@ from wsgidav import util
 from bridge.auth import Credentials, MalformedCredentialsError, basic_credentials
 from dicomfs.errors import DicomfsError
 from dicomfs.store.sources import is_os_junk
+from dicomfs.uploads import new_version, rename_over
 from dicomfs.views import UPLOADS
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ class FastPut:
         # renamed over the name once whole, so the ingest never reads a file being rewritten.
         replacement: int | None = None
         try:
-            replacement = _anonymous_file(target.parent) if found is not None else None
+            replacement = new_version(target.parent) if found is not None else None
             file = open(replacement if replacement is not None else target, "wb")
         except (FileNotFoundError, NotADirectoryError):  # no such folder: wsgidav answers 409 Conflict
             return None
@@ -98,7 +98,7 @@ class FastPut:
                 file.flush()
                 info = os.fstat(file.fileno())  # for the ETag, the queue and StoredUpload: no stat after
                 if replacement is not None and (not expected.isdigit() or written == int(expected)):
-                    _rename_over(file.fileno(), target)
+                    rename_over(file.fileno(), target)
         except OSError as error:  # the disk (ENOSPC), or the client went away mid-body
             return self._failed(start_response, provider, target, error, mark=replacement is None)
         if replacement is not None and expected.isdigit() and written != int(expected):
@@ -151,32 +151,6 @@ class FastPut:
             return False
         url = util.quote(path)
         return bool(locks.get_indirect_url_lock_list(url) or locks.get_url_lock_list(util.get_uri_parent(url)))
-
-
-def _anonymous_file(folder: Path) -> int | None:
-    """A new file with no name yet in ``folder`` (``O_TMPFILE``), or None where the file system
-    has none: the new version is then written in place, as before."""
-    try:
-        return os.open(folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
-    except OSError as error:
-        if error.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-            return None
-        raise
-
-
-def _rename_over(fd: int, target: Path) -> None:
-    """Give the anonymous file ``fd`` the name ``target``, replacing what is there in one step."""
-    staged = target.with_name(f".{target.name}.{secrets.token_hex(4)}.dicomfs-put")
-    proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:  # linkat(AT_SYMLINK_FOLLOW) through /proc: os.link of "/proc/self/fd/N" alone calls link(),
-        os.link(str(fd), staged, src_dir_fd=proc, follow_symlinks=True)  # which does not follow it
-    finally:
-        os.close(proc)
-    try:
-        os.replace(staged, target)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
 
 
 def _plain(start_response: Callable[..., Any], status: str, message: str) -> list[bytes]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from dicomfs.store import IngestResult, Store
 from dicomfs.store.candidates import REJECTED
 from dicomfs.store.sources import Source, is_os_junk
 
-__all__ = ["ERROR_XATTR", "Stamp", "UploadArea", "UploadOutcome", "stamp_of"]
+__all__ = ["ERROR_XATTR", "Stamp", "UploadArea", "UploadOutcome", "new_version", "rename_over", "stamp_of"]
 
 ERROR_XATTR = "user.dicomfs.error"
 Stamp = tuple[int, int, int]
@@ -200,6 +201,39 @@ class UploadArea:
             except OSError:
                 pass  # refilled or removed meanwhile
         return removed
+
+
+def new_version(folder: Path, flags: int = os.O_WRONLY) -> int | None:
+    """A file with no name yet in ``folder`` (``O_TMPFILE``; ``flags``: O_WRONLY or O_RDWR) for
+    the next version of an upload there, or None where the file system has no such files.
+
+    A file already in uploads/ may be in the ingest's hands (its group is being read): written
+    in place, it could be read torn and stored so, and then removed as "the file that was
+    stored" (same inode) although it holds the new version. The front ends write a new version
+    into a new inode and give it the name with ``rename_over``; the earlier inode is never
+    changed. Where this returns None they write in place."""
+    try:
+        return os.open(folder, os.O_TMPFILE | (flags & (os.O_WRONLY | os.O_RDWR)) | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        if error.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            return None
+        raise
+
+
+def rename_over(fd: int, target: Path) -> None:
+    """Give the nameless file ``fd`` (from ``new_version``) the name ``target``, replacing what
+    is there in one step."""
+    staged = target.with_name(f".{target.name}.{secrets.token_hex(4)}.dicomfs-new")
+    proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:  # linkat(AT_SYMLINK_FOLLOW) through /proc: os.link of "/proc/self/fd/N" alone calls
+        os.link(str(fd), staged, src_dir_fd=proc, follow_symlinks=True)  # link(), which fails (EXDEV)
+    finally:
+        os.close(proc)
+    try:
+        os.replace(staged, target)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
 
 
 def stamp_of(info: os.stat_result) -> Stamp:

@@ -255,6 +255,36 @@ def test_mount_refuses_bad_mountpoints_with_one_line(mount: Callable[..., Mounte
     assert not os.path.ismount(m.path)
 
 
+def _has_reason(path: Path) -> bool:
+    try:
+        return bool(os.getxattr(path, "user.dicomfs.error"))
+    except OSError:
+        return False
+
+
+def test_writing_over_an_upload_gives_the_new_version_a_new_file(mount: Callable[..., Mounted]) -> None:
+    """cp or > over a file in uploads/ that nobody is writing: the file may be in the ingest's
+    hands, so the new version gets a new inode; whoever holds the earlier one reads it unchanged."""
+    m = mount()
+    through_mount, real = m.path / "uploads" / "notes.txt", m.store / "uploads" / "notes.txt"
+    through_mount.write_bytes(b"first version")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _has_reason(real):  # not DICOM: it stays, with its reason
+        time.sleep(0.05)
+    assert _has_reason(real)
+    with real.open("rb") as held:  # as the ingest process holds a file of the group it reads
+        with through_mount.open("wb") as rewrite:  # O_TRUNC on a file nobody writes
+            rewrite.write(b"second version, longer")
+        assert held.read() == b"first version"
+    assert through_mount.read_bytes() == real.read_bytes() == b"second version, longer"
+    with through_mount.open("ab") as more:  # appending keeps writing the same (new) file
+        more.write(b"!")
+    assert real.read_bytes() == b"second version, longer!"
+    assert sorted(p.name for p in real.parent.iterdir()) == ["notes.txt"]  # no staged name left behind
+    with pytest.raises(FileExistsError):
+        os.close(os.open(through_mount, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+
+
 def test_mount_uploads_janitor_removes_idle_empty_folders_rejected_files_and_junk(mount: Callable[..., Mounted]) -> None:
     m = mount(config="[uploads]\nrejected_ttl = 1\nempty_folder_idle = 1\n")
     uploads = m.path / "uploads"

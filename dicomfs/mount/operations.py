@@ -34,7 +34,7 @@ from dicomfs.mount.inodes import ROOT_INODE, InodeTable, Node
 from dicomfs.store import Instance, Store
 from dicomfs.store.blobs import BlobReader
 from dicomfs.upload_queue import UploadQueue
-from dicomfs.uploads import ERROR_XATTR, UploadArea, UploadOutcome
+from dicomfs.uploads import ERROR_XATTR, UploadArea, UploadOutcome, new_version, rename_over
 from dicomfs.views import JOBS, UPLOADS, Entry, EntryKind, Listing, NotAFolderError, Tree
 from dicomfs.views.tags import META_PREFIX, PROTECTED, protection, resource_attributes
 
@@ -462,8 +462,12 @@ class DicomOperations(pyfuse3.Operations):
         if writing and self.settings.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         open_flags = (flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND)) | os.O_CLOEXEC
+        real = self._upload_path(node.path)
+        # Truncating a file nobody is writing (cp or > over it): it may be in the ingest's hands,
+        # so the new version gets a new inode (uploads.new_version) rather than truncating it.
+        renew = bool(flags & os.O_TRUNC) and not self._writers.get(node.inode)
         try:
-            fd = await self._thread(os.open, self._upload_path(node.path), open_flags)
+            fd = await self._thread(_open_new_version if renew else os.open, real, open_flags)
         except OSError as error:
             raise _fuse_error(error) from None
         handle = _Handle(node, fd=fd, written=bool(writing))
@@ -480,8 +484,10 @@ class DicomOperations(pyfuse3.Operations):
         path = (*parent.path, os.fsdecode(name))
         real = self._upload_path(path)
         open_flags = (flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_EXCL)) | os.O_CREAT | os.O_CLOEXEC
+        known = self.inodes.at(path)
+        renew = bool(flags & os.O_TRUNC) and not (known is not None and self._writers.get(known.inode))
         try:
-            fd, info = await self._upload_call(_create, real, open_flags)
+            fd, info = await self._upload_call(_create, real, open_flags, renew)
         except OSError as error:
             raise _fuse_error(error) from None
         node = self.inodes.node_for(parent.inode, path, "upload")
@@ -830,13 +836,36 @@ def _make_folder(path: Path) -> os.stat_result:
     return os.lstat(path)
 
 
-def _create(path: Path, flags: int) -> tuple[int, os.stat_result]:
-    fd = os.open(path, flags, 0o644)
+def _create(path: Path, flags: int, renew: bool) -> tuple[int, os.stat_result]:
+    """Create ``path`` (the usual case: a new name); over an existing file, ``renew`` gives it
+    a new inode rather than truncating the old one (see ``_open_new_version``)."""
+    try:
+        fd = os.open(path, flags | os.O_EXCL, 0o644)
+    except FileExistsError:
+        if flags & os.O_EXCL:
+            raise
+        fd = _open_new_version(path, flags) if renew else os.open(path, flags, 0o644)
     try:
         return fd, os.fstat(fd)
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_new_version(path: Path, flags: int) -> int:
+    """An O_TRUNC open of the existing upload ``path``: a new, empty inode under its name, so the
+    file the ingest may be reading is never truncated under it; where the file system has no
+    nameless files, the old one truncated as asked."""
+    os.stat(path)  # gone meanwhile (ingested): ENOENT, as the open would have said
+    fd = new_version(path.parent, flags)
+    if fd is None:
+        return os.open(path, flags)
+    try:
+        rename_over(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
