@@ -77,11 +77,12 @@ class FastPut:
             return None
         if (found is not None and stat.S_ISDIR(found.st_mode)) or self._locked(path):
             return None
-        # A file that is there may be in the ingest's hands: a new version goes into a new inode,
+        # A file with content may be in the ingest's hands: a new version goes into a new inode,
         # renamed over the name once whole, so the ingest never reads a file being rewritten.
+        # An empty one is never read (the ingest keeps it with its reason): written in place.
         replacement: int | None = None
         try:
-            replacement = new_version(target.parent) if found is not None else None
+            replacement = new_version(target.parent) if found is not None and found.st_size else None
             file = open(replacement if replacement is not None else target, "wb")
         except (FileNotFoundError, NotADirectoryError):  # no such folder: wsgidav answers 409 Conflict
             return None

@@ -26,7 +26,7 @@ from bridge.auth import RIGHTS_KEY
 from bridge.streams import open_stream
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.store.sources import is_os_junk
-from dicomfs.uploads import ERROR_XATTR
+from dicomfs.uploads import ERROR_XATTR, new_version, rename_over
 from dicomfs.views import Entry, EntryKind
 from dicomfs.views.tags import META_PREFIX, PROTECTED, protection, resource_attributes
 
@@ -300,6 +300,8 @@ class UploadFile(FileResource):  # type: ignore[misc]
     """A file in ``uploads/``: being written, waiting for ingest, or kept with its reason."""
 
     provider: DicomfsProvider
+    _new_version: int | None = None
+    """The nameless file a PUT over this one writes into, until ``end_write`` names it."""
 
     def get_content_type(self) -> str:
         return "application/dicom" if self.name.lower().endswith(".dcm") else super().get_content_type()
@@ -340,10 +342,26 @@ class UploadFile(FileResource):  # type: ignore[misc]
     def begin_write(self, *, content_type: str | None = None) -> Any:
         self.provider.check_upload()
         _refuse_clutter(self.name)
-        self.provider.uploads.clear_reason(self.file_path)  # Explorer's 0-byte PUT was marked empty
-        return super().begin_write(content_type=content_type)
+        # A file with content may be in the ingest's hands: the new version goes into a new
+        # inode, renamed over the name in end_write (see uploads.new_version). An empty one (a
+        # name just made for this PUT, Explorer's 0-byte placeholder) is never read: in place.
+        fd = new_version(self.file_path.parent) if os.stat(self.file_path).st_size else None
+        if fd is None:
+            self.provider.uploads.clear_reason(self.file_path)  # Explorer's 0-byte PUT was marked empty
+            return super().begin_write(content_type=content_type)
+        self._new_version = fd
+        return open(os.dup(fd), "wb")  # wsgidav closes this one; ``fd`` names the file in end_write
 
     def end_write(self, *, with_errors: bool) -> None:
+        fd, self._new_version = self._new_version, None
+        if fd is not None:
+            try:
+                if with_errors:  # the earlier version stays as it was; the part that came goes with its inode
+                    return
+                rename_over(fd, self.file_path)
+            finally:
+                os.close(fd)
+            self.provider.uploads.clear_reason(self.file_path)
         self.provider.upload_written(self, with_errors=with_errors)
 
     def delete(self) -> None:

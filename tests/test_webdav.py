@@ -282,6 +282,20 @@ def test_a_new_version_of_an_upload_never_rewrites_the_file_the_ingest_may_be_re
             time.sleep(0.05)  # nothing should change: this waits out a wrong outcome
         assert real.read_bytes() == b"second version, longer"
         assert sorted(p.name for p in real.parent.iterdir()) == ["n.txt"]  # no staged name left behind
+        # The same through wsgidav's own PUT (a condition sends it there), and an empty file
+        # (never read by the ingest) is still written in place.
+        with real.open("rb") as held:
+            conditional = bridge.request("PUT", "/uploads/n.txt", b"third, through wsgidav",
+                                         {"If-Unmodified-Since": "Fri, 01 Jan 2100 00:00:00 GMT"})
+            assert conditional.status == 204
+            assert held.read() == b"second version, longer"
+        assert real.read_bytes() == b"third, through wsgidav"
+        assert sorted(p.name for p in real.parent.iterdir()) == ["n.txt"]
+        assert bridge.request("PUT", "/uploads/e.txt", b"").status == 201
+        empty = real.parent / "e.txt"
+        inode = empty.stat().st_ino
+        assert bridge.request("PUT", "/uploads/e.txt", b"now with content").status == 204
+        assert empty.stat().st_ino == inode and empty.read_bytes() == b"now with content"
 
 
 def test_uploads_a_killed_bridge_answered_for_are_ingested_at_the_next_start(tmp_path: Path) -> None:

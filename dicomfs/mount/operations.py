@@ -856,7 +856,8 @@ def _open_new_version(path: Path, flags: int) -> int:
     """An O_TRUNC open of the existing upload ``path``: a new, empty inode under its name, so the
     file the ingest may be reading is never truncated under it; where the file system has no
     nameless files, the old one truncated as asked."""
-    os.stat(path)  # gone meanwhile (ingested): ENOENT, as the open would have said
+    if not os.stat(path).st_size:  # ENOENT if gone meanwhile (ingested), as the open would say
+        return os.open(path, flags)  # empty: the ingest never reads it, so in place is safe
     fd = new_version(path.parent, flags)
     if fd is None:
         return os.open(path, flags)
