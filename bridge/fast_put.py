@@ -77,17 +77,14 @@ class FastPut:
             return None
         if (found is not None and stat.S_ISDIR(found.st_mode)) or self._locked(path):
             return None
-        # A file with content may be in the ingest's hands: a new version goes into a new inode,
-        # renamed over the name once whole, so the ingest never reads a file being rewritten.
-        # An empty one is never read (the ingest keeps it with its reason): written in place.
-        replacement: int | None = None
+        replacement: int | None = None  # a new inode for a new version (uploads.new_version)
         try:
-            replacement = new_version(target.parent) if found is not None and found.st_size else None
+            replacement = new_version(target) if found is not None else None
             file = open(replacement if replacement is not None else target, "wb")
         except (FileNotFoundError, NotADirectoryError):  # no such folder: wsgidav answers 409 Conflict
             return None
-        except OSError as error:
-            return self._failed(start_response, provider, target, error, mark=found is None and replacement is None)
+        except OSError as error:  # nothing was written
+            return self._failed(start_response, provider, target, error, mark=False)
         environ["wsgidav.auth.user_name"] = user  # who uploaded, for the store's RemoteUser
         expected = environ.get("CONTENT_LENGTH") or ""
         written = 0
@@ -98,18 +95,19 @@ class FastPut:
                     written += file.write(chunk)
                 file.flush()
                 info = os.fstat(file.fileno())  # for the ETag, the queue and StoredUpload: no stat after
-                if replacement is not None and (not expected.isdigit() or written == int(expected)):
+                # cheroot ends the body early when the client leaves
+                complete = not expected.isdigit() or written == int(expected)
+                if replacement is not None and complete:
                     rename_over(file.fileno(), target)
         except OSError as error:  # the disk (ENOSPC), or the client went away mid-body
             return self._failed(start_response, provider, target, error, mark=replacement is None)
-        if replacement is not None and expected.isdigit() and written != int(expected):
-            return _plain(start_response, "400 Bad Request", f"{written} of {expected} bytes arrived; "
-                          "the earlier file is left as it was")
+        if not complete:
+            if replacement is None:
+                provider.uploads.set_reason(target, "the upload was interrupted: only part of the file arrived")
+            return _plain(start_response, "400 Bad Request", f"{written} of {expected} bytes arrived"
+                          + ("; the earlier file is left as it was" if replacement is not None else ""))
         if found is not None:
             provider.uploads.clear_reason(target)  # Explorer's 0-byte PUT was marked empty
-        if expected.isdigit() and written != int(expected):  # cheroot ends the body early when the client leaves
-            provider.uploads.set_reason(target, "the upload was interrupted: only part of the file arrived")
-            return _plain(start_response, "400 Bad Request", f"{written} of {expected} bytes arrived")
         provider.upload_completed(util.quote(path), parts[1:], environ, info)
         status = "204 No Content" if found is not None else "201 Created"
         # wsgidav's own ETag for a file (util.get_file_etag), from the stat already made
@@ -121,7 +119,8 @@ class FastPut:
     def _failed(start_response: Callable[..., Any], provider: DicomfsProvider, target: Path,
                 error: OSError, *, mark: bool) -> list[bytes]:
         """The answer to a PUT whose file could not be written whole; ``mark``: the part written
-        is at ``target`` and gets its reason (a replacement's part went with its inode)."""
+        is at ``target`` and gets its reason (nothing was written, or a replacement's part went
+        with its inode, when False)."""
         full = error.errno == errno.ENOSPC
         with contextlib.suppress(FileNotFoundError):  # the open itself failed: no file to explain
             if mark:

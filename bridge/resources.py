@@ -342,10 +342,10 @@ class UploadFile(FileResource):  # type: ignore[misc]
     def begin_write(self, *, content_type: str | None = None) -> Any:
         self.provider.check_upload()
         _refuse_clutter(self.name)
-        # A file with content may be in the ingest's hands: the new version goes into a new
-        # inode, renamed over the name in end_write (see uploads.new_version). An empty one (a
-        # name just made for this PUT, Explorer's 0-byte placeholder) is never read: in place.
-        fd = new_version(self.file_path.parent) if os.stat(self.file_path).st_size else None
+        # A new version of a file with content goes into a new inode, named in end_write (see
+        # uploads.new_version); a name just made for this PUT, or Explorer's 0-byte placeholder,
+        # is written in place.
+        fd = new_version(self.file_path)
         if fd is None:
             self.provider.uploads.clear_reason(self.file_path)  # Explorer's 0-byte PUT was marked empty
             return super().begin_write(content_type=content_type)

@@ -203,17 +203,23 @@ class UploadArea:
         return removed
 
 
-def new_version(folder: Path, flags: int = os.O_WRONLY) -> int | None:
-    """A file with no name yet in ``folder`` (``O_TMPFILE``; ``flags``: O_WRONLY or O_RDWR) for
-    the next version of an upload there, or None where the file system has no such files.
+def new_version(target: Path, flags: int = os.O_WRONLY) -> int | None:
+    """A file with no name yet (``O_TMPFILE``, beside ``target``; ``flags``: O_WRONLY or O_RDWR)
+    for the next version of the upload ``target``, or None when the caller should write in place.
 
-    A file already in uploads/ may be in the ingest's hands (its group is being read): written
-    in place, it could be read torn and stored so, and then removed as "the file that was
-    stored" (same inode) although it holds the new version. The front ends write a new version
-    into a new inode and give it the name with ``rename_over``; the earlier inode is never
-    changed. Where this returns None they write in place."""
+    A file with content in uploads/ may be in the ingest's hands (its group is being read):
+    written in place, it could be read torn and stored so, and then removed as "the file that
+    was stored" (same inode) although it holds the new version. So its next version goes into a
+    new inode, which ``rename_over`` names once the front end is done; the earlier inode is never
+    changed. None when there is nothing to protect (no file, or an empty one: the ingest keeps an
+    empty file with its reason and never reads it) or the file system has no nameless files."""
     try:
-        return os.open(folder, os.O_TMPFILE | (flags & (os.O_WRONLY | os.O_RDWR)) | os.O_CLOEXEC, 0o644)
+        if not os.stat(target).st_size:
+            return None
+    except FileNotFoundError:
+        return None
+    try:
+        return os.open(target.parent, os.O_TMPFILE | (flags & (os.O_WRONLY | os.O_RDWR)) | os.O_CLOEXEC, 0o644)
     except OSError as error:
         if error.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             return None

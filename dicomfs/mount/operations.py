@@ -484,10 +484,16 @@ class DicomOperations(pyfuse3.Operations):
         path = (*parent.path, os.fsdecode(name))
         real = self._upload_path(path)
         open_flags = (flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_EXCL)) | os.O_CREAT | os.O_CLOEXEC
-        known = self.inodes.at(path)
-        renew = bool(flags & os.O_TRUNC) and not (known is not None and self._writers.get(known.inode))
         try:
-            fd, info = await self._upload_call(_create, real, open_flags, renew)
+            try:
+                fd, info = await self._upload_call(_create, real, open_flags | os.O_EXCL)
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                # An existing name: truncating or replacing it may free a large file's blocks.
+                known = self.inodes.at(path)
+                renew = bool(flags & os.O_TRUNC) and not (known is not None and self._writers.get(known.inode))
+                fd, info = await self._thread(_create, real, open_flags, renew)
         except OSError as error:
             raise _fuse_error(error) from None
         node = self.inodes.node_for(parent.inode, path, "upload")
@@ -836,15 +842,10 @@ def _make_folder(path: Path) -> os.stat_result:
     return os.lstat(path)
 
 
-def _create(path: Path, flags: int, renew: bool) -> tuple[int, os.stat_result]:
-    """Create ``path`` (the usual case: a new name); over an existing file, ``renew`` gives it
-    a new inode rather than truncating the old one (see ``_open_new_version``)."""
-    try:
-        fd = os.open(path, flags | os.O_EXCL, 0o644)
-    except FileExistsError:
-        if flags & os.O_EXCL:
-            raise
-        fd = _open_new_version(path, flags) if renew else os.open(path, flags, 0o644)
+def _create(path: Path, flags: int, renew: bool = False) -> tuple[int, os.stat_result]:
+    """Open ``path`` with ``flags`` (which hold O_CREAT) and stat it; ``renew``: an O_TRUNC open
+    of an existing file gives it a new inode (``_open_new_version``)."""
+    fd = _open_new_version(path, flags) if renew else os.open(path, flags, 0o644)
     try:
         return fd, os.fstat(fd)
     except BaseException:
@@ -853,14 +854,11 @@ def _create(path: Path, flags: int, renew: bool) -> tuple[int, os.stat_result]:
 
 
 def _open_new_version(path: Path, flags: int) -> int:
-    """An O_TRUNC open of the existing upload ``path``: a new, empty inode under its name, so the
-    file the ingest may be reading is never truncated under it; where the file system has no
-    nameless files, the old one truncated as asked."""
-    if not os.stat(path).st_size:  # ENOENT if gone meanwhile (ingested), as the open would say
-        return os.open(path, flags)  # empty: the ingest never reads it, so in place is safe
-    fd = new_version(path.parent, flags)
+    """An O_TRUNC open of the upload ``path``: a new, empty inode under its name where the old one
+    may be in the ingest's hands (``uploads.new_version``), else the open as asked."""
+    fd = new_version(path, flags)
     if fd is None:
-        return os.open(path, flags)
+        return os.open(path, flags, 0o644)
     try:
         rename_over(fd, path)
     except BaseException:
