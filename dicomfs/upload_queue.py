@@ -4,8 +4,9 @@ A client copying a CD sends hundreds of files one after the other and waits for 
 Ingesting inside each request would make it wait for a group commit (a sync) per file; instead
 the front end answers at once and queues the file here, and one thread hands whatever has
 queued up meanwhile (letting it gather for up to ``ingest.batch_delay_ms`` first) to the ingest
-process (``upload_worker``), which stores it in a single group commit. The file stays visible in ``uploads/`` until it is stored, then vanishes; what is not
-DICOM stays with its reason (see ``uploads``).
+process (``upload_worker``), which stores it in a single group commit. The file stays visible in
+``uploads/`` until it is stored, then vanishes; what is not DICOM stays with its reason (see
+``uploads``).
 """
 
 from __future__ import annotations

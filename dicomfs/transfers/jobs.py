@@ -14,7 +14,6 @@ the wire, after gzip) and ``skipped_items`` / ``skipped_bytes`` (already on the 
 from __future__ import annotations
 
 import contextlib
-
 import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
