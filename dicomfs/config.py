@@ -30,7 +30,6 @@ import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -326,10 +325,13 @@ def parse_size(text: str | int) -> int:
     match = _SIZE.fullmatch(text.strip()) if isinstance(text, str) else None
     if match is None or match[2].lower() not in _SIZE_UNITS:
         raise ConfigError(f"must be {_SIZE_HINT} (got {text!r})")
-    size = Decimal(match[1]) * _SIZE_UNITS[match[2].lower()]
-    if size != size.to_integral_value():
+    # In whole numbers, exactly ("1.1 GiB" in floats is not a whole number of bytes either way).
+    whole, _, fraction = match[1].partition(".")
+    scaled = int(whole + fraction) * _SIZE_UNITS[match[2].lower()]
+    divisor: int = 10 ** len(fraction)
+    if scaled % divisor:
         raise ConfigError(f"must be a whole number of bytes (got {text!r})")
-    return int(size)
+    return scaled // divisor
 
 
 def _human_size(size: int) -> str:

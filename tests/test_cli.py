@@ -151,3 +151,37 @@ def test_cli_config_shows_values_and_sources(tmp_path: Path, config: Path) -> No
     assert "storage.compression" in shown.stdout and "default" in shown.stdout
     assert "command line" in shown.stdout  # --store
     assert str(config) in shown.stdout
+
+
+# Each command's words, as a user types them: the parser built for that command alone must read
+# them exactly as the parser of every command does.
+COMMAND_LINES = [
+    ["init"], ["ingest", "--quiet", "a", "b"], ["ls", "series", "--parent", "P1", "--where", "modality=CT", "--json"],
+    ["show", "X", "--json"], ["rm", "A", "B"], ["protect", "P"], ["unprotect", "P"], ["meta", "set", "X", "N", "V"],
+    ["attach", "get", "X", "report", "-o", "out.pdf"], ["stats", "--json"], ["check", "--no-hash"], ["config"],
+    ["mount", "/mnt/pacs", "-f", "--webdav"], ["webdav", "--bind", "127.0.0.1:9"], ["export", "--to", "pacs", "--wait", "P"],
+    ["send", "--to", "peer", "P"], ["pull", "--from", "peer", "P"], ["jobs", "show", "J1"], ["worker"],
+    ["passwd", "alice", "--rights", "read,upload"], ["umount", "/mnt/pacs"],
+]
+
+
+@pytest.mark.parametrize("words", COMMAND_LINES, ids=lambda words: words[0])
+def test_cli_parser_of_one_command_reads_its_words_as_the_full_parser(words: list[str]) -> None:
+    from dicomfs.cli import _COMMANDS, _parser, named_command
+
+    argv = ["--store", "s", "--debug", *words]
+    assert named_command(argv) == words[0]
+    full = _parser(["--store"])  # names no command: every command's parser
+    assert vars(_parser(argv).parse_args(argv)) == vars(full.parse_args(argv))
+    assert {name for name, *_ in _COMMANDS} == {line[0] for line in COMMAND_LINES}  # every command is covered
+
+
+def test_cli_help_lists_every_command_and_a_misspelt_one_names_them(tmp_path: Path) -> None:
+    from dicomfs.cli import _COMMANDS
+
+    store = tmp_path / "store"
+    listed = run_cli("--help", store=store, check=True).stdout
+    assert all(f"    {name} " in listed for name, *_ in _COMMANDS)
+    wrong = run_cli("--debug", "exprt", store=store)
+    assert wrong.returncode == 2 and "invalid choice: 'exprt'" in wrong.stderr and "'umount'" in wrong.stderr
+    assert "--to NAME" in run_cli("export", "--help", store=store, check=True).stdout

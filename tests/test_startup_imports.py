@@ -27,6 +27,15 @@ def test_the_command_line_and_the_export_job_load_nothing_that_only_writing_need
     assert sorted(loaded.intersection(WRITE_ONLY)) == []
 
 
+def test_reading_commands_start_without_ctypes_or_decimal() -> None:
+    # ctypes (~4 ms) serves syncfs and madvise, decimal (~2 ms) sizes written as text: neither is
+    # needed to start a command, parse its words and read the default configuration.
+    loaded = _modules_after("import dicomfs.cli\nfrom dicomfs.config import load_config\nload_config(None)\n"
+                            "dicomfs.cli._parser(['ls']).parse_args(['ls'])")
+    assert "dicomfs.store.index" in loaded and "dicomfs.store.blobs" in loaded
+    assert sorted(loaded.intersection({"ctypes", "decimal"})) == []
+
+
 def test_the_package_still_offers_its_names_and_ingest_still_finds_its_parts() -> None:
     loaded = _modules_after("from dicomfs.store import Store, WriteSettings, IngestResult, Limits\n"
                             "from dicomfs.store.committer import WriteSettings as W\n"

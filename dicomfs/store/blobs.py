@@ -10,7 +10,6 @@ other operation. Writing does not fsync: the caller makes a whole batch durable 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -30,6 +29,7 @@ from dicomfs.store.blockformat import (
     parse_table,
     parse_trailer,
 )
+from dicomfs.store.libc import syncfs
 
 __all__ = ["BlobReader", "BlobStore", "is_disk_full", "sync_filesystem"]
 
@@ -38,7 +38,6 @@ def is_disk_full(error: OSError) -> bool:
     """Whether a write failed because the store's disk (or the user's quota) is full."""
     return error.errno in (errno.ENOSPC, errno.EDQUOT)
 
-_libc = ctypes.CDLL(None, use_errno=True)  # the C library already loaded (find_library runs ldconfig)
 _COPY_CHUNK = 8 << 20
 _KERNEL_COPY_MIN = 1 << 20
 """Below this, one write() of bytes already in memory beats a copy_file_range round trip."""
@@ -53,9 +52,7 @@ def sync_filesystem(folder: Path) -> None:
     """Make everything written on ``folder``'s filesystem durable (one ``syncfs`` call)."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if _libc.syncfs(fd) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, f"syncfs failed: {os.strerror(error)}")
+        syncfs(fd)
     finally:
         os.close(fd)
 

@@ -30,7 +30,6 @@ up with every commit that changes resources: other processes poll it to notice n
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import struct
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import msgpack
 
 from dicomfs.errors import StoreError, StoreFullError
 from dicomfs.store.ids import ROOT_KEY, Level, ResourceId, id_from_key, key_from_id
+from dicomfs.store.libc import MADV_DONTNEED, madvise
 from dicomfs.store.records import Instance, Record, decode_record, encode_record
 
 __all__ = ["COUNTER_NAMES", "AttachmentEntry", "CachedIndex", "Index", "Txn"]
@@ -65,9 +65,6 @@ _NEARLY_FULL = 4 << 20
 _MAP_SIZE = 1 << 40
 """Address space, not disk: 1 TiB lets the index grow without ever resizing (a resize forces
 every other process to reopen)."""
-_MADV_DONTNEED = 4  # <sys/mman.h> on Linux
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 @dataclass(frozen=True)
@@ -134,7 +131,7 @@ class Index:
             self._mapped = self._find_map()
         used = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
         for start, end in self._mapped:
-            _libc.madvise(start, min(end - start, used), _MADV_DONTNEED)  # failing, it leaves them mapped: harmless
+            madvise(start, min(end - start, used), MADV_DONTNEED)  # failing, it leaves them mapped: harmless
 
     def _find_map(self) -> list[tuple[int, int]]:
         """Where data.mdb is mapped in this process (none found: an empty list)."""
