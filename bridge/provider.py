@@ -307,11 +307,16 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
             held = {parts for parts, _ in self._awaiting_unlock.values()}
         return held | self.queue.busy()
 
-    def _ingested(self, parts: tuple[str, ...], outcome: UploadOutcome) -> None:
-        if outcome.removed and not outcome.results:  # gone without being stored (deleted meanwhile, clutter)
-            with self._awaiting_lock:
-                self._submitted.pop(parts, None)
-        if outcome.removed or outcome.results:
+    def _ingested(self, reports: list[tuple[tuple[str, ...], UploadOutcome]]) -> None:
+        """A group of uploads is ingested: forget those gone unstored, and refresh the tree once
+        for all (a refresh per file read the change log 2,400 times for 2,400 PUTs)."""
+        changed = False
+        for parts, outcome in reports:
+            if outcome.removed and not outcome.results:  # gone without being stored (deleted meanwhile, clutter)
+                with self._awaiting_lock:
+                    self._submitted.pop(parts, None)
+            changed = changed or outcome.removed or bool(outcome.results)
+        if changed:
             self.tree.refresh()
 
 

@@ -40,7 +40,7 @@ class UploadQueue:
     """Completed uploads waiting to be ingested, and the thread that ingests them."""
 
     def __init__(self, store: Store, area: UploadArea, *, origin: str,
-                 on_done: Callable[[tuple[str, ...], UploadOutcome], None] | None = None) -> None:
+                 on_done: Callable[[list[tuple[tuple[str, ...], UploadOutcome]]], None] | None = None) -> None:
         self._ingester = UploadIngester(store, area)
         self._gathering = store.settings.batch_delay
         self._enough = min(store.settings.batch_files, _MOST_PER_GROUP)
@@ -166,5 +166,5 @@ class UploadQueue:
                     self._keep_with_reason(parts, f"not stored: {error}")
                 continue
             if self._on_done is not None:
-                for parts, outcome in zip(batch, outcomes, strict=True):
-                    self._on_done(parts, outcome)
+                # One report per group, not per file: each front end refreshes its tree once for it.
+                self._on_done(list(zip(batch, outcomes, strict=True)))

@@ -23,12 +23,15 @@ class Reports:
 
     def __init__(self) -> None:
         self.outcomes: dict[tuple[str, ...], UploadOutcome] = {}
+        self.groups: list[list[tuple[str, ...]]] = []  # one report per group commit
         self.threads: set[str] = set()
         self._lock = threading.Lock()
 
-    def __call__(self, parts: tuple[str, ...], outcome: UploadOutcome) -> None:
+    def __call__(self, reports: list[tuple[tuple[str, ...], UploadOutcome]]) -> None:
         with self._lock:
-            self.outcomes[parts] = outcome
+            self.groups.append([parts for parts, _ in reports])
+            for parts, outcome in reports:
+                self.outcomes[parts] = outcome
             self.threads.add(threading.current_thread().name)
 
 
@@ -96,6 +99,7 @@ def test_a_group_gathers_for_the_batch_delay_unless_it_fills_first(open_store: C
             queue.submit(item)
         assert queue.wait_idle(timeout=20), "a full group waited for the delay"
         assert set(reports.outcomes) == set(parts[:3])
+        assert reports.groups == [parts[:3]]  # reported together, as they were ingested
         queue.submit(parts[3])  # alone: it waits for company (30 s here)
         assert not queue.wait_idle(timeout=1.0)
         assert parts[3] not in reports.outcomes and area.path(parts[3]).exists()

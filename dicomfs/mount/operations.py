@@ -530,26 +530,30 @@ class DicomOperations(pyfuse3.Operations):
         if complete is not None and self._queue is not None:
             self._queue.submit(complete)  # stats the file, hence here and not before the call
 
-    def _from_queue(self, parts: tuple[str, ...], outcome: UploadOutcome) -> None:
-        """The ingest thread's report, carried into the trio loop without waiting for it (a wait
-        per file held up the next group)."""
+    def _from_queue(self, reports: list[tuple[tuple[str, ...], UploadOutcome]]) -> None:
+        """The ingest thread's report of a group, carried into the trio loop without waiting for
+        it (a wait held up the next group), in one wake-up of the loop for the whole group."""
         if self._trio_token is None:
             return
         try:
-            self._trio_token.run_sync_soon(self._uploaded, parts, outcome)
+            self._trio_token.run_sync_soon(self._uploaded, reports)
         except trio.RunFinishedError:
             pass  # unmounting: the kernel forgets everything anyway
 
-    def _uploaded(self, parts: tuple[str, ...], outcome: UploadOutcome) -> None:
+    def _uploaded(self, reports: list[tuple[tuple[str, ...], UploadOutcome]]) -> None:
+        for parts, outcome in reports:
+            try:
+                node = self.inodes.at((UPLOADS, *parts))
+                if outcome.removed and node is not None:
+                    self._drop_names(node, vanished=False)
+            except Exception:  # raised here, in a run_sync_soon callback, it would end the loop
+                _log.exception("after the ingest of uploads/%s", "/".join(parts))
         try:
-            node = self.inodes.at((UPLOADS, *parts))
-            if outcome.removed and node is not None:
-                self._drop_names(node, vanished=False)
             if not self._refresh_pending and self._nursery is not None:
-                self._refresh_pending = True  # one refresh for a whole group of ingested files
+                self._refresh_pending = True  # one refresh for the group (and any that follow before it runs)
                 self._nursery.start_soon(self._refresh_after_ingest)
-        except Exception:  # raised here, in a run_sync_soon callback, it would end the loop
-            _log.exception("after the ingest of uploads/%s", "/".join(parts))
+        except Exception:
+            _log.exception("cannot refresh the tree after an ingest of %d uploads", len(reports))
 
     async def _refresh_after_ingest(self) -> None:
         self._refresh_pending = False
