@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from dicomfs.mount.diskpressure import BUSY_PERCENT, SLOW_CALL_SECONDS, SLOW_HOLD_SECONDS, DiskPressure, io_pressure
+from dicomfs.mount.diskpressure import (
+    BUSY_PERCENT,
+    MOST_HOLD_SECONDS,
+    SLOW_CALL_SECONDS,
+    SLOW_HOLD_SECONDS,
+    DiskPressure,
+    io_pressure,
+)
 
 PSI = "some avg10={some:.2f} avg60=0.50 avg300=0.20 total=123456\nfull avg10=0.00 avg60=0.10 avg300=0.05 total=4567\n"
 
@@ -55,4 +62,22 @@ def test_one_slow_call_sends_the_next_seconds_to_threads() -> None:
     disk.measured(0.0)  # quiet figures do not end the hold early
     assert disk.busy
     now[0] += 0.2
+    assert not disk.busy
+
+
+def test_a_lag_that_lasts_holds_longer_and_a_single_stall_does_not() -> None:
+    now = [1000.0]
+    disk = DiskPressure(clock=lambda: now[0])
+    holds = []
+    for _ in range(6):  # slow again each time the loop tries: the hold doubles up to its cap
+        disk.took(SLOW_CALL_SECONDS * 2)
+        start = now[0]
+        while disk.busy:
+            now[0] += 0.05
+        holds.append(round(now[0] - start, 1))
+    assert holds[:3] == [SLOW_HOLD_SECONDS, 2 * SLOW_HOLD_SECONDS, 4 * SLOW_HOLD_SECONDS]
+    assert max(holds) == MOST_HOLD_SECONDS
+    now[0] += MOST_HOLD_SECONDS + 0.1  # quiet for longer than the last hold: the next stall starts over
+    disk.took(SLOW_CALL_SECONDS * 2)
+    now[0] += SLOW_HOLD_SECONDS + 0.05
     assert not disk.busy
