@@ -16,10 +16,10 @@ the same namespace* (``nsenter``), and so does every client: litmus and the REST
 commands run with ``nsenter``, the Python timing code (``http.client``) in the fixture's
 namespace thread (``in_namespace``). So both servers are reached the same way, over the same
 loopback. Every dicomfs store is fresh and uncompressed unless said (``[storage] compression``),
-made and filled with the real command line. Before each timed ingest the disk is let settle
-(``settle_the_disk``: dicomfs's upload paths delete what they stored, which slows the next ~30 s of
-file creations on ext4 without a journal, whoever creates them), sources are read once (page
-cache) and ``sync`` runs. MB means 10^6 bytes.
+made and filled with the real command line. After each dicomfs upload path the disk is let
+settle (``settle_the_disk``: those paths delete what they stored, which slows the next ~30 s of
+file creations on ext4 without a journal, whoever creates them). Sources are read once before
+each timed ingest (page cache) and ``sync`` runs. MB means 10^6 bytes.
 
 **The corpus** is made by ``../shared/corpus/make_corpus.py`` (24 patients x 2 studies x 2
 series x 25 instances of 64x64 = 2,400 small instances, ``--large 50``: 50 CT of 512x512 16-bit,
@@ -460,15 +460,14 @@ def ingest_round(bench: Bench, corpus: Corpus, files: list[tuple[str, bytes]], s
     results: dict[str, Ingested] = {}
     others = bench.others
 
-    def ready() -> None:
-        """Before every measurement: the disk settled, the corpus in the page cache. dicomfs's
-        upload paths delete each file once it is stored; on these disks (ext4 without a journal)
-        the next ~30 s of file creations then pay for it (``settle_the_disk``), and the path
-        measured next, whichever it is, paid twice its time for a `cp -r` (3.8 against 1.6 s)."""
+    def settle() -> None:
+        """After a dicomfs upload path: it deletes each file once stored, and on these disks (ext4
+        without a journal) the next ~30 s of file creations pay for it (``settle_the_disk``),
+        whichever path is measured next. Only after those: in a slow phase of the machine a
+        creation stays above the probe's bar anyway, and waiting before every path added 35 s each."""
         said = settle_the_disk(bench.workdir, most_seconds=35.0)
         if "without a journal" in said and "after waiting 0 s" not in said:
             progress(f"  {said}")
-        warm(corpus)
 
     def note(key: str, seconds: float, extra: str = "") -> None:
         results[key] = Ingested(seconds, f"{extra}; {others.last_note()}".lstrip("; "))
@@ -479,7 +478,6 @@ def ingest_round(bench: Bench, corpus: Corpus, files: list[tuple[str, bytes]], s
     bench.count += 1
     store = bench.workdir / "stores" / f"{bench.count:02d}-ingest"
     store.parent.mkdir(exist_ok=True)
-    ready()
     with others.window("dicomfs ingest"):
         run = timed_ingest(bench.command, config, "corpus", corpus, store)
     if run.exit_status:
@@ -489,7 +487,7 @@ def ingest_round(bench: Bench, corpus: Corpus, files: list[tuple[str, bytes]], s
 
     main_server = host
     for clients in (4, 1):
-        ready()
+        warm(corpus)
         with contextlib.ExitStack() as this_run:
             kept = main_server is None and clients == 4
             server = (stack if kept else this_run).enter_context(bench.orthanc(f"rest-c{clients}"))
@@ -501,17 +499,18 @@ def ingest_round(bench: Bench, corpus: Corpus, files: list[tuple[str, bytes]], s
 
     for clients in (1, 4):
         cli = bench.store(f"webdav-c{clients}")
-        ready()
+        warm(corpus)
         with bench.bridge(main_server, cli) as bridge, others.window(f"dicomfs WebDAV x{clients}"):
             ingested, puts, spawned = main_server.in_namespace(dav.put_until_ingested, bridge, cli, files, clients)
         note(f"dicomfs WebDAV x{clients}", ingested, f"PUTs alone {puts:.2f} s, {spawned} ingest processes")
-        ready()
+        settle()
+        warm(corpus)
         with bare_webdav(bench, main_server) as (bare, folder), others.window(f"bare cheroot PUT x{clients}"):
             seconds = main_server.in_namespace(dav.put_all, bare, "/uploads/", files, clients)
         if files_in(folder) != count:
             raise CannotRun(f"PUT into the bare cheroot server left {files_in(folder)} files, not {count}")
         note(f"bare cheroot PUT x{clients}", seconds, "nothing ingested")
-        ready()
+        warm(corpus)
         with bench.orthanc(f"webdav-c{clients}") as server, others.window(f"Orthanc WebDAV x{clients}"):
             started = time.perf_counter()
             server.in_namespace(dav.put_all, endpoint(server, bench.workdir), "/webdav/uploads/", files, clients)
@@ -527,7 +526,7 @@ def ingest_round(bench: Bench, corpus: Corpus, files: list[tuple[str, bytes]], s
     cli = bench.store("fuse")
     mountpoint = bench.workdir / "mnt"
     with cli.mounted(mountpoint):
-        ready()
+        warm(corpus)
         with others.window("dicomfs FUSE cp -r"):
             started = time.perf_counter()
             subprocess.run(["cp", "-r", *map(str, sorted(corpus.root.iterdir())), str(mountpoint / "uploads")],
@@ -543,6 +542,7 @@ def ingest_round(bench: Bench, corpus: Corpus, files: list[tuple[str, bytes]], s
                 time.sleep(0.02)
             seconds = seen_empty - started
     note("dicomfs FUSE cp -r", seconds, f"cp alone {copied:.2f} s")
+    settle()  # for what comes next: the next round, or the browsing archives
     return results, main_server, ingest_cli
 
 
