@@ -325,7 +325,7 @@ def parse_size(text: str | int) -> int:
     match = _SIZE.fullmatch(text.strip()) if isinstance(text, str) else None
     if match is None or match[2].lower() not in _SIZE_UNITS:
         raise ConfigError(f"must be {_SIZE_HINT} (got {text!r})")
-    # In whole numbers, exactly ("1.1 GiB" in floats is not a whole number of bytes either way).
+    # Integer arithmetic, exact: "1.5 GiB" is 1610612736 bytes, "1.0001 KB" no whole number of bytes.
     whole, _, fraction = match[1].partition(".")
     scaled = int(whole + fraction) * _SIZE_UNITS[match[2].lower()]
     divisor: int = 10 ** len(fraction)

@@ -208,13 +208,13 @@ def test_config_bad_value_refused(tmp_path: Path, text: str, key: str, reason: s
 @pytest.mark.parametrize(("text", "size"), [
     (0, 0), (1048576, 1048576), ("0", 0), ("1048576", 1048576), ("500 MB", 500_000_000),
     ("2 GiB", 2 << 30), ("10GB", 10_000_000_000), ("64mib", 64 << 20), (" 1.5 KiB ", 1536), ("3 kB", 3000),
-    ("7 B", 7), ("1 TiB", 1 << 40),
+    ("7 B", 7), ("1 TiB", 1 << 40), ("1.5 GiB", 1_610_612_736), ("0.25 KB", 250), ("2.50 MB", 2_500_000),
 ])
 def test_config_sizes_parsed(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", [-1, "-1", "", "MB", "5 XB", "1.1 B", "2 GiB extra", "1e6"])
+@pytest.mark.parametrize("text", [-1, "-1", "", "MB", "5 XB", "1.1 B", "1.0001 KB", "0.5", "2 GiB extra", "1e6"])
 def test_config_bad_sizes_refused(text: str | int) -> None:
     with pytest.raises(ConfigError):
         parse_size(text)
