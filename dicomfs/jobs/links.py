@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from dicomfs.errors import ConfigError
 
-__all__ = ["STALE_ERRORS", "ThreadConnections", "describe_failure", "tls_context"]
+__all__ = ["STALE_ERRORS", "ThreadConnections", "describe_failure", "read_whole", "tls_context"]
 
 STALE_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 """What a kept connection the server closed while it was idle gives when written to or read from:
@@ -91,6 +91,22 @@ def tls_context(ca_file: str | None, *, verify: bool, verify_hostname: bool) -> 
     elif not verify_hostname:
         context.check_hostname = False
     return context
+
+
+def read_whole(response: http.client.HTTPResponse, limit: int) -> bytes:
+    """The answer's body, all of it. Raises HTTPException beyond ``limit`` bytes, and
+    IncompleteRead (a failure worth trying again) when the server went away before the end its
+    Content-Length announced.
+
+    ``response.read(n)`` hands back what arrived when the connection closes early, without a
+    word: a peer killed while it answered gave a cut JSON, taken for a server that does not
+    speak JSON, and the job failed for good instead of trying again."""
+    body = response.read(limit + 1)
+    if len(body) > limit:
+        raise http.client.HTTPException(f"an answer of more than {limit} bytes")
+    if response.length:  # announced, and bytes still missing
+        raise http.client.IncompleteRead(body, response.length)
+    return body
 
 
 def describe_failure(error: BaseException, *, timeout: float, host: str, server: str = "the server") -> tuple[bool, str]:

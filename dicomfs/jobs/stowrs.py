@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 
 from dicomfs import __version__
 from dicomfs.errors import ConfigError, DicomfsError
-from dicomfs.jobs.links import STALE_ERRORS, ThreadConnections, describe_failure, tls_context
+from dicomfs.jobs.links import STALE_ERRORS, ThreadConnections, describe_failure, read_whole, tls_context
 
 if TYPE_CHECKING:
     from xml.etree.ElementTree import Element
@@ -686,10 +686,7 @@ def _transport_error(target: StowTarget, error: BaseException, during: str) -> S
 
 
 def read_answer(response: http.client.HTTPResponse) -> bytes:
-    body = response.read(MAX_RESPONSE_BYTES + 1)
-    if len(body) > MAX_RESPONSE_BYTES:
-        raise http.client.HTTPException(f"an answer of more than {MAX_RESPONSE_BYTES} bytes")
-    return body
+    return read_whole(response, MAX_RESPONSE_BYTES)
 
 
 def send(target: StowTarget, instances: Sequence[Outgoing]) -> StowResponse:

@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit
 from dicomfs import __version__
 from dicomfs.config import Peer
 from dicomfs.errors import DicomfsError
-from dicomfs.jobs.links import STALE_ERRORS, ThreadConnections, describe_failure, tls_context
+from dicomfs.jobs.links import STALE_ERRORS, ThreadConnections, describe_failure, read_whole, tls_context
 from dicomfs.jobs.runner import TransientJobError
 from dicomfs.transfers.protocol import BUCKET_TYPE, GZIP_LEVEL, Piece, Wanted
 
@@ -162,9 +162,7 @@ class PeerClient:
             try:
                 connection.request(method, self._base + path, body=body, headers=headers)
                 response = connection.getresponse()
-                answer = response.read(_MAX_ANSWER + 1)
-                if len(answer) > _MAX_ANSWER:
-                    raise http.client.HTTPException(f"an answer of more than {_MAX_ANSWER} bytes")
+                answer = read_whole(response, _MAX_ANSWER)
                 if response.will_close:
                     self._connections.discard(connection)
                 return response.status, {k.lower(): v for k, v in response.getheaders()}, answer
