@@ -457,17 +457,20 @@ class DicomOperations(pyfuse3.Operations):
         if self.uploads is None or parent.kind != "upload":
             raise pyfuse3.FUSEError(errno.EACCES)
 
+    def _renews(self, flags: int, node: Node | None) -> bool:
+        """Whether an open with ``flags`` of the upload ``node`` gives it a new inode: a truncation
+        (cp or > over it) while nobody writes it, for it may be in the ingest's hands
+        (uploads.new_version). A file still being written is truncated in place, as asked."""
+        return bool(flags & os.O_TRUNC) and not (node is not None and self._writers.get(node.inode))
+
     async def _open_upload(self, node: Node, flags: int) -> pyfuse3.FileInfo:
         writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND)
         if writing and self.settings.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         open_flags = (flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND)) | os.O_CLOEXEC
         real = self._upload_path(node.path)
-        # Truncating a file nobody is writing (cp or > over it): it may be in the ingest's hands,
-        # so the new version gets a new inode (uploads.new_version) rather than truncating it.
-        renew = bool(flags & os.O_TRUNC) and not self._writers.get(node.inode)
         try:
-            fd = await self._thread(_open_new_version if renew else os.open, real, open_flags)
+            fd = await self._thread(_open_new_version if self._renews(flags, node) else os.open, real, open_flags)
         except OSError as error:
             raise _fuse_error(error) from None
         handle = _Handle(node, fd=fd, written=bool(writing))
@@ -491,9 +494,7 @@ class DicomOperations(pyfuse3.Operations):
                 if flags & os.O_EXCL:
                     raise
                 # An existing name: truncating or replacing it may free a large file's blocks.
-                known = self.inodes.at(path)
-                renew = bool(flags & os.O_TRUNC) and not (known is not None and self._writers.get(known.inode))
-                fd, info = await self._thread(_create, real, open_flags, renew)
+                fd, info = await self._thread(_create, real, open_flags, self._renews(flags, self.inodes.at(path)))
         except OSError as error:
             raise _fuse_error(error) from None
         node = self.inodes.node_for(parent.inode, path, "upload")
