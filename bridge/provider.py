@@ -310,13 +310,11 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
     def _ingested(self, reports: list[tuple[tuple[str, ...], UploadOutcome]]) -> None:
         """A group of uploads is ingested: forget those gone unstored, and refresh the tree once
         for all (a refresh per file read the change log 2,400 times for 2,400 PUTs)."""
-        changed = False
-        for parts, outcome in reports:
-            if outcome.removed and not outcome.results:  # gone without being stored (deleted meanwhile, clutter)
-                with self._awaiting_lock:
+        with self._awaiting_lock:
+            for parts, outcome in reports:
+                if outcome.removed and not outcome.results:  # gone without being stored (deleted meanwhile, clutter)
                     self._submitted.pop(parts, None)
-            changed = changed or outcome.removed or bool(outcome.results)
-        if changed:
+        if any(outcome.removed or outcome.results for _, outcome in reports):
             self.tree.refresh()
 
 
