@@ -369,7 +369,15 @@ class UploadFile(FileResource):  # type: ignore[misc]
         self.provider.upload_removed(self.path)
 
     def copy_move_single(self, dest_path: str, *, is_move: bool) -> None:
-        self.provider.check_in_uploads(dest_path)
+        target = self.provider._loc_to_file_path(dest_path, self.environ)  # refuses a path outside uploads/
+        if not is_move:
+            # A COPY of a folder over a folder keeps the destination's files of the same name, and
+            # wsgidav's copy2 would rewrite them in place: such a file may be in the ingest's hands
+            # or be a stored instance's blob already (uploads.new_version), so it goes first.
+            try:
+                os.unlink(target)
+            except FileNotFoundError:
+                pass
         super().copy_move_single(dest_path, is_move=is_move)
         self.provider.upload_arrived(dest_path, self.environ)
 

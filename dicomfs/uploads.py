@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import secrets
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,27 +204,51 @@ class UploadArea:
         return removed
 
 
-def new_version(target: Path, flags: int = os.O_WRONLY) -> int | None:
+def new_version(target: Path, flags: int = os.O_WRONLY, *, keep: int | None = 0) -> int | None:
     """A file with no name yet (``O_TMPFILE``, beside ``target``; ``flags``: O_WRONLY or O_RDWR)
     for the next version of the upload ``target``, or None when the caller should write in place.
+    ``keep``: how many of the current version's first bytes the new one starts with (None: all of
+    them, for a change to part of the file; 0 for a rewrite).
 
-    A file with content in uploads/ may be in the ingest's hands (its group is being read):
-    written in place, it could be read torn and stored so, and then removed as "the file that
-    was stored" (same inode) although it holds the new version. So its next version goes into a
-    new inode, which ``rename_over`` names once the front end is done; the earlier inode is never
-    changed. None when there is nothing to protect (no file, or an empty one: the ingest keeps an
-    empty file with its reason and never reads it) or the file system has no nameless files."""
+    A file with content in uploads/ may be in the ingest's hands (its group is being read), or
+    be a stored instance's blob already (once the ingest links it into blobs/ rather than copy
+    it). Written in place, it could be read torn and stored so, be removed as "the file that was
+    stored" (same inode) although it holds the new version, or change what the store holds. So
+    its next version goes into a new inode, which ``rename_over`` names once the front end is
+    done; the earlier inode is never changed. None when there is nothing to protect (no file, or
+    an empty one: the ingest keeps an empty file with its reason and never reads it) or the file
+    system has no nameless files."""
     try:
-        if not os.stat(target).st_size:
-            return None
+        info = os.stat(target)
     except FileNotFoundError:
         return None
+    if not info.st_size:
+        return None
     try:
-        return os.open(target.parent, os.O_TMPFILE | (flags & (os.O_WRONLY | os.O_RDWR)) | os.O_CLOEXEC, 0o644)
+        fd = os.open(target.parent, os.O_TMPFILE | (flags & (os.O_WRONLY | os.O_RDWR)) | os.O_CLOEXEC, 0o644)
     except OSError as error:
         if error.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             return None
         raise
+    try:
+        if keep != 0:
+            os.fchmod(fd, stat.S_IMODE(info.st_mode))
+            _copy_start(target, fd, info.st_size if keep is None else min(keep, info.st_size))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _copy_start(source: Path, fd: int, length: int) -> None:
+    """Copy the first ``length`` bytes of ``source`` into ``fd`` (in the kernel)."""
+    with open(source, "rb") as original:
+        offset = 0
+        while offset < length:
+            sent = os.sendfile(fd, original.fileno(), offset, length - offset)
+            if not sent:  # changed meanwhile: nobody should write it, but a short copy is no version
+                raise OSError(errno.EIO, f"{source.name} shrank while its next version was being made")
+            offset += sent
 
 
 def rename_over(fd: int, target: Path) -> None:

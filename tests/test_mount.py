@@ -285,6 +285,57 @@ def test_writing_over_an_upload_gives_the_new_version_a_new_file(mount: Callable
         os.close(os.open(through_mount, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
 
 
+def test_a_complete_upload_is_never_changed_in_place(mount: Callable[..., Mounted]) -> None:
+    """Appending to, rewriting part of or truncating a file in uploads/ that nobody is writing
+    makes a new file with the change: the earlier one may be in the ingest's hands, or linked
+    into the store already, and whoever holds it reads it unchanged. A writer's own open file is
+    changed in place, as asked."""
+    m = mount()
+    through_mount, real = m.path / "uploads" / "notes.txt", m.store / "uploads" / "notes.txt"
+    through_mount.write_bytes(b"first version")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _has_reason(real):  # not DICOM: it stays, with its reason
+        time.sleep(0.05)
+    assert _has_reason(real)
+
+    def changed(change: Callable[[], None], expected: bytes) -> None:
+        with real.open("rb") as held:  # as the ingest holds it, or as blobs/ holds it once linked
+            before = held.read()
+            change()
+            held.seek(0)
+            assert held.read() == before
+        assert through_mount.read_bytes() == real.read_bytes() == expected
+
+    def append() -> None:
+        with through_mount.open("ab") as more:
+            more.write(b" and more")
+
+    def overwrite_start() -> None:
+        fd = os.open(through_mount, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"F", 0)
+        finally:
+            os.close(fd)
+
+    changed(append, b"first version and more")
+    changed(overwrite_start, b"First version and more")
+    changed(lambda: os.truncate(through_mount, 5), b"First")
+    changed(lambda: os.truncate(through_mount, 8), b"First\0\0\0")
+    with through_mount.open("r+b") as writer:  # its own file from here on: changed in place
+        inode = real.stat().st_ino
+        writer.truncate(2)
+        writer.seek(0, os.SEEK_END)
+        writer.write(b"!")
+        writer.flush()
+        assert real.stat().st_ino == inode
+    assert real.read_bytes() == b"Fi!"
+    with through_mount.open("rb") as reader:  # reading is no change
+        inode = real.stat().st_ino
+        assert reader.read() == b"Fi!"
+    assert real.stat().st_ino == inode
+    assert sorted(p.name for p in real.parent.iterdir()) == ["notes.txt"]  # no staged name left behind
+
+
 def test_mount_uploads_janitor_removes_idle_empty_folders_rejected_files_and_junk(mount: Callable[..., Mounted]) -> None:
     m = mount(config="[uploads]\nrejected_ttl = 1\nempty_folder_idle = 1\n")
     uploads = m.path / "uploads"

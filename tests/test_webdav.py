@@ -298,6 +298,27 @@ def test_a_new_version_of_an_upload_never_rewrites_the_file_the_ingest_may_be_re
         assert empty.stat().st_ino == inode and empty.read_bytes() == b"now with content"
 
 
+@pytest.mark.parametrize("slash", ["", "/"])  # wsgidav keeps the destination's files only when its URLs end in one
+def test_copy_of_a_folder_over_a_folder_replaces_its_files_never_rewrites_them(tmp_path: Path, slash: str) -> None:
+    """COPY of a folder over one holding a file of the same name: wsgidav keeps such files and
+    copies over them, but that file may be in the ingest's hands (or linked into the store), so
+    it gets a new one; whoever holds the earlier file reads it unchanged."""
+    with running(tmp_path) as bridge:
+        for folder, content in (("a", b"from the source"), ("b", b"in the destination")):
+            assert bridge.request("MKCOL", f"/uploads/{folder}").status == 201
+            assert bridge.request("PUT", f"/uploads/{folder}/n.txt", content).status == 201
+        bridge.wait_ingested()  # not DICOM: both stay, with their reasons
+        real = bridge.store.folder / "uploads" / "b" / "n.txt"
+        with real.open("rb") as held:
+            copied = bridge.request("COPY", f"/uploads/a{slash}", headers={
+                "Destination": bridge.client.url + f"uploads/b{slash}", "Overwrite": "T", "Depth": "infinity"})
+            assert copied.status == 204, copied.body[:300]
+            assert held.read() == b"in the destination"
+        assert real.read_bytes() == b"from the source"
+        assert (bridge.store.folder / "uploads" / "a" / "n.txt").read_bytes() == b"from the source"
+        assert sorted(p.name for p in real.parent.iterdir()) == ["n.txt"]
+
+
 def test_uploads_a_killed_bridge_answered_for_are_ingested_at_the_next_start(tmp_path: Path) -> None:
     Store.create(tmp_path / "store").close()
     uploads = tmp_path / "store" / "uploads"

@@ -47,6 +47,7 @@ _VIEW_TIMEOUT = 300.0
 """Stored data never changes in place; what does change is invalidated explicitly."""
 _UPLOAD_TIMEOUT = 1.0
 _BLOCK = 128 * 1024
+_WRITING = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 _VANISHED_KEPT = 10_000
 _BUILT_ENTRIES_KEPT = 100_000
 """Entries kept built for opendir (~0.4 kB each): the folders walked last, ~40 MB at most."""
@@ -105,6 +106,7 @@ class DicomOperations(pyfuse3.Operations):
         self._built_entries = 0
         self._next_fh = 1
         self._writers: dict[int, int] = {}  # upload inode -> open write handles
+        self._renewing = trio.Lock()  # held from deciding that a change renews a file until it is counted
         self._nursery: trio.Nursery | None = None
         self._last_change = tree.change_number
         # Folders that vanished with their last instance, by (parent inode, name): `rm -r` still
@@ -394,7 +396,7 @@ class DicomOperations(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
-        writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND)
+        writing = flags & _WRITING
         if node.kind == "upload":
             return await self._open_upload(node, flags)
         if writing:
@@ -457,25 +459,29 @@ class DicomOperations(pyfuse3.Operations):
         if self.uploads is None or parent.kind != "upload":
             raise pyfuse3.FUSEError(errno.EACCES)
 
-    def _renews(self, flags: int, node: Node | None) -> bool:
-        """Whether an open with ``flags`` of the upload ``node`` gives it a new inode: a truncation
-        (cp or > over it) while nobody writes it, for it may be in the ingest's hands
-        (uploads.new_version). A file still being written is truncated in place, as asked."""
-        return bool(flags & os.O_TRUNC) and not (node is not None and self._writers.get(node.inode))
+    def _renews(self, node: Node | None) -> bool:
+        """Whether a change to the upload ``node`` goes into a new inode (uploads.new_version):
+        nobody writes it, so it is complete, and may be in the ingest's hands or be a stored
+        instance's blob already. A file still being written is changed in place, as asked.
+        Decide under ``_renewing``, and count the writer before letting it go."""
+        return not (node is not None and self._writers.get(node.inode))
 
     async def _open_upload(self, node: Node, flags: int) -> pyfuse3.FileInfo:
-        writing = flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND)
+        writing = flags & _WRITING
         if writing and self.settings.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
-        open_flags = (flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND)) | os.O_CLOEXEC
+        open_flags = writing | os.O_CLOEXEC
         real = self._upload_path(node.path)
         try:
-            fd = await self._thread(_open_new_version if self._renews(flags, node) else os.open, real, open_flags)
+            if not writing:
+                fd = await self._thread(os.open, real, open_flags)
+            else:
+                async with self._renewing:  # two writers of a complete file must share one new inode
+                    fd = await self._thread(_open_new_version if self._renews(node) else os.open, real, open_flags)
+                    self._writers[node.inode] = self._writers.get(node.inode, 0) + 1
         except OSError as error:
             raise _fuse_error(error) from None
         handle = _Handle(node, fd=fd, written=bool(writing))
-        if writing:
-            self._writers[node.inode] = self._writers.get(node.inode, 0) + 1
         fh = self._new_fh()
         self._handles[fh] = handle
         return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False)
@@ -494,7 +500,8 @@ class DicomOperations(pyfuse3.Operations):
                 if flags & os.O_EXCL:
                     raise
                 # An existing name: truncating or replacing it may free a large file's blocks.
-                fd, info = await self._thread(_create, real, open_flags, self._renews(flags, self.inodes.at(path)))
+                async with self._renewing:
+                    fd, info = await self._thread(_create, real, open_flags, self._renews(self.inodes.at(path)))
         except OSError as error:
             raise _fuse_error(error) from None
         node = self.inodes.node_for(parent.inode, path, "upload")
@@ -582,9 +589,11 @@ class DicomOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         real = self._upload_path(node.path)
 
-        def apply() -> os.stat_result:
+        def apply(complete: bool) -> os.stat_result:
             if fields.update_size:
-                os.truncate(real, attr.st_size)
+                _resize(real, attr.st_size, renew=complete)
+                if complete and self._queue is not None:
+                    self._queue.submit(node.path[1:])  # changed while nobody writes it: complete again
             if fields.update_mode:
                 os.chmod(real, stat.S_IMODE(attr.st_mode))
             if fields.update_atime or fields.update_mtime:
@@ -595,7 +604,10 @@ class DicomOperations(pyfuse3.Operations):
             return os.lstat(real)
 
         try:
-            return self._upload_attributes(node, await self._thread(apply))
+            if not fields.update_size:
+                return self._upload_attributes(node, await self._thread(apply, False))
+            async with self._renewing:
+                return self._upload_attributes(node, await self._thread(apply, self._renews(node)))
         except OSError as error:
             raise _fuse_error(error) from None
 
@@ -848,8 +860,8 @@ def _make_folder(path: Path) -> os.stat_result:
 
 
 def _create(path: Path, flags: int, renew: bool = False) -> tuple[int, os.stat_result]:
-    """Open ``path`` with ``flags`` (which hold O_CREAT) and stat it; ``renew``: an O_TRUNC open
-    of an existing file gives it a new inode (``_open_new_version``)."""
+    """Open ``path`` with ``flags`` (which hold O_CREAT) and stat it; ``renew``: an existing file
+    gets a new inode (``_open_new_version``)."""
     fd = _open_new_version(path, flags) if renew else os.open(path, flags, 0o644)
     try:
         return fd, os.fstat(fd)
@@ -859,9 +871,10 @@ def _create(path: Path, flags: int, renew: bool = False) -> tuple[int, os.stat_r
 
 
 def _open_new_version(path: Path, flags: int) -> int:
-    """An O_TRUNC open of the upload ``path``: a new, empty inode under its name where the old one
-    may be in the ingest's hands (``uploads.new_version``), else the open as asked."""
-    fd = new_version(path, flags)
+    """A writing open of the complete upload ``path``: a new inode under its name, empty for
+    O_TRUNC and a copy of the file otherwise, where the old one may be in the ingest's hands or
+    in the store (``uploads.new_version``); else the open as asked."""
+    fd = new_version(path, flags, keep=0 if flags & os.O_TRUNC else None)
     if fd is None:
         return os.open(path, flags, 0o644)
     try:
@@ -870,6 +883,19 @@ def _open_new_version(path: Path, flags: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _resize(path: Path, size: int, *, renew: bool) -> None:
+    """Truncate or extend the upload ``path``; ``renew``: into a new inode, as ``_open_new_version``."""
+    fd = new_version(path, keep=size) if renew else None
+    if fd is None:
+        os.truncate(path, size)
+        return
+    try:
+        os.ftruncate(fd, size)
+        rename_over(fd, path)
+    finally:
+        os.close(fd)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
