@@ -26,7 +26,8 @@ from dicomfs.store import IngestResult, Store
 from dicomfs.store.candidates import REJECTED
 from dicomfs.store.sources import Source, is_os_junk
 
-__all__ = ["ERROR_XATTR", "Stamp", "UploadArea", "UploadOutcome", "new_version", "rename_over", "stamp_of"]
+__all__ = ["ERROR_XATTR", "Stamp", "UploadArea", "UploadOutcome", "has_nameless_files", "new_version", "rename_over",
+           "stamp_of"]
 
 ERROR_XATTR = "user.dicomfs.error"
 Stamp = tuple[int, int, int]
@@ -52,6 +53,9 @@ class UploadArea:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._reasons: dict[str, str] = {}  # where the filesystem has no user xattrs (rare)
+        # A complete upload is the store's to keep (linked into blobs/, not copied) only where
+        # the front ends can always write its next version into a new file (new_version).
+        self._hand_over = has_nameless_files(root)
 
     def path(self, parts: Sequence[str]) -> Path:
         """The real path of ``uploads/<parts...>``; PermissionDeniedError for a name that could escape."""
@@ -100,7 +104,8 @@ class UploadArea:
                 outcomes[position] = self._keep(path, [], "empty file (0 bytes): nothing to store")
                 continue
             to_ingest.append((position, path, info.st_ino))
-        results = list(store.ingest_sources([Source(str(path), str(path)) for _, path, _ in to_ingest],
+        results = list(store.ingest_sources([Source(str(path), str(path), handed_over=self._hand_over)
+                                             for _, path, _ in to_ingest],
                                             origin=origin, remote=remote, in_process=True))
         for (position, path, inode), own in zip(to_ingest, _split_by_source([str(p) for _, p, _ in to_ingest], results),
                                                 strict=True):
@@ -211,8 +216,8 @@ def new_version(target: Path, flags: int = os.O_WRONLY, *, keep: int | None = 0)
     them, for a change to part of the file; 0 for a rewrite).
 
     A file with content in uploads/ may be in the ingest's hands (its group is being read), or
-    be a stored instance's blob already (once the ingest links it into blobs/ rather than copy
-    it). Written in place, it could be read torn and stored so, be removed as "the file that was
+    be a stored instance's blob already (the ingest links it into blobs/ rather than copy it).
+    Written in place, it could be read torn and stored so, be removed as "the file that was
     stored" (same inode) although it holds the new version, or change what the store holds. So
     its next version goes into a new inode, which ``rename_over`` names once the front end is
     done; the earlier inode is never changed. None when there is nothing to protect (no file, or
@@ -238,6 +243,16 @@ def new_version(target: Path, flags: int = os.O_WRONLY, *, keep: int | None = 0)
         os.close(fd)
         raise
     return fd
+
+
+def has_nameless_files(folder: Path) -> bool:
+    """Whether ``folder``'s file system makes ``O_TMPFILE`` files, so that ``new_version`` always
+    protects a file's earlier version (ext4, XFS, btrfs and tmpfs do)."""
+    try:
+        os.close(os.open(folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+    except OSError:
+        return False
+    return True
 
 
 def _copy_start(source: Path, fd: int, length: int) -> None:

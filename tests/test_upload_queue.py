@@ -12,8 +12,11 @@ from typing import Callable
 
 import pytest
 
-from dicomfs.samples import Corpus
+from dicomfs.samples import Corpus, make_instance, write_instance
 from dicomfs.store import Store
+from dicomfs.store.candidates import IngestResult
+from dicomfs.store.check import check_store
+from dicomfs.store.sources import Source
 from dicomfs.upload_queue import UploadQueue
 from dicomfs.uploads import UploadArea, UploadOutcome
 
@@ -142,3 +145,65 @@ def test_a_file_written_again_after_it_was_queued_is_left_for_its_writer(open_st
     assert outcomes[0] == UploadOutcome([], removed=False)  # untouched, no reason: not complete yet
     assert path.exists() and area.reason(path) is None
     assert outcomes[1].removed and store.stats().instances == 1
+
+
+def _own_instances(folder: Path, count: int, *, size: int = 16) -> list[Path]:
+    """``count`` valid instances with UIDs of their own, written into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(1, count + 1):
+        ds = make_instance(patient_id="ADOPT", patient_name="AD^OPT", study_uid="1.2.826.0.1.3680043.10.9",
+                           series_uid="1.2.826.0.1.3680043.10.9.1", sop_uid=f"1.2.826.0.1.3680043.10.9.1.{index}",
+                           instance_number=index, rows=size, columns=size, seed=index)
+        paths.append(folder / f"i{index:03d}.dcm")
+        write_instance(paths[-1], ds)
+    return paths
+
+
+def _blob_inode(store: Store, result: IngestResult) -> tuple[int, bytes]:
+    with store.open_instance(result.ids[3]) as reader:
+        return os.fstat(reader.fd).st_ino, b"".join(reader.iter_chunks())
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_an_ingested_upload_becomes_its_blob_and_a_file_from_elsewhere_is_copied(open_store: Callable[..., Store],
+                                                                                 tmp_path: Path, codec: str) -> None:
+    """What uploads/ holds is the store's once complete (the front ends never change it in place
+    after that): an instance stored from there is linked into blobs/ rather than copied. A file
+    ingested from anywhere else is the user's own, and is always copied: changing it later must
+    never change the store. A compressed store writes its own blocks either way."""
+    store = open_store(codec=codec)
+    area = UploadArea(store.folder / "uploads")
+    uploaded = _own_instances(area.path(("x",)), 3, size=300)  # 180 kB: past the kernel-copy threshold too
+    inodes = [path.stat().st_ino for path in uploaded]
+    originals = [path.read_bytes() for path in uploaded]
+    outcomes = area.ingest_many(store, [("x", path.name) for path in uploaded], origin="webdav")
+    for outcome, inode, original in zip(outcomes, inodes, originals, strict=True):
+        assert outcome.removed and [r.status for r in outcome.results] == ["stored"]
+        blob_inode, content = _blob_inode(store, outcome.results[0])
+        assert content == original
+        assert (blob_inode == inode) == (codec == "none")
+    [own] = _own_instances(tmp_path / "mine", 4)[3:]
+    [result] = store.ingest([own])
+    assert result.status == "stored"
+    blob_inode, content = _blob_inode(store, result)
+    assert blob_inode != own.stat().st_ino and content == own.read_bytes()
+    assert check_store(store).clean
+
+
+def test_an_upload_that_cannot_be_linked_is_copied(open_store: Callable[..., Store]) -> None:
+    """Handed over from another file system (no hard link can cross one), the file is copied."""
+    shm = Path("/dev/shm")
+    store = open_store()
+    if not shm.is_dir() or shm.stat().st_dev == store.folder.stat().st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    folder = shm / f"dicomfs-test-{os.getpid()}"
+    try:
+        [path] = _own_instances(folder, 1)
+        [result] = store.ingest_sources([Source(str(path), str(path), handed_over=True)], in_process=True)
+        assert result.status == "stored"
+        blob_inode, content = _blob_inode(store, result)
+        assert content == path.read_bytes() and blob_inode != path.stat().st_ino
+        assert check_store(store).clean
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

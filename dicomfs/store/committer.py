@@ -57,6 +57,8 @@ class Submission:
     future: Future[IngestResult] = field(default_factory=Future)
     last: bool = False
     """The caller has nothing more to submit now: the batch need not wait for company after it."""
+    handed_over: bool = False
+    """``source_fd``'s file is the store's once stored (``Source.handed_over``): it may become the blob."""
 
     @property
     def size(self) -> int:
@@ -237,7 +239,10 @@ class GroupCommitter:
         def write(item: Submission) -> None:
             c = item.candidate
             try:
-                c.stored_size = self.blobs.write(
+                adopted = None
+                if item.handed_over and item.source_fd is not None and s.codec == "none":
+                    adopted = self.blobs.adopt(c.blob, item.source_fd, len(item.data))
+                c.stored_size = adopted if adopted is not None else self.blobs.write(
                     c.blob, item.data, codec=s.codec, level=s.level, block_size=s.block_size,
                     header_length=c.header.header_length, source_fd=item.source_fd,
                 )

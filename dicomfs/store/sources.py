@@ -43,6 +43,9 @@ class Source:
     member: str = ""
     content: bytes | None = field(default=None, repr=False, compare=False)
     """The file itself, when it is in memory; never an archive."""
+    handed_over: bool = False
+    """The file is the store's once stored: nobody changes it afterwards (a complete upload; see
+    ``uploads.new_version``), so an uncompressed store may link it into blobs/ rather than copy it."""
 
     @contextlib.contextmanager
     def open(self) -> Iterator[tuple[bytes | mmap.mmap, int | None]]:

@@ -403,7 +403,8 @@ class Store:
             closer.close()
             raise
         if isinstance(found, Candidate):
-            return [committer.submit(Submission(found, data, fd, closer, last=last))]  # the committer closes it
+            return [committer.submit(Submission(found, data, fd, closer, last=last,  # the committer closes it
+                                                handed_over=source.handed_over))]
         closer.close()
         if isinstance(found, Archive):
             members = archive_members(source.path)
