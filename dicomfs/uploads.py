@@ -24,6 +24,7 @@ from typing import Collection, Sequence
 from dicomfs.errors import PermissionDeniedError
 from dicomfs.store import IngestResult, Store
 from dicomfs.store.candidates import REJECTED
+from dicomfs.store.libc import link_open_file
 from dicomfs.store.sources import Source, is_os_junk
 
 __all__ = ["ERROR_XATTR", "Stamp", "UploadArea", "UploadOutcome", "has_nameless_files", "new_version", "rename_over",
@@ -270,11 +271,7 @@ def rename_over(fd: int, target: Path) -> None:
     """Give the nameless file ``fd`` (from ``new_version``) the name ``target``, replacing what
     is there in one step."""
     staged = target.with_name(f".{target.name}.{secrets.token_hex(4)}.dicomfs-new")
-    proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:  # linkat(AT_SYMLINK_FOLLOW) through /proc: os.link of "/proc/self/fd/N" alone calls
-        os.link(str(fd), staged, src_dir_fd=proc, follow_symlinks=True)  # link(), which fails (EXDEV)
-    finally:
-        os.close(proc)
+    link_open_file(fd, str(staged))
     try:
         os.replace(staged, target)
     except BaseException:

@@ -29,7 +29,7 @@ from dicomfs.store.blockformat import (
     parse_table,
     parse_trailer,
 )
-from dicomfs.store.libc import syncfs
+from dicomfs.store.libc import link_open_file, syncfs
 
 __all__ = ["BlobReader", "BlobStore", "is_disk_full", "sync_filesystem"]
 
@@ -135,11 +135,7 @@ class BlobStore:
             if os.fstat(fd).st_size != size:
                 return None
             os.fchmod(fd, 0o640)
-            proc = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:  # linkat(AT_SYMLINK_FOLLOW) through /proc: it links an open file, not a path
-                os.link(str(fd), f"{self._root_text}/{name[0:2]}/{name}", src_dir_fd=proc, follow_symlinks=True)
-            finally:
-                os.close(proc)
+            link_open_file(fd, f"{self._root_text}/{name[0:2]}/{name}")
         except OSError as error:
             if is_disk_full(error):
                 raise

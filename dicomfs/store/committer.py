@@ -233,25 +233,39 @@ class GroupCommitter:
         return to_write
 
     def _write_blobs(self, items: list[Submission]) -> None:
-        """Step 2: write the blobs on the pool (writes, zlib and zstd release the GIL)."""
+        """Step 2: write the blobs, on the pool (writes, zlib and zstd release the GIL), or link
+        the handed-over files that need no change (quicker than a hand-over to the pool)."""
         s = self.settings
+
+        def failed(c: Candidate, error: OSError) -> None:  # nothing was left behind; the name's pending mark goes later
+            c.outcome, c.reason, c.retry = REJECTED, store_write_failure(error, self.blobs.root), True
+            self.release_later([c.blob])
+            c.blob = ""
 
         def write(item: Submission) -> None:
             c = item.candidate
             try:
-                adopted = None
-                if item.handed_over and item.source_fd is not None and s.codec == "none":
-                    adopted = self.blobs.adopt(c.blob, item.source_fd, len(item.data))
-                c.stored_size = adopted if adopted is not None else self.blobs.write(
+                c.stored_size = self.blobs.write(
                     c.blob, item.data, codec=s.codec, level=s.level, block_size=s.block_size,
                     header_length=c.header.header_length, source_fd=item.source_fd,
                 )
-            except OSError as error:  # nothing was left behind; the name's pending mark goes later
-                c.outcome, c.reason, c.retry = REJECTED, store_write_failure(error, self.blobs.root), True
-                self.release_later([c.blob])
-                c.blob = ""
+            except OSError as error:
+                failed(c, error)
 
-        list(self._pool.map(write, items))
+        to_write: list[Submission] = []
+        for item in items:
+            linked = None
+            if item.handed_over and item.source_fd is not None and s.codec == "none":
+                try:
+                    linked = self.blobs.adopt(item.candidate.blob, item.source_fd, len(item.data))
+                except OSError as error:
+                    failed(item.candidate, error)
+                    continue
+            if linked is None:
+                to_write.append(item)
+            else:
+                item.candidate.stored_size = linked
+        list(self._pool.map(write, to_write))
 
     def reserve_names(self, count: int) -> list[str]:
         """Blob names marked pending in one commit, for workers to write into later."""
