@@ -17,13 +17,14 @@ import os
 import secrets
 import stat
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Sequence
 
 from dicomfs.errors import PermissionDeniedError
 from dicomfs.store import IngestResult, Store
-from dicomfs.store.candidates import REJECTED
+from dicomfs.store.candidates import ALREADY_STORED, REJECTED, REPLACED, SKIPPED, STORED
 from dicomfs.store.libc import link_open_file
 from dicomfs.store.sources import Source, is_os_junk
 
@@ -112,8 +113,11 @@ class UploadArea:
                                                 strict=True):
             label = "uploads/" + "/".join(batch[position])
             for result in own:
-                where = label + result.path[len(str(path)):]
-                _log.info("%s: %s%s", where, result.status, f" ({result.reason})" if result.reason else "")
+                # A line each for what needs a look (not stored, or stored with a remark); the
+                # rest is counted in the group's line, or a CD of 2,000 files floods the log.
+                _log.log(logging.INFO if result.status == REJECTED or result.reason else logging.DEBUG,
+                         "%s%s: %s%s", label, result.path[len(str(path)):], result.status.replace("_", " "),
+                         f" ({result.reason})" if result.reason else "")
             rejected = [r for r in own if r.status == REJECTED]
             if not rejected:
                 _remove_if_same(path, inode)
@@ -123,6 +127,8 @@ class UploadArea:
             else:
                 outcomes[position] = self._keep(path, own, f"{len(rejected)} of {len(own)} files not stored: " + "; ".join(
                     f"{r.path.rsplit(':', 1)[-1]}: {r.reason}" for r in rejected[:5]))
+        if to_ingest:
+            _log.info("%s", _group_summary([batch[position] for position, _, _ in to_ingest], results))
         return [outcomes[position] for position in range(len(batch))]
 
     def _keep(self, path: Path, results: list[IngestResult], reason: str) -> UploadOutcome:
@@ -282,6 +288,23 @@ def rename_over(fd: int, target: Path) -> None:
 def stamp_of(info: os.stat_result) -> Stamp:
     """A file's stamp from its stat."""
     return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _group_summary(uploads: list[Sequence[str]], results: list[IngestResult]) -> str:
+    """One line for a group: where its files were (the folder they share) and what became of them,
+    e.g. "uploads/cd1/: 97 files: 95 stored, 1 already stored, 1 not stored"."""
+    shared = list(uploads[0][:-1])
+    for parts in uploads[1:]:
+        folder = parts[:-1]
+        while shared and list(folder[:len(shared)]) != shared:
+            shared.pop()
+    counts = Counter(result.status for result in results)
+    said = [f"{counts[status]} {_SAID[status]}" for status in _SAID if counts[status]]
+    files = f"{len(uploads)} file{'s' if len(uploads) != 1 else ''}"
+    return f"uploads/{''.join(part + '/' for part in shared)}: {files}: {', '.join(said)}"
+
+
+_SAID = {STORED: "stored", REPLACED: "replaced", ALREADY_STORED: "already stored", SKIPPED: "skipped", REJECTED: "not stored"}
 
 
 def _split_by_source(paths: list[str], results: list[IngestResult]) -> list[list[IngestResult]]:

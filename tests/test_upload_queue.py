@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -82,8 +83,14 @@ def test_queue_ingests_in_a_process_of_its_own_and_logs_here(open_store: Callabl
     assert all(outcome.removed and outcome.results for outcome in reports.outcomes.values())
     assert store.stats().instances == small_corpus.instances
     assert not list(area.root.rglob("*.dcm"))
-    # the helper's own log lines, one per file, reach this process's logging
-    assert sum("uploads/cd/" in record.getMessage() for record in caplog.records) == len(small_corpus.valid_files)
+    # the helper's own log lines reach this process's logging: one for each group, counting its
+    # files, and one for each file that needs a look (here: a second copy of an instance, kept out)
+    lines = [record.getMessage() for record in caplog.records]
+    groups = [line for line in lines if line.startswith("uploads/cd/: ")]
+    assert groups and len(groups) == len(reports.groups)
+    assert sum(int(re.search(r": (\d+) files?:", line).group(1)) for line in groups) == len(small_corpus.valid_files)
+    remarks = [line for line in lines if re.match(r"uploads/cd/\d+\.dcm: ", line)]
+    assert remarks and all("other bytes" in line for line in remarks)
     assert not _helper_pids(), "close() left the ingest process running"
 
 
