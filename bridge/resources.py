@@ -364,6 +364,14 @@ class UploadFile(FileResource):  # type: ignore[misc]
             self.provider.uploads.clear_reason(self.file_path)
         self.provider.upload_written(self, with_errors=with_errors)
 
+    def set_last_modified(self, dest_path: str, time_stamp: Any, *, dry_run: bool) -> bool:
+        done: bool = super().set_last_modified(dest_path, time_stamp, dry_run=dry_run)
+        if not dry_run:
+            # A new date (PROPPATCH of getlastmodified, Win32LastModifiedTime) moves the file's
+            # stamp on, and the queue would pass it over as being rewritten: queue it again.
+            self.provider.upload_arrived(self.path, self.environ)
+        return done
+
     def delete(self) -> None:
         super().delete()
         self.provider.upload_removed(self.path)

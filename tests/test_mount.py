@@ -336,6 +336,30 @@ def test_a_complete_upload_is_never_changed_in_place(mount: Callable[..., Mounte
     assert sorted(p.name for p in real.parent.iterdir()) == ["notes.txt"]  # no staged name left behind
 
 
+def test_an_upload_touched_after_it_was_written_is_still_ingested(mount: Callable[..., Mounted], tmp_path: Path) -> None:
+    """Closing a file queues it with its size and date; `touch` (or `truncate`) right after moves
+    them on, and the queue passes over a file whose stamp moved (it is being rewritten). The
+    change re-queues it, so it is ingested all the same, at once rather than at a janitor pass."""
+    m = mount()
+    count = 20
+    for index in range(count):
+        ds = make_instance(patient_id="TOUCH", patient_name="TOU^CH", study_uid="1.2.826.0.1.3680043.10.7",
+                           series_uid="1.2.826.0.1.3680043.10.7.1", sop_uid=f"1.2.826.0.1.3680043.10.7.1.{index}",
+                           instance_number=index + 1, rows=16, columns=16, seed=index)
+        target = m.path / "uploads" / f"t{index:02d}.dcm"
+        write_instance(target, ds)
+        try:
+            os.utime(target, (1_000_000_000 + index, 1_000_000_000 + index))
+        except FileNotFoundError:
+            pass  # ingested already
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any((m.store / "uploads").iterdir()):
+        time.sleep(0.05)
+    assert not list((m.store / "uploads").iterdir())
+    stats = json.loads(run_cli("stats", "--json", store=m.store, config=m.config).stdout)
+    assert stats["instances"] == count
+
+
 def test_mount_uploads_janitor_removes_idle_empty_folders_rejected_files_and_junk(mount: Callable[..., Mounted]) -> None:
     m = mount(config="[uploads]\nrejected_ttl = 1\nempty_folder_idle = 1\n")
     uploads = m.path / "uploads"

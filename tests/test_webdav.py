@@ -337,6 +337,25 @@ def test_uploads_a_killed_bridge_answered_for_are_ingested_at_the_next_start(tmp
     assert writing.exists()
 
 
+def test_an_upload_whose_date_is_set_after_its_put_is_still_ingested(tmp_path: Path) -> None:
+    """A PUT queues its file with its size and date; a PROPPATCH of its date right after (no lock:
+    Explorer's comes under one) moves them on, and the queue passes over a file whose stamp moved.
+    The PROPPATCH queues it again, so it is ingested all the same."""
+    win32 = (b'<?xml version="1.0" encoding="utf-8" ?><D:propertyupdate xmlns:D="DAV:" '
+             b'xmlns:Z="urn:schemas-microsoft-com:"><D:set><D:prop>'
+             b'<Z:Win32LastModifiedTime>Mon, 23 Nov 2026 10:00:00 GMT</Z:Win32LastModifiedTime>'
+             b'</D:prop></D:set></D:propertyupdate>')
+    count = 12
+    with running(tmp_path) as bridge:
+        for index in range(count):
+            target = f"/uploads/d{index:02d}.dcm"
+            assert bridge.request("PUT", target, dicom_file(tmp_path / "in", index).read_bytes()).status == 201
+            assert bridge.request("PROPPATCH", target, win32).status in (207, 404)  # 404: ingested already
+        time.sleep(0.3)
+        bridge.wait_ingested()
+        assert bridge.uploads() == [] and len(bridge.instances()) == count
+
+
 def test_windows_explorer_copy_is_ingested_at_unlock_not_before(tmp_path: Path) -> None:
     win32 = (b'<?xml version="1.0" encoding="utf-8" ?><D:propertyupdate xmlns:D="DAV:" '
              b'xmlns:Z="urn:schemas-microsoft-com:"><D:set><D:prop>'

@@ -592,8 +592,6 @@ class DicomOperations(pyfuse3.Operations):
         def apply(complete: bool) -> os.stat_result:
             if fields.update_size:
                 _resize(real, attr.st_size, renew=complete)
-                if complete and self._queue is not None:
-                    self._queue.submit(node.path[1:])  # changed while nobody writes it: complete again
             if fields.update_mode:
                 os.chmod(real, stat.S_IMODE(attr.st_mode))
             if fields.update_atime or fields.update_mtime:
@@ -601,11 +599,16 @@ class DicomOperations(pyfuse3.Operations):
                 atime = attr.st_atime_ns if fields.update_atime else info.st_atime_ns
                 mtime = attr.st_mtime_ns if fields.update_mtime else info.st_mtime_ns
                 os.utime(real, ns=(atime, mtime))
-            return os.lstat(real)
+            info = os.lstat(real)
+            if complete and self._queue is not None and stat.S_ISREG(info.st_mode):
+                # Changed while nobody writes it (`touch`, `truncate`): complete again. Queued
+                # before, it would now be passed over as being rewritten (its stamp moved on).
+                self._queue.submit(node.path[1:], info=info)
+            return info
 
         try:
             if not fields.update_size:
-                return self._upload_attributes(node, await self._thread(apply, False))
+                return self._upload_attributes(node, await self._thread(apply, self._renews(node)))
             async with self._renewing:
                 return self._upload_attributes(node, await self._thread(apply, self._renews(node)))
         except OSError as error:
