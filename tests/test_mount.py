@@ -360,6 +360,41 @@ def test_an_upload_touched_after_it_was_written_is_still_ingested(mount: Callabl
     assert stats["instances"] == count
 
 
+def test_uploads_renamed_once_written_are_ingested(mount: Callable[..., Mounted], tmp_path: Path) -> None:
+    """rsync writes each file under a temporary name and renames it when done, and `mv` moves a
+    folder of finished files: the names they were queued under are gone by their turn, so the
+    rename queues what it brought. Without that, they waited for a janitor pass, minutes later."""
+    m = mount()
+    uploads = m.path / "uploads"
+
+    def instance(index: int, folder: Path, name: str) -> Path:
+        ds = make_instance(patient_id="MOVE", patient_name="MO^VE", study_uid="1.2.826.0.1.3680043.10.8",
+                           series_uid="1.2.826.0.1.3680043.10.8.1", sop_uid=f"1.2.826.0.1.3680043.10.8.1.{index}",
+                           instance_number=index + 1, rows=16, columns=16, seed=index)
+        folder.mkdir(exist_ok=True)
+        write_instance(folder / name, ds)
+        return folder / name
+
+    for index in range(10):  # as rsync does
+        written = instance(index, uploads / "rsync", f".i{index:02d}.dcm.{index:06d}")
+        try:
+            written.rename(written.with_name(f"i{index:02d}.dcm"))
+        except FileNotFoundError:
+            pass  # ingested under its temporary name already
+    for index in range(10, 20):  # a folder filled, then moved
+        instance(index, uploads / "incoming", f"i{index:02d}.dcm")
+    try:
+        (uploads / "incoming").rename(uploads / "done")
+    except FileNotFoundError:
+        pass
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and [p for p in (m.store / "uploads").rglob("*") if p.is_file()]:
+        time.sleep(0.05)
+    assert not [p for p in (m.store / "uploads").rglob("*") if p.is_file()]
+    stats = json.loads(run_cli("stats", "--json", store=m.store, config=m.config).stdout)
+    assert stats["instances"] == 20
+
+
 def test_mount_uploads_janitor_removes_idle_empty_folders_rejected_files_and_junk(mount: Callable[..., Mounted]) -> None:
     m = mount(config="[uploads]\nrejected_ttl = 1\nempty_folder_idle = 1\n")
     uploads = m.path / "uploads"

@@ -630,7 +630,27 @@ class DicomOperations(pyfuse3.Operations):
         moved = self.inodes.at(old)
         if moved is not None:
             self.inodes.move(moved, old, new, new_parent.inode)
+        if self._queue is not None:
+            writing = {node.path for inode in self._writers if (node := self.inodes.get(inode)) is not None}
+            await self._thread(self._queue_moved, new, writing)
 
+    def _queue_moved(self, path: tuple[str, ...], writing: set[tuple[str, ...]]) -> None:
+        """Queue the complete files a rename brought to ``path`` (a file, or a folder's files):
+        rsync renames each file once written, `mv` moves a folder of them, and by their turn the
+        names they were queued under are gone, so nothing else would queue them until a janitor
+        pass. Files still open for writing (``writing``) are queued when their writer closes them."""
+        assert self._queue is not None
+        real = self._upload_path(path)
+        if real.is_file():
+            if path not in writing:
+                self._queue.submit(path[1:])
+            return
+        for folder, _, names in os.walk(real):
+            below = Path(folder).relative_to(real).parts
+            for name in names:
+                parts = (*path, *below, name)
+                if parts not in writing:
+                    self._queue.submit(parts[1:])
     # -- deleting ------------------------------------------------------------------------------------
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
