@@ -247,6 +247,16 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
         """A COPY or MOVE put a complete file at ``dest_path``."""
         self._arrived(util.quote(dest_path), _upload_parts(dest_path), environ)
 
+    def folder_arrived(self, dest_path: str, environ: dict[str, Any]) -> None:
+        """A MOVE put a folder at ``dest_path``: its files arrive under names nothing queued (any
+        queued under the old ones are passed over as gone by their turn)."""
+        root = self._loc_to_file_path(dest_path)
+        for folder, _, names in os.walk(root):
+            below = os.path.relpath(folder, root)
+            for name in names:
+                self.upload_arrived("/".join(part for part in (dest_path.rstrip("/"), below, name) if part not in ("", ".")),
+                                    environ)
+
     def upload_removed(self, path: str) -> None:
         with self._awaiting_lock:
             self._awaiting_unlock.pop(util.quote(path), None)

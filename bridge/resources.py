@@ -295,6 +295,11 @@ class UploadFolder(FolderResource):  # type: ignore[misc]
         self.provider.check_in_uploads(dest_path)
         return False
 
+    def move_recursive(self, dest_path: str) -> None:
+        self.provider.check_in_uploads(dest_path)
+        super().move_recursive(dest_path)
+        self.provider.folder_arrived(dest_path, self.environ)
+
 
 class UploadFile(FileResource):  # type: ignore[misc]
     """A file in ``uploads/``: being written, waiting for ingest, or kept with its reason."""

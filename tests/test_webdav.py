@@ -356,6 +356,21 @@ def test_an_upload_whose_date_is_set_after_its_put_is_still_ingested(tmp_path: P
         assert bridge.uploads() == [] and len(bridge.instances()) == count
 
 
+def test_a_folder_moved_within_uploads_has_its_files_ingested(tmp_path: Path) -> None:
+    """A MOVE of a folder brings its files to names nothing queued: files queued under their old
+    names (a MOVE right after the PUTs) are passed over as gone by their turn. The MOVE queues
+    them. Here the files are put in place behind the bridge's back, so that only the MOVE can."""
+    with running(tmp_path) as bridge:
+        assert bridge.request("MKCOL", "/uploads/inc").status == 201
+        for index in range(5):
+            dicom_file(bridge.store.folder / "uploads" / "inc", index)
+        moved = bridge.request("MOVE", "/uploads/inc", headers={"Destination": bridge.client.url + "uploads/done"})
+        assert moved.status == 201, moved.body[:300]
+        time.sleep(0.3)
+        bridge.wait_ingested()
+        assert bridge.uploads() == [] and len(bridge.instances()) == 5
+
+
 def test_windows_explorer_copy_is_ingested_at_unlock_not_before(tmp_path: Path) -> None:
     win32 = (b'<?xml version="1.0" encoding="utf-8" ?><D:propertyupdate xmlns:D="DAV:" '
              b'xmlns:Z="urn:schemas-microsoft-com:"><D:set><D:prop>'
