@@ -395,6 +395,23 @@ def test_uploads_renamed_once_written_are_ingested(mount: Callable[..., Mounted]
     assert stats["instances"] == 20
 
 
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync (scripts/setup installs it)")
+def test_rsync_into_uploads_is_ingested(mount: Callable[..., Mounted], small_corpus: Corpus) -> None:
+    """The real rsync: temporary names, times set, renamed once written; every file is ingested
+    within seconds, and rsync sees no error."""
+    m = mount()
+    done = subprocess.run(["rsync", "-a", f"{small_corpus.root}/", str(m.path / "uploads" / "cd")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    expected_left = {s.path.name for s in small_corpus.invalid_files}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and {p.name for p in (m.store / "uploads").rglob("*") if p.is_file()} - expected_left:
+        time.sleep(0.05)
+    assert {p.name for p in (m.store / "uploads").rglob("*") if p.is_file()} <= expected_left
+    stats = json.loads(run_cli("stats", "--json", store=m.store, config=m.config).stdout)
+    assert stats["instances"] == small_corpus.instances
+
+
 def test_mount_uploads_janitor_removes_idle_empty_folders_rejected_files_and_junk(mount: Callable[..., Mounted]) -> None:
     m = mount(config="[uploads]\nrejected_ttl = 1\nempty_folder_idle = 1\n")
     uploads = m.path / "uploads"
