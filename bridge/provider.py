@@ -217,8 +217,9 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
         if not self.settings.upload_allowed:
             raise DAVError(HTTP_FORBIDDEN, "uploads are turned off (webdav.upload_allowed)")
 
-    def check_in_uploads(self, dest_path: str) -> None:
-        self._loc_to_file_path(dest_path)
+    def check_in_uploads(self, dest_path: str) -> str:
+        """The real path of ``dest_path``; DAVError 403 when it is not in uploads/."""
+        return self._loc_to_file_path(dest_path)
 
     def changed(self) -> None:
         """The store was changed by this bridge: drop the listings it made stale."""
@@ -250,12 +251,8 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
     def folder_arrived(self, dest_path: str, environ: dict[str, Any]) -> None:
         """A MOVE put a folder at ``dest_path``: its files arrive under names nothing queued (any
         queued under the old ones are passed over as gone by their turn)."""
-        root = self._loc_to_file_path(dest_path)
-        for folder, _, names in os.walk(root):
-            below = os.path.relpath(folder, root)
-            for name in names:
-                self.upload_arrived("/".join(part for part in (dest_path.rstrip("/"), below, name) if part not in ("", ".")),
-                                    environ)
+        for parts in self.uploads.files_at(_upload_parts(dest_path)):
+            self._arrived(util.quote("/".join(("", UPLOADS, *parts))), parts, environ)
 
     def upload_removed(self, path: str) -> None:
         with self._awaiting_lock:

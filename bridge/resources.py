@@ -382,7 +382,7 @@ class UploadFile(FileResource):  # type: ignore[misc]
         self.provider.upload_removed(self.path)
 
     def copy_move_single(self, dest_path: str, *, is_move: bool) -> None:
-        target = self.provider._loc_to_file_path(dest_path, self.environ)  # refuses a path outside uploads/
+        target = self.provider.check_in_uploads(dest_path)
         if not is_move:
             # A COPY of a folder over a folder keeps the destination's files of the same name, and
             # wsgidav's copy2 would rewrite them in place: such a file may be in the ingest's hands

@@ -164,6 +164,14 @@ class UploadArea:
                 return self._reasons.get(str(path))
             return None
 
+    def files_at(self, parts: Sequence[str]) -> list[tuple[str, ...]]:
+        """The files now at ``uploads/<parts>``: itself when it is a file, else every file below it
+        (what a rename or a MOVE brought there, for the upload queue)."""
+        real = self.path(parts)
+        if real.is_file():
+            return [tuple(parts)]
+        return [(*parts, *Path(folder).relative_to(real).parts, name) for folder, _, names in os.walk(real) for name in names]
+
     def leftovers(self, *, idle: float, busy: Collection[Path] = (), now: float | None = None) -> list[tuple[str, ...]]:
         """Files a front end took in but never ingested, because it was killed first: not empty,
         without a reason, not clutter, not ``busy``, and untouched for ``idle`` seconds (a file
@@ -293,15 +301,11 @@ def stamp_of(info: os.stat_result) -> Stamp:
 def _group_summary(uploads: list[Sequence[str]], results: list[IngestResult]) -> str:
     """One line for a group: where its files were (the folder they share) and what became of them,
     e.g. "uploads/cd1/: 97 files: 95 stored, 1 already stored, 1 not stored"."""
-    shared = list(uploads[0][:-1])
-    for parts in uploads[1:]:
-        folder = parts[:-1]
-        while shared and list(folder[:len(shared)]) != shared:
-            shared.pop()
+    shared = os.path.commonpath(["/".join(parts[:-1]) for parts in uploads])
     counts = Counter(result.status for result in results)
     said = [f"{counts[status]} {_SAID[status]}" for status in _SAID if counts[status]]
     files = f"{len(uploads)} file{'s' if len(uploads) != 1 else ''}"
-    return f"uploads/{''.join(part + '/' for part in shared)}: {files}: {', '.join(said)}"
+    return f"uploads/{shared + '/' if shared else ''}: {files}: {', '.join(said)}"
 
 
 _SAID = {STORED: "stored", REPLACED: "replaced", ALREADY_STORED: "already stored", SKIPPED: "skipped", REJECTED: "not stored"}

@@ -15,6 +15,7 @@ cache and entries live 300 s; ``apply_changes`` invalidates what ingests and del
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import mmap
@@ -607,9 +608,8 @@ class DicomOperations(pyfuse3.Operations):
             return info
 
         try:
-            if not fields.update_size:
-                return self._upload_attributes(node, await self._thread(apply, self._renews(node)))
-            async with self._renewing:
+            # A new size may renew the file: decided and done under the lock, as a writing open is.
+            async with self._renewing if fields.update_size else contextlib.nullcontext():
                 return self._upload_attributes(node, await self._thread(apply, self._renews(node)))
         except OSError as error:
             raise _fuse_error(error) from None
@@ -639,18 +639,11 @@ class DicomOperations(pyfuse3.Operations):
         rsync renames each file once written, `mv` moves a folder of them, and by their turn the
         names they were queued under are gone, so nothing else would queue them until a janitor
         pass. Files still open for writing (``writing``) are queued when their writer closes them."""
-        assert self._queue is not None
-        real = self._upload_path(path)
-        if real.is_file():
-            if path not in writing:
-                self._queue.submit(path[1:])
-            return
-        for folder, _, names in os.walk(real):
-            below = Path(folder).relative_to(real).parts
-            for name in names:
-                parts = (*path, *below, name)
-                if parts not in writing:
-                    self._queue.submit(parts[1:])
+        assert self._queue is not None and self.uploads is not None
+        for parts in self.uploads.files_at(path[1:]):
+            if (UPLOADS, *parts) not in writing:
+                self._queue.submit(parts)
+
     # -- deleting ------------------------------------------------------------------------------------
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
