@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from dicomfs.samples import Corpus, write_corpus
+from dicomfs.samples import Corpus, make_instance, write_corpus, write_instance
 from dicomfs.store.committer import WriteSettings
 from dicomfs.store.store import Store
 
@@ -98,3 +98,14 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True, timeout=60)
     return cert, key
+
+
+def write_own_instance(path: Path, index: int, *, patient: str, series: str, pixels: int = 16) -> Path:
+    """A small valid instance with UIDs of its own (SOP ``series.index``, study ``series`` less its
+    last part), written at ``path``, its folder made."""
+    ds = make_instance(patient_id=patient, patient_name=f"{patient}^TEST", study_uid=series.rsplit(".", 1)[0],
+                       series_uid=series, sop_uid=f"{series}.{index}", instance_number=index + 1,
+                       rows=pixels, columns=pixels, seed=index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_instance(path, ds)
+    return path

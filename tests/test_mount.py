@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import pytest
 
 from dicomfs.samples import Corpus, make_instance, write_instance
-from tests.conftest import dicomfs_command, run_cli
+from tests.conftest import dicomfs_command, run_cli, write_own_instance
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
                                 reason="needs /dev/fuse and fusermount3 (apt install fuse3)")
@@ -262,16 +262,23 @@ def _has_reason(path: Path) -> bool:
         return False
 
 
+def _kept_upload(m: Mounted, content: bytes) -> tuple[Path, Path]:
+    """uploads/notes.txt written through the mount and kept (not DICOM: it stays, with its
+    reason); its path through the mount and in the store."""
+    through_mount, real = m.path / "uploads" / "notes.txt", m.store / "uploads" / "notes.txt"
+    through_mount.write_bytes(content)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _has_reason(real):
+        time.sleep(0.05)
+    assert _has_reason(real)
+    return through_mount, real
+
+
 def test_writing_over_an_upload_gives_the_new_version_a_new_file(mount: Callable[..., Mounted]) -> None:
     """cp or > over a file in uploads/ that nobody is writing: the file may be in the ingest's
     hands, so the new version gets a new inode; whoever holds the earlier one reads it unchanged."""
     m = mount()
-    through_mount, real = m.path / "uploads" / "notes.txt", m.store / "uploads" / "notes.txt"
-    through_mount.write_bytes(b"first version")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not _has_reason(real):  # not DICOM: it stays, with its reason
-        time.sleep(0.05)
-    assert _has_reason(real)
+    through_mount, real = _kept_upload(m, b"first version")
     with real.open("rb") as held:  # as the ingest process holds a file of the group it reads
         with through_mount.open("wb") as rewrite:  # O_TRUNC on a file nobody writes
             rewrite.write(b"second version, longer")
@@ -291,12 +298,7 @@ def test_a_complete_upload_is_never_changed_in_place(mount: Callable[..., Mounte
     into the store already, and whoever holds it reads it unchanged. A writer's own open file is
     changed in place, as asked."""
     m = mount()
-    through_mount, real = m.path / "uploads" / "notes.txt", m.store / "uploads" / "notes.txt"
-    through_mount.write_bytes(b"first version")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not _has_reason(real):  # not DICOM: it stays, with its reason
-        time.sleep(0.05)
-    assert _has_reason(real)
+    through_mount, real = _kept_upload(m, b"first version")
 
     def changed(change: Callable[[], None], expected: bytes) -> None:
         with real.open("rb") as held:  # as the ingest holds it, or as blobs/ holds it once linked
@@ -343,11 +345,8 @@ def test_an_upload_touched_after_it_was_written_is_still_ingested(mount: Callabl
     m = mount()
     count = 20
     for index in range(count):
-        ds = make_instance(patient_id="TOUCH", patient_name="TOU^CH", study_uid="1.2.826.0.1.3680043.10.7",
-                           series_uid="1.2.826.0.1.3680043.10.7.1", sop_uid=f"1.2.826.0.1.3680043.10.7.1.{index}",
-                           instance_number=index + 1, rows=16, columns=16, seed=index)
-        target = m.path / "uploads" / f"t{index:02d}.dcm"
-        write_instance(target, ds)
+        target = write_own_instance(m.path / "uploads" / f"t{index:02d}.dcm", index, patient="TOUCH",
+                                    series="1.2.826.0.1.3680043.10.7.1")
         try:
             os.utime(target, (1_000_000_000 + index, 1_000_000_000 + index))
         except FileNotFoundError:
@@ -368,12 +367,7 @@ def test_uploads_renamed_once_written_are_ingested(mount: Callable[..., Mounted]
     uploads = m.path / "uploads"
 
     def instance(index: int, folder: Path, name: str) -> Path:
-        ds = make_instance(patient_id="MOVE", patient_name="MO^VE", study_uid="1.2.826.0.1.3680043.10.8",
-                           series_uid="1.2.826.0.1.3680043.10.8.1", sop_uid=f"1.2.826.0.1.3680043.10.8.1.{index}",
-                           instance_number=index + 1, rows=16, columns=16, seed=index)
-        folder.mkdir(exist_ok=True)
-        write_instance(folder / name, ds)
-        return folder / name
+        return write_own_instance(folder / name, index, patient="MOVE", series="1.2.826.0.1.3680043.10.8.1")
 
     for index in range(10):  # as rsync does
         written = instance(index, uploads / "rsync", f".i{index:02d}.dcm.{index:06d}")

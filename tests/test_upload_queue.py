@@ -13,13 +13,14 @@ from typing import Callable
 
 import pytest
 
-from dicomfs.samples import Corpus, make_instance, write_instance
+from dicomfs.samples import Corpus
 from dicomfs.store import Store
 from dicomfs.store.candidates import IngestResult
 from dicomfs.store.check import check_store
 from dicomfs.store.sources import Source
 from dicomfs.upload_queue import UploadQueue
 from dicomfs.uploads import UploadArea, UploadOutcome
+from tests.conftest import write_own_instance
 
 
 class Reports:
@@ -156,15 +157,8 @@ def test_a_file_written_again_after_it_was_queued_is_left_for_its_writer(open_st
 
 def _own_instances(folder: Path, count: int, *, size: int = 16) -> list[Path]:
     """``count`` valid instances with UIDs of their own, written into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index in range(1, count + 1):
-        ds = make_instance(patient_id="ADOPT", patient_name="AD^OPT", study_uid="1.2.826.0.1.3680043.10.9",
-                           series_uid="1.2.826.0.1.3680043.10.9.1", sop_uid=f"1.2.826.0.1.3680043.10.9.1.{index}",
-                           instance_number=index, rows=size, columns=size, seed=index)
-        paths.append(folder / f"i{index:03d}.dcm")
-        write_instance(paths[-1], ds)
-    return paths
+    return [write_own_instance(folder / f"i{index:03d}.dcm", index, patient="ADOPT", series="1.2.826.0.1.3680043.10.9.1",
+                               pixels=size) for index in range(1, count + 1)]
 
 
 def _blob_inode(store: Store, result: IngestResult) -> tuple[int, bytes]:
