@@ -43,7 +43,7 @@ from typing import Iterator
 from urllib.parse import urlsplit
 
 from _shared import CannotRun, Cli, process_cpu
-from fuse import Dicomfs, files_in
+from fuse import Dicomfs, daemon_pids, files_in
 
 from dicomfs.samples import write_corpus
 
@@ -94,22 +94,13 @@ def wait_ingested(cli: Cli, expected: int) -> None:
         time.sleep(0.005)
 
 
-def daemon_of(mountpoint: Path) -> int:
-    """The mount daemon's process id (the process holding ``/dev/fuse`` that names the mountpoint)."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{entry}/cmdline", "rb") as command:
-                    words = command.read().split(b"\0")
-                if b"mount" in words and os.fsencode(str(mountpoint)) in words:
-                    return int(entry)
-    raise CannotRun(f"no daemon found for {mountpoint}")
-
-
 def run_fuse(cli: Dicomfs, corpus: Path, expected: int) -> tuple[float, float, float]:
     mountpoint = cli.store.with_name(cli.store.name + "-mnt")
     with cli.mounted(mountpoint):
-        daemon = daemon_of(mountpoint)
+        daemons = daemon_pids(mountpoint)
+        if len(daemons) != 1:
+            raise CannotRun(f"{len(daemons)} mount daemons serve {mountpoint}")
+        daemon = daemons[0]
         time.sleep(0.5)  # the helper starts with the mount: let it be ready, as in use
         cpu = process_cpu(daemon), {pid: process_cpu(pid) for pid in helpers_of(daemon)}
         started = time.perf_counter()

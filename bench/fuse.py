@@ -120,7 +120,7 @@ class Dicomfs(Cli):
             self.unmount(mountpoint)
 
     def unmount(self, mountpoint: Path) -> None:
-        daemons = _daemon_pids(mountpoint)
+        daemons = daemon_pids(mountpoint)
         if os.path.ismount(mountpoint):
             try:
                 done = self.run("umount", str(mountpoint), timeout=60, check=False)
@@ -171,7 +171,7 @@ def _lazy_unmount(mountpoint: Path) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, timeout=60)
 
 
-def _daemon_pids(mountpoint: Path) -> list[int]:
+def daemon_pids(mountpoint: Path) -> list[int]:
     """The dicomfs mount daemon(s) serving ``mountpoint`` (their command line names it)."""
     wanted = str(mountpoint).encode()
     found = []

@@ -81,7 +81,7 @@ import pydicom
 from _shared import CannotRun, dicomfs_command, finish, options, progress, work_folder
 from compare import Others
 from fuse import Dicomfs as MountingCli
-from fuse import _daemon_pids as daemon_pids
+from fuse import daemon_pids
 from fuse import release
 from ingest import disk_usage
 from webdav import PROPFIND_BODIES, Server, dav_path
