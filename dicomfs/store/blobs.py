@@ -107,10 +107,7 @@ class BlobStore:
         With ``codec="none"`` and a ``source_fd`` holding the same bytes, the kernel copies the
         file (``copy_file_range``) so the content never passes through Python.
         """
-        if name[0:2] not in self._known_dirs:
-            (self.root / name[0:2]).mkdir(parents=True, exist_ok=True)  # normally made with the store
-            self._known_dirs.add(name[0:2])
-        path = f"{self._root_text}/{name[0:2]}/{name}"  # a string: pathlib costs ~10 us a file here
+        path = self._new_path(name)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
             with memoryview(data) as view:  # released on the way out, so a mapped source can close
@@ -128,19 +125,25 @@ class BlobStore:
 
         Only for a file nobody will change (``Source.handed_over``): the blob *is* that file.
         """
-        if name[0:2] not in self._known_dirs:
-            (self.root / name[0:2]).mkdir(parents=True, exist_ok=True)
-            self._known_dirs.add(name[0:2])
+        path = self._new_path(name)
         try:
             if os.fstat(fd).st_size != size:
                 return None
             os.fchmod(fd, 0o640)
-            link_open_file(fd, f"{self._root_text}/{name[0:2]}/{name}")
+            link_open_file(fd, path)
         except OSError as error:
             if is_disk_full(error):
                 raise
             return None  # EXDEV, EPERM (a file system without links), EMLINK...: a copy will do
         return size
+
+    def _new_path(self, name: str) -> str:
+        """Where blob ``name`` goes, its shard folder made if need be (normally made with the
+        store). A string: pathlib costs ~10 us a file here."""
+        if name[0:2] not in self._known_dirs:
+            (self.root / name[0:2]).mkdir(parents=True, exist_ok=True)
+            self._known_dirs.add(name[0:2])
+        return f"{self._root_text}/{name[0:2]}/{name}"
 
     @staticmethod
     def _write_content(fd: int, view: memoryview, codec: str, level: int, block_size: int,
