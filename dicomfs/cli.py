@@ -324,9 +324,10 @@ def _serve_until_stopped(started: str) -> None:
 
 def cmd_webdav(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     from bridge.server import Bridge  # wsgidav and cheroot: only this command needs them
-    from dicomfs.gctuning import tune_for_a_server
     from dicomfs.jobs.service import start_jobs
+    from dicomfs.servermemory import limit_malloc_arenas, tune_for_a_server
 
+    limit_malloc_arenas()  # before the bridge's threads exist
     _log_to(loaded.config, foreground=True)
     with open_store(loaded, readonly=args.read_only) as store:
         bridge = Bridge(store, loaded.config, bind=args.bind, allow_anonymous=args.allow_anonymous)

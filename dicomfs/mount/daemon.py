@@ -29,12 +29,12 @@ import trio
 
 from dicomfs.config import Config
 from dicomfs.errors import DicomfsError
-from dicomfs.gctuning import tune_for_a_server
 from dicomfs.jobs.service import start_jobs
 from dicomfs.jobs.storage import JobStore, open_jobs
 from dicomfs.mount.diskpressure import DiskPressure, io_pressure
 from dicomfs.mount.operations import DicomOperations, MountSettings
 from dicomfs.mount.readahead import set_read_ahead
+from dicomfs.servermemory import limit_malloc_arenas, tune_for_a_server
 from dicomfs.store import Store
 from dicomfs.systemd import notify_systemd
 from dicomfs.uploads import UploadArea
@@ -130,6 +130,7 @@ def _report(fd: int | None, message: str) -> None:
 
 def _serve(open_store: Callable[[], Store], config: Config, options: MountOptions, mountpoint: Path,
            ready_fd: int | None) -> int:
+    limit_malloc_arenas()  # before the store, the bridge and trio start threads
     store = open_store()
     store_folder = store.folder
     try:
