@@ -25,11 +25,11 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 from urllib.parse import quote
 from xml.sax.saxutils import escape, quoteattr
 
-__all__ = ["DICOMFS_PREFIX", "PropfindRequest", "Row", "dates", "multistatus", "parse_request", "quoted_name"]
+__all__ = ["DICOMFS_PREFIX", "PIECE_CHARACTERS", "PropfindRequest", "Row", "dates", "multistatus", "parse_request", "quoted_name"]
 
 DICOMFS_PREFIX = "{urn:dicomfs}"
 """The namespace of the live tag and metadata properties (``bridge.resources.NAMESPACE``)."""
@@ -181,8 +181,9 @@ def _template(names: Sequence[str], tags: Sequence[str], *, is_folder: bool, loc
     return _response(found, missing, missing_first=missing_first)
 
 
-def multistatus(request: PropfindRequest, rows: Iterable[Row], *, locking: bool) -> bytes:
-    """The 207 body answering ``request`` for ``rows`` (the target first, then its members).
+def multistatus(request: PropfindRequest, rows: Iterable[Row], *, locking: bool) -> list[bytes]:
+    """The 207 body answering ``request`` for ``rows`` (the target first, then its members), in
+    pieces of about ``PIECE_CHARACTERS`` (see there).
 
     ``locking``: the share has a lock manager, so lockdiscovery (empty: the caller checked that
     nothing here is locked) and supportedlock are properties of every resource.
@@ -196,20 +197,46 @@ def multistatus(request: PropfindRequest, rows: Iterable[Row], *, locking: bool)
         {True: request.names, False: request.names}
     tags = {is_folder: [_tag(name, prefixes) for name in names] for is_folder, names in asked.items()}
     declarations = "".join(f" xmlns:{prefix}={quoteattr(uri)}" for uri, prefix in prefixes.items())
-    out = [f'<?xml version="1.0" encoding="utf-8" ?>\n<D:multistatus xmlns:D="DAV:"{declarations}>']
+    head = f'<?xml version="1.0" encoding="utf-8" ?>\n<D:multistatus xmlns:D="DAV:"{declarations}>'
     if request.names is not None and request.wants_attributes:
-        out.extend(_with_attributes(request.names, tags[True], rows, locking=locking))
+        responses = _with_attributes(request.names, tags[True], rows, locking=locking)
     else:
         templates = {is_folder: _template(names, tags[is_folder], is_folder=is_folder, locking=locking)
                      for is_folder, names in asked.items()}
-        for row in rows:
-            created, modified = dates(row.mtime)
-            # hrefs are quoted: no character in them needs escaping
-            out.append(templates[row.is_folder].format(href=row.href, name=escape(row.name), created=created,
-                                                       modified=modified, getcontentlength=row.size,
-                                                       getcontenttype=escape(row.content_type), getetag=escape(row.etag)))
-    out.append("</D:multistatus>")
-    return "".join(out).encode("utf-8")
+        responses = _without_attributes(templates, rows)
+    return _pieces(head, responses, "</D:multistatus>")
+
+
+PIECE_CHARACTERS = 1 << 16
+"""A large answer is encoded in pieces of about this size. In one piece, a 20,000-patient
+``by-patients/`` (10 MB) made a 10 MB string and then 10 MB of bytes for every request, each
+fresh pages from the kernel: 7,500 page faults a request, against 1,500 in pieces (and the
+bridge's RSS 98 MB against 83 after 33 of them)."""
+
+
+def _pieces(head: str, responses: Iterable[str], tail: str) -> list[bytes]:
+    pieces: list[bytes] = []
+    out = [head]
+    size = len(head)
+    for response in responses:
+        out.append(response)
+        size += len(response)
+        if size >= PIECE_CHARACTERS:
+            pieces.append("".join(out).encode("utf-8"))
+            out, size = [], 0
+    out.append(tail)
+    pieces.append("".join(out).encode("utf-8"))
+    return pieces
+
+
+def _without_attributes(templates: Mapping[bool, str], rows: Iterable[Row]) -> Iterator[str]:
+    """The <response>s of a request naming no ``{urn:dicomfs}`` property: one template per kind."""
+    for row in rows:
+        created, modified = dates(row.mtime)
+        # hrefs are quoted: no character in them needs escaping
+        yield templates[row.is_folder].format(href=row.href, name=escape(row.name), created=created,
+                                              modified=modified, getcontentlength=row.size,
+                                              getcontenttype=escape(row.content_type), getetag=escape(row.etag))
 
 
 def _with_attributes(names: Sequence[str], tags: Sequence[str], rows: Iterable[Row], *, locking: bool) -> Iterable[str]:

@@ -145,10 +145,10 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
             rows = [self._row(href, entry, with_attributes) for href, _, entry in entries]
         except NotFoundError:
             return None  # gone meanwhile: wsgidav answers as it does for that
-        body_out = propfind.multistatus(request, rows, locking=lock_manager is not None)
-        start_response("207 Multi-Status", [("Content-Type", "application/xml; charset=utf-8"),
-                                            ("Date", util.get_rfc1123_time()), ("Content-Length", str(len(body_out)))])
-        return [body_out]
+        pieces = propfind.multistatus(request, rows, locking=lock_manager is not None)
+        start_response("207 Multi-Status", [("Content-Type", "application/xml; charset=utf-8"), ("Date", util.get_rfc1123_time()),
+                                            ("Content-Length", str(sum(len(piece) for piece in pieces)))])
+        return pieces
 
     def _row(self, href: str, entry: Entry, with_attributes: bool) -> propfind.Row:
         """What ViewFolder or ViewFile would answer for ``entry``, read once; its tags only if asked for."""

@@ -21,12 +21,13 @@ from typing import Iterator
 
 import pytest
 
+from bridge.propfind import PIECE_CHARACTERS
 from bridge.server import Bridge, BridgeError
 from dicomfs.cli import open_store
 from dicomfs.config import load_config
 from dicomfs.errors import ConfigError
 from dicomfs.passwords import hash_password, verify_password
-from dicomfs.samples import Corpus, SampleFile, make_instance, write_instance
+from dicomfs.samples import Corpus, SampleFile, make_instance, write_corpus, write_instance
 from dicomfs.store import Instance, Store
 from dicomfs.store.ids import Level
 from tests.conftest import dicomfs_command, run_cli, self_signed_certificate
@@ -842,6 +843,20 @@ def test_propfind_of_views_answers_as_wsgidav_does(tmp_path: Path, small_corpus:
         shown = assert_same(bridge, f"/by-uids/{sample.study_uid}", depth="0", body=DICOMFS_PROPS)
         assert shown[study]["{urn:dicomfs}dicomfs.meta.Reviewed"][1][1] == "yes & <done>"  # type: ignore[index]
         assert assert_same(bridge, "/by-uids/", body=DICOMFS_PROPS)[study] == shown[study]
+
+
+def test_a_propfind_answer_of_many_pieces_is_the_one_wsgidav_gives(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus", patients=1, studies_per_patient=1, series_per_study=1,
+                          instances_per_series=240, pixels=8, seed=11)
+    sample = corpus.valid_files[0]
+    series = f"/by-uids/{sample.study_uid}/{sample.series_uid}/"
+    with running(tmp_path, corpus=corpus) as bridge:
+        for body in (None, LIVE_PROPS, DICOMFS_PROPS):
+            answer = bridge.request("PROPFIND", series, body, {"Depth": "1"})
+            assert len(answer.body) > 2 * PIECE_CHARACTERS  # written in several pieces
+            assert int(answer.headers["content-length"]) == len(answer.body)
+            listed = assert_same(bridge, series, body=body)
+            assert len(listed) == 1 + 240 + 1  # the folder, its instances and series.json
 
 
 def test_propfind_leaves_what_it_cannot_answer_exactly_to_wsgidav(tmp_path: Path, small_corpus: Corpus) -> None:
