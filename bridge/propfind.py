@@ -97,11 +97,10 @@ def parse_request(body: bytes | None) -> PropfindRequest | None:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def quoted_name(name: str) -> tuple[str, str]:
-    """``name`` quoted for an href (wsgidav's get_href) and for a reference URL (its get_ref_url,
-    the key of locks and dead properties). Cached: a listing is asked for again and again, and
-    ``urllib.parse.quote`` is a noticeable part of a big answer."""
-    return quote(name, safe=_HREF_SAFE), quote(name)
+def quoted_name(name: str) -> str:
+    """``name`` quoted for an href, as wsgidav's get_href quotes it. Cached: a listing is asked
+    for again and again, and ``urllib.parse.quote`` is a noticeable part of a big answer."""
+    return quote(name, safe=_HREF_SAFE)
 
 
 # -- writing -------------------------------------------------------------------------------------

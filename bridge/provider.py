@@ -8,6 +8,7 @@ another bridge changed shows at once, and ends with nothing cached per request.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import threading
@@ -130,22 +131,19 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
             locks = lock_manager.get_url_lock_list(root, recursive=depth == "1")
             if any(lock["root"] == root or lock["root"].rsplit("/", 1)[0] == root for lock in locks):
                 return None
+        properties = self.prop_manager
+        if properties is not None and properties.any_under(resource.get_ref_url()):
+            return None  # views refuse dead properties, but one may have been kept from elsewhere
+        href, with_attributes = resource.get_href(), request.wants_attributes
         try:
-            entries: list[tuple[str, str, Entry]] = [(resource.get_href(), resource.get_ref_url(), resource.entry)]
-            if depth == "1" and isinstance(resource, ViewFolder):
-                href, ref = entries[0][0], entries[0][1]
-                for entry in self.tree.listing(resource.parts).entries:
-                    quoted_href, quoted_ref = propfind.quoted_name(entry.name)  # a member's href: the folder's + its name
-                    slash = "/" if entry.is_folder else ""
-                    entries.append((href + quoted_href + slash, ref + quoted_ref + slash, entry))
-            properties = self.prop_manager
-            if properties is not None and properties.any_under(entries[0][1]):
-                return None  # views refuse dead properties, but one may have been kept from elsewhere
-            with_attributes = request.wants_attributes
-            rows = [self._row(href, entry, with_attributes) for href, _, entry in entries]
+            members = self.tree.listing(resource.parts).entries if depth == "1" and isinstance(resource, ViewFolder) else ()
+            # rows are made as the answer is written, each dropped once written: a 20,000-patient
+            # listing held as rows at once is ~10 MB more to pass through the CPU's caches
+            rows = itertools.chain((self._row(href, resource.entry, with_attributes),),
+                                   (self._row(_member_href(href, entry), entry, with_attributes) for entry in members))
+            pieces = propfind.multistatus(request, rows, locking=lock_manager is not None)
         except NotFoundError:
             return None  # gone meanwhile: wsgidav answers as it does for that
-        pieces = propfind.multistatus(request, rows, locking=lock_manager is not None)
         start_response("207 Multi-Status", [("Content-Type", "application/xml; charset=utf-8"), ("Date", util.get_rfc1123_time()),
                                             ("Content-Length", str(sum(len(piece) for piece in pieces)))])
         return pieces
@@ -357,3 +355,8 @@ def _remote(environ: dict[str, Any]) -> str:
     user = environ.get("wsgidav.auth.user_name") or ""
     address = environ.get("REMOTE_ADDR", "")
     return f"{user}@{address}" if user else address
+
+
+def _member_href(folder_href: str, entry: Entry) -> str:
+    """A member's href: its folder's and its quoted name (a folder's ending in ``/``)."""
+    return folder_href + propfind.quoted_name(entry.name) + ("/" if entry.is_folder else "")
