@@ -40,7 +40,9 @@ and the output says so.
    (Python's client sends no ``Expect: 100-continue``, which Orthanc never answers). Each path
    runs 2 rounds (``--quick``: 1), fresh stores every time; the best round counts. Beside the
    bridge, the same PUTs go to ``bench/bare_webdav.py``, a cheroot server with the bridge's settings
-   that only writes each body to a file: the floor under any cheroot server, without a target. Targets: each
+   that only writes each body to a file: the floor under any cheroot server, without a target; and
+   the same ``cp -r`` goes into ``bench/bare_fuse.py --writable``, a pyfuse3 file system that only
+   writes the files to a folder: the floor under any pyfuse3 mount. Targets: each
    dicomfs path >= 3x Orthanc's WebDAV (the faster of its 1- and 4-connection runs; WebDAV
    against WebDAV with the same connections) and >= 2x Orthanc's REST with 4 connections.
 2. **Browsing** a fresh pair of archives of 2,000 then 20,000 patients (``--quick``: 200 then
@@ -115,7 +117,7 @@ import webdav as dav
 from _shared import CannotRun, Row, dicomfs_command, finish, options, print_report, progress, settle_the_disk, work_folder
 from export import REFERENCE_CLIENT, stored_count, timed
 from fuse import Dicomfs as Cli
-from fuse import files_in, release, warm
+from fuse import bare_mounted, files_in, release, warm
 from ingest import disk_usage
 from ingest import ingest as timed_ingest
 
@@ -542,6 +544,19 @@ def ingest_round(bench: Bench, corpus: Corpus, files: list[tuple[str, bytes]], s
                 time.sleep(0.02)
             seconds = seen_empty - started
     note("dicomfs FUSE cp -r", seconds, f"cp alone {copied:.2f} s")
+    settle()
+    bench.count += 1
+    staging = bench.workdir / "bare-fuse" / f"{bench.count:02d}"
+    staging.mkdir(parents=True)
+    with bare_mounted(staging, bench.workdir / "mnt-bare", writable=True) as bare:
+        warm(corpus)
+        with others.window("bare pyfuse3 cp -r"):
+            started = time.perf_counter()
+            subprocess.run(["cp", "-r", *map(str, sorted(corpus.root.iterdir())), str(bare)], check=True, timeout=LONG)
+            seconds = time.perf_counter() - started
+    if files_in(staging) != count:
+        raise CannotRun(f"cp -r into the bare pyfuse3 file system left {files_in(staging)} files, not {count}")
+    note("bare pyfuse3 cp -r", seconds, "nothing ingested")
     settle()  # for what comes next: the next round, or the browsing archives
     return results, main_server, ingest_cli
 
@@ -594,6 +609,10 @@ def ingest_rows(results: list[dict[str, Ingested]], count: int, size: int) -> li
                     "files/s", orthanc_webdav, limit=INGEST_VS_WEBDAV, detail=detail(key)))
     rows.append(Row("ingest", "  the same vs Orthanc REST, 4 connections", rate[key], "files/s", rate["Orthanc REST x4"],
                     limit=INGEST_VS_REST))
+    floor = "bare pyfuse3 cp -r"
+    rows.append(Row("ingest", "  `cp -r` into a bare pyfuse3 file system (the floor: files written, nothing ingested) vs "
+                    "Orthanc WebDAV (its faster)", rate[floor], "files/s", orthanc_webdav, detail=detail(floor)))
+    rows.append(Row("ingest", "  dicomfs FUSE `cp -r` until ingested vs that floor", rate[key], "files/s", rate[floor]))
     return rows
 
 
