@@ -57,7 +57,9 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
         self.settings = settings
         self.fs_opts: dict[str, object] = {}  # read by wsgidav's file resources (uploads/)
         self.readonly = False
-        self.queue = UploadQueue(store, uploads, origin="webdav", on_done=self._ingested)
+        # none where nothing may be uploaded (a read-only store): no ingest process to start, and
+        # no leftover in uploads/ to take from a front end that can write
+        self.queue = UploadQueue(store, uploads, origin="webdav", on_done=self._ingested) if settings.upload_allowed else None
         self._awaiting_unlock: dict[str, tuple[tuple[str, ...], str]] = {}  # ref url -> (parts, remote)
         self._awaiting_lock = threading.Lock()
         self._submitted: OrderedDict[tuple[str, ...], tuple[float, os.stat_result]] = OrderedDict()  # parts -> (when, stat)
@@ -68,7 +70,8 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
         return f"DicomfsProvider({self.store.folder})"
 
     def close(self) -> None:
-        self.queue.close()
+        if self.queue is not None:
+            self.queue.close()
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -280,6 +283,8 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
 
     def _submit(self, parts: tuple[str, ...], remote: str, info: os.stat_result | None = None) -> None:
         """Queue a complete upload for ingest, keeping its size and date for StoredUpload."""
+        if self.queue is None:
+            return  # this bridge takes no uploads: one touched here is the mount's to queue
         if info is None:
             try:
                 info = self.uploads.path(parts).stat()
@@ -310,7 +315,7 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
     def busy_uploads(self) -> set[tuple[str, ...]]:
         with self._awaiting_lock:
             held = {parts for parts, _ in self._awaiting_unlock.values()}
-        return held | self.queue.busy()
+        return held if self.queue is None else held | self.queue.busy()
 
     def _ingested(self, reports: list[tuple[tuple[str, ...], UploadOutcome]]) -> None:
         """A group of uploads is ingested: forget those gone unstored, and refresh the tree once

@@ -136,7 +136,7 @@ class Bridge:
             raise BridgeError(f"cannot listen on {self.host}:{self.port}: {error.strerror or error}") from None
         self.port = server.bind_addr[1]  # port 0 picks a free one
         self._server = server
-        if self.provider.settings.upload_allowed:  # uploads answered by a bridge killed before it ingested them
+        if self.provider.queue is not None:  # uploads answered by a bridge killed before it ingested them
             self.provider.queue.adopt_leftovers()
         for target, name in ((server.serve, "webdav-server"), (self._janitor, "webdav-janitor")):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -160,10 +160,11 @@ class Bridge:
         while not self._stopping.wait(_JANITOR_SECONDS):
             try:
                 self.provider.release_expired()
-                if self.provider.settings.upload_allowed:
-                    self.provider.queue.adopt_leftovers(busy=self.provider.busy_uploads())
-                busy = {uploads.path(parts) for parts in self.provider.busy_uploads()}
-                uploads.sweep(rejected_ttl=settings.rejected_ttl, empty_folder_idle=settings.empty_folder_idle, busy=busy)
+                queue = self.provider.queue
+                if queue is not None:  # a bridge that takes no uploads changes nothing in uploads/
+                    queue.adopt_leftovers(busy=self.provider.busy_uploads())
+                    busy = {uploads.path(parts) for parts in self.provider.busy_uploads()}
+                    uploads.sweep(rejected_ttl=settings.rejected_ttl, empty_folder_idle=settings.empty_folder_idle, busy=busy)
                 self.transfers.receiver.sweep(_ABANDONED_CHUNKS_SECONDS)
                 self.transfers.outbox.sweep(_UNUSED_PLAN_SECONDS)
             except Exception:  # the janitor must outlive one bad pass

@@ -654,6 +654,31 @@ def test_a_2_gib_upload_streams_with_bounded_memory(tmp_path: Path) -> None:
 # -- the command line --------------------------------------------------------------------------------
 
 
+def test_a_read_only_bridge_starts_no_ingest_and_changes_nothing_in_uploads(tmp_path: Path, small_corpus: Corpus) -> None:
+    store = tmp_path / "store"
+    run_cli("init", store=store, check=True)
+    run_cli("ingest", str(small_corpus.root), store=store)
+    leftovers = store / "uploads" / "cd"  # a folder idle past empty_folder_idle, a file past rejected_ttl
+    leftovers.mkdir(parents=True)
+    (leftovers / "notes.txt").write_text("not an image")
+    long_ago = time.time() - 7 * 86400
+    for path in (leftovers / "notes.txt", leftovers):
+        os.utime(path, (long_ago, long_ago))
+    config = tmp_path / "dicomfs.toml"
+    config.write_text("[uploads]\nrejected_ttl = 1\nempty_folder_idle = 1\n")
+    with serve(store, config=config, args=("--read-only",)) as server:
+        assert server.process is not None
+        sample = unique_files(small_corpus)[0]
+        assert server.request("GET", uid_path(sample)).status == 200
+        assert server.request("PUT", "/uploads/x.dcm", sample.path.read_bytes()).status == 409  # no uploads/ shown
+        assert not (store / "uploads" / "x.dcm").exists()
+        time.sleep(6)  # a janitor pass (every 5 s) of a bridge that takes uploads would sweep both
+        children = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout
+        assert children == ""  # no ingest process
+        assert (leftovers / "notes.txt").read_text() == "not an image"
+        assert "upload ingest process" not in server.log.read_text()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
