@@ -163,7 +163,7 @@ class Bridge:
                 queue = self.provider.queue
                 if queue is not None:  # a bridge that takes no uploads changes nothing in uploads/
                     queue.adopt_leftovers(busy=self.provider.busy_uploads())
-                    busy = {uploads.path(parts) for parts in self.provider.busy_uploads()}
+                    busy = {uploads.path(parts) for parts in self.provider.busy_uploads()}  # now with those just queued
                     uploads.sweep(rejected_ttl=settings.rejected_ttl, empty_folder_idle=settings.empty_folder_idle, busy=busy)
                 self.transfers.receiver.sweep(_ABANDONED_CHUNKS_SECONDS)
                 self.transfers.outbox.sweep(_UNUSED_PLAN_SECONDS)

@@ -16,8 +16,8 @@ threads is free, so every thread's arena grew to the largest answer it had built
 PROPFINDs of a 20,000-patient ``by-patients/`` (10 MB answers) the bridge held 546 MB, and each
 request paid ~8,000 page faults as arenas were trimmed and touched again (95-165 ms a request).
 Python threads run one at a time under the GIL, so separate arenas buy next to nothing; with
-two, the same requests took 83-88 ms and the bridge held 99 MB (one gave 85-89 ms and 88 MB). ``MALLOC_ARENA_MAX`` in the
-environment, if set, is left to decide.
+two, the same requests took 83-88 ms and the bridge held 99 MB (one gave 85-89 ms and 88 MB).
+``MALLOC_ARENA_MAX`` in the environment, if set, is left to decide.
 """
 
 from __future__ import annotations
