@@ -31,12 +31,14 @@ import trio
 
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.mount.diskpressure import DiskPressure
+from dicomfs.mount.guard import answer_errors
 from dicomfs.mount.inodes import ROOT_INODE, InodeTable, Node
 from dicomfs.store import Instance, Store
 from dicomfs.store.blobs import BlobReader
 from dicomfs.upload_queue import UploadQueue
 from dicomfs.uploads import ERROR_XATTR, UploadArea, UploadOutcome, new_version, rename_over
 from dicomfs.views import JOBS, UPLOADS, Entry, EntryKind, Listing, NotAFolderError, Tree
+from dicomfs.views.names import MAX_NAME_BYTES
 from dicomfs.views.tags import META_PREFIX, PROTECTED, protection, resource_attributes
 
 __all__ = ["DicomOperations", "MountSettings"]
@@ -85,8 +87,10 @@ class _Folder:
     entries: list[tuple[str, Node, pyfuse3.EntryAttributes]]
 
 
+@answer_errors
 class DicomOperations(pyfuse3.Operations):
-    """pyfuse3 operations over one store's tree and uploads folder."""
+    """pyfuse3 operations over one store's tree and uploads folder; no exception escapes a
+    handler (``answer_errors``), so the handlers below raise what they meet and let it be mapped."""
 
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -248,10 +252,7 @@ class DicomOperations(pyfuse3.Operations):
         if self.uploads is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         path = (*parent.path, name)
-        try:
-            info = await self._upload_call(os.lstat, self._upload_path(path))
-        except FileNotFoundError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        info = await self._upload_call(os.lstat, self._upload_path(path))
         node = self.inodes.node_for(parent.inode, path, "upload")
         return node, self._upload_attributes(node, info)
 
@@ -281,17 +282,14 @@ class DicomOperations(pyfuse3.Operations):
     # -- lookups -------------------------------------------------------------------------------------
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node, attributes = await self._child(self._node(parent_inode), os.fsdecode(name))
+        node, attributes = await self._child(self._node(parent_inode), _name(name))
         self.inodes.looked_up(node)
         return attributes
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         if node.kind == "upload":
-            try:
-                return self._upload_attributes(node, await self._upload_call(os.lstat, self._upload_path(node.path)))
-            except FileNotFoundError:
-                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            return self._upload_attributes(node, await self._upload_call(os.lstat, self._upload_path(node.path)))
         try:
             return self._entry_attributes(node, await self._entry_of(node))
         except pyfuse3.FUSEError:
@@ -368,10 +366,7 @@ class DicomOperations(pyfuse3.Operations):
             with os.scandir(folder) as found:
                 return sorted((e.name, e.stat(follow_symlinks=False)) for e in found)
 
-        try:
-            scanned = await self._thread(scan)
-        except FileNotFoundError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        scanned = await self._thread(scan)
         entries = []
         for name, info in scanned:
             child = self.inodes.node_for(node.inode, (*node.path, name), "upload")
@@ -473,15 +468,12 @@ class DicomOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         open_flags = writing | os.O_CLOEXEC
         real = self._upload_path(node.path)
-        try:
-            if not writing:
-                fd = await self._thread(os.open, real, open_flags)
-            else:
-                async with self._renewing:  # two writers of a complete file must share one new inode
-                    fd = await self._thread(_open_new_version if self._renews(node) else os.open, real, open_flags)
-                    self._writers[node.inode] = self._writers.get(node.inode, 0) + 1
-        except OSError as error:
-            raise _fuse_error(error) from None
+        if not writing:
+            fd = await self._thread(os.open, real, open_flags)
+        else:
+            async with self._renewing:  # two writers of a complete file must share one new inode
+                fd = await self._thread(_open_new_version if self._renews(node) else os.open, real, open_flags)
+                self._writers[node.inode] = self._writers.get(node.inode, 0) + 1
         handle = _Handle(node, fd=fd, written=bool(writing))
         fh = self._new_fh()
         self._handles[fh] = handle
@@ -491,20 +483,17 @@ class DicomOperations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._node(parent_inode)
         self._check_upload_write(parent)
-        path = (*parent.path, os.fsdecode(name))
+        path = (*parent.path, _name(name))
         real = self._upload_path(path)
         open_flags = (flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_EXCL)) | os.O_CREAT | os.O_CLOEXEC
         try:
-            try:
-                fd, info = await self._upload_call(_create, real, open_flags | os.O_EXCL)
-            except FileExistsError:
-                if flags & os.O_EXCL:
-                    raise
-                # An existing name: truncating or replacing it may free a large file's blocks.
-                async with self._renewing:
-                    fd, info = await self._thread(_create, real, open_flags, self._renews(self.inodes.at(path)))
-        except OSError as error:
-            raise _fuse_error(error) from None
+            fd, info = await self._upload_call(_create, real, open_flags | os.O_EXCL)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            # An existing name: truncating or replacing it may free a large file's blocks.
+            async with self._renewing:
+                fd, info = await self._thread(_create, real, open_flags, self._renews(self.inodes.at(path)))
         node = self.inodes.node_for(parent.inode, path, "upload")
         self.inodes.looked_up(node)
         self._writers[node.inode] = self._writers.get(node.inode, 0) + 1
@@ -516,12 +505,9 @@ class DicomOperations(pyfuse3.Operations):
         handle = self._handles[fh]
         if handle.fd < 0:
             raise pyfuse3.FUSEError(errno.EBADF)
-        try:
-            if len(buf) <= _BLOCK:
-                return await self._upload_call(_pwrite_all, handle.fd, buf, off)
-            return await self._thread(_pwrite_all, handle.fd, buf, off)
-        except OSError as error:
-            raise _fuse_error(error) from None
+        if len(buf) <= _BLOCK:
+            return await self._upload_call(_pwrite_all, handle.fd, buf, off)
+        return await self._thread(_pwrite_all, handle.fd, buf, off)
 
     async def _upload_closed(self, handle: _Handle) -> None:
         """Close an upload's file. Closed by its last writer, it is complete: queue it for ingest."""
@@ -571,12 +557,8 @@ class DicomOperations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         self._check_upload_write(parent)
-        path = (*parent.path, os.fsdecode(name))
-        real = self._upload_path(path)
-        try:
-            info = await self._upload_call(_make_folder, real)
-        except OSError as error:
-            raise _fuse_error(error) from None
+        path = (*parent.path, _name(name))
+        info = await self._upload_call(_make_folder, self._upload_path(path))
         node = self.inodes.node_for(parent.inode, path, "upload")
         self.inodes.looked_up(node)
         return self._upload_attributes(node, info)
@@ -607,12 +589,23 @@ class DicomOperations(pyfuse3.Operations):
                 self._queue.submit(node.path[1:], info=info)
             return info
 
-        try:
-            # A new size may renew the file: decided and done under the lock, as a writing open is.
-            async with self._renewing if fields.update_size else contextlib.nullcontext():
-                return self._upload_attributes(node, await self._thread(apply, self._renews(node)))
-        except OSError as error:
-            raise _fuse_error(error) from None
+        # A new size may renew the file: decided and done under the lock, as a writing open is.
+        async with self._renewing if fields.update_size else contextlib.nullcontext():
+            return self._upload_attributes(node, await self._thread(apply, self._renews(node)))
+
+    # Links and device nodes, anywhere: a link in uploads/ would have the ingest read whatever it
+    # points at (/etc/shadow included), and the views are named by the store. EPERM is what
+    # link(2) and symlink(2) answer on a file system that has no such things (ENOSYS, pyfuse3's
+    # default, reads as a broken kernel to most tools).
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS if self.settings.read_only else errno.EPERM)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS if self.settings.read_only else errno.EPERM)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS if self.settings.read_only else errno.EPERM)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
@@ -621,12 +614,9 @@ class DicomOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if old_parent.kind != "upload" or new_parent.kind != "upload" or self.uploads is None:
             raise pyfuse3.FUSEError(errno.EPERM)  # stored data is named by its tags, not by users
-        old = (*old_parent.path, os.fsdecode(name_old))
-        new = (*new_parent.path, os.fsdecode(name_new))
-        try:
-            await self._thread(os.rename, self._upload_path(old), self._upload_path(new))
-        except OSError as error:
-            raise _fuse_error(error) from None
+        old = (*old_parent.path, _name(name_old))
+        new = (*new_parent.path, _name(name_new))
+        await self._thread(os.rename, self._upload_path(old), self._upload_path(new))
         moved = self.inodes.at(old)
         if moved is not None:
             self.inodes.move(moved, old, new, new_parent.inode)
@@ -647,7 +637,7 @@ class DicomOperations(pyfuse3.Operations):
     # -- deleting ------------------------------------------------------------------------------------
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        node = await self._to_remove(self._node(parent_inode), os.fsdecode(name), os.unlink)
+        node = await self._to_remove(self._node(parent_inode), _name(name), os.unlink)
         if node is None:
             return
         if node.kind != "instance":
@@ -655,7 +645,7 @@ class DicomOperations(pyfuse3.Operations):
         await self._delete(node)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        node = await self._to_remove(self._node(parent_inode), os.fsdecode(name), os.rmdir)
+        node = await self._to_remove(self._node(parent_inode), _name(name), os.rmdir)
         if node is None:
             return
         if node.kind != "folder" or len(node.path) == 1:
@@ -672,10 +662,7 @@ class DicomOperations(pyfuse3.Operations):
         """
         if parent.kind == "upload":
             self._check_upload_write(parent)
-            try:
-                await self._thread(remove_upload, self._upload_path((*parent.path, name)))
-            except OSError as error:
-                raise _fuse_error(error) from None
+            await self._thread(remove_upload, self._upload_path((*parent.path, name)))
             return None
         self._check_delete()
         vanished = self._vanished.pop((parent.inode, name), None)
@@ -866,8 +853,13 @@ def _invalidate_inodes(stale: list[tuple[int, bool]]) -> None:
             continue
 
 
-def _fuse_error(error: OSError) -> pyfuse3.FUSEError:
-    return pyfuse3.FUSEError(error.errno or errno.EIO)
+def _name(name: bytes) -> str:
+    """A name from the kernel as a str: bytes that are not UTF-8 kept as surrogates (a real file
+    in uploads/ may have them; no view name has), ENAMETOOLONG past 255 bytes, as ext4 answers
+    (FUSE passes names of up to 1,024 bytes; statfs promises 255)."""
+    if len(name) > MAX_NAME_BYTES:
+        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+    return os.fsdecode(name)
 
 
 def _make_folder(path: Path) -> os.stat_result:
