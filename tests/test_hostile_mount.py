@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -86,7 +87,7 @@ def _assert_log_clean(log: Path) -> None:
 def _hostile_patient(folder: Path) -> Path:
     source = folder / "hostile.dcm"
     write_instance(source, make_instance(
-        patient_id="..", patient_name="RTL2\u202eFDP - MÜLLER\u202egpj.exe", study_uid="1.2.826.0.1.3680043.10.99",
+        patient_id="..\u202e", patient_name="RTL2\u202eFDP - MÜLLER\u202egpj.exe", study_uid="1.2.826.0.1.3680043.10.99",
         series_uid="1.2.826.0.1.3680043.10.99.1", sop_uid="1.2.826.0.1.3680043.10.99.1.1", study_description=".hidden",
         rows=8, columns=8, SpecificCharacterSet="ISO_IR 192"))
     return source
@@ -96,6 +97,19 @@ def _hostile_patient(folder: Path) -> Path:
 def hostile_mount(mount: Callable[..., Mounted], tmp_path: Path) -> tuple[Mounted, Path]:  # noqa: F811
     log = tmp_path / "mount.log"
     return mount(ingest=(_hostile_patient(tmp_path),), config=LOG_CONFIG.format(log=log)), log
+
+
+def test_hostile_patient_folder_names_show_no_control_and_hide_nothing(hostile_mount: tuple[Mounted, Path]) -> None:
+    """PatientID ``..<U+202E>`` and a PatientName with bidi overrides (reading as an .exe) once
+    made a hidden ``.._ - RTL2…`` folder: every view shows the safe name, in every level."""
+    m, log = hostile_mount
+    assert os.listdir(m.path / "by-patients") == ["_._ - RTL2_FDP - MÜLLER_gpj.exe"]
+    for view in ("by-patients", "by-studies", "by-dates", "by-uids"):
+        for folder, folders, files in os.walk(m.path / view):
+            for name in folders + files:
+                assert not name.startswith(".") and name.isprintable(), f"{folder}/{ascii(name)}"
+    _alive(m)
+    _assert_log_clean(log)
 
 
 def test_hostile_too_long_names_get_enametoolong_everywhere(hostile_mount: tuple[Mounted, Path]) -> None:
@@ -264,3 +278,22 @@ async def test_hostile_guard_maps_every_exception_to_an_errno(caplog: pytest.Log
     assert [r.exc_info[0] for r in failures if r.exc_info] == [ValueError, KeyError]
     assert "read" in failures[0].getMessage() and "forget" in failures[1].getMessage()
     assert any("full" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_hostile_dicom_under_a_non_utf8_name_is_ingested(hostile_mount: tuple[Mounted, Path], tmp_path: Path) -> None:
+    """An instance copied in under a name that is not UTF-8 is stored and leaves uploads/ like any other."""
+    m, log = hostile_mount
+    source = tmp_path / "plain.dcm"
+    write_instance(source, make_instance(patient_id="BYTES", patient_name="BYTES^NAME", study_uid="1.2.826.0.1.3680043.10.97",
+                                         series_uid="1.2.826.0.1.3680043.10.97.1", sop_uid="1.2.826.0.1.3680043.10.97.1.1",
+                                         rows=8, columns=8))
+    target = os.path.join(bytes(m.path / "uploads"), NOT_UTF8)
+    with open(target, "wb") as out:
+        out.write(source.read_bytes())
+    deadline = time.monotonic() + 20
+    while os.listdir(bytes(m.store / "uploads")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.listdir(bytes(m.store / "uploads")) == []
+    assert "BYTES - BYTES^NAME" in os.listdir(m.path / "by-patients")
+    _alive(m)
+    _assert_log_clean(log)

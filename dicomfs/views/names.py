@@ -8,6 +8,10 @@ name can change after a restart. Here:
 - UTF-8 stays readable, normalised to NFC (macOS would otherwise show two spellings of é);
 - characters Windows, macOS or Linux refuse (``/ \\ : * ? " < > |`` and control characters) become
   ``_``; trailing dots and spaces go; device names (``CON``, ``LPT1``, ``nul.txt``…) get a ``_``;
+- so do characters that change how a name reads without showing themselves (Unicode format
+  characters: bidi controls such as U+202E, which made ``MÜLLER<U+202E>gpj.exe`` read as
+  ``MÜLLERexe.jpg``, zero-width ones, the soft hyphen) and lone surrogates, and a leading dot,
+  which would hide the folder; no name is ``.`` or ``..``;
 - an empty value gets a placeholder such as ``(no name)``;
 - a component is cut to 255 bytes of UTF-8 at a character boundary, keeping its suffix and
   extension;
@@ -36,15 +40,23 @@ _RESERVED = frozenset(
 )
 """Windows device names: refused as a name with any extension, in any case."""
 _SEPARATOR = " - "
+_INVISIBLE = frozenset({"Cc", "Cf", "Cs"})
+"""Unicode categories replaced: controls (C1 ones too), format characters, lone surrogates.
+Unassigned (Cn) and private-use (Co) characters stay: a character a newer Unicode assigns would
+otherwise change a name that was shown before."""
 
 K = TypeVar("K")
 
 
 def safe_text(value: str) -> str:
-    """A DICOM value made safe inside a name: unsafe characters replaced, spaces tidied, NFC."""
+    """A DICOM value made safe inside a name: unsafe and invisible characters replaced, spaces
+    tidied, NFC."""
     text = unicodedata.normalize("NFC", value)
     text = _UNSAFE.sub("_", text)
-    return _SPACES.sub(" ", text).strip()
+    text = _SPACES.sub(" ", text).strip()
+    if not text.isprintable():  # rare (isprintable is one C loop): only then look at each character
+        text = "".join("_" if unicodedata.category(c) in _INVISIBLE else c for c in text)
+    return text
 
 
 def join_fields(fields: Sequence[tuple[str, str]]) -> str:
@@ -66,6 +78,8 @@ def fit_name(stem: str, *, suffix: str = "", extension: str = "") -> str:
     stem = stem.rstrip(". ")
     if not stem:
         stem = "_"
+    elif stem[0] == ".":  # a leading dot hides the folder from ls and file managers
+        stem = "_" + stem[1:]
     name = stem + suffix + extension
     if name.split(".", 1)[0].rstrip(" ").upper() in _RESERVED:
         name = "_" + name if len(name.encode("utf-8")) < MAX_NAME_BYTES else "_" + name[1:]
