@@ -163,6 +163,10 @@ def test_hostile_odd_names_live_a_full_life_in_uploads(hostile_mount: tuple[Moun
         os.rmdir(path)
         assert name not in os.listdir(uploads)
         _alive(m)
+    longest = os.path.join(uploads, b"n" * 255)  # NAME_MAX itself is a name like any other
+    _create(longest)
+    assert b"n" * 255 in os.listdir(uploads) and os.stat(longest).st_size == 0
+    os.unlink(longest)
     assert os.listdir(bytes(m.store / "uploads")) == []
     _assert_log_clean(log)
 
@@ -296,4 +300,31 @@ def test_hostile_dicom_under_a_non_utf8_name_is_ingested(hostile_mount: tuple[Mo
     assert os.listdir(bytes(m.store / "uploads")) == []
     assert "BYTES - BYTES^NAME" in os.listdir(m.path / "by-patients")
     _alive(m)
+    _assert_log_clean(log)
+
+
+def test_hostile_xattr_names_and_values_are_refused_cleanly(hostile_mount: tuple[Mounted, Path]) -> None:
+    """Extended attribute names that are not UTF-8, too long, or not ours, and values too big or
+    not UTF-8: each gets its errno (set, get, remove), and the mount serves on."""
+    m, log = hostile_mount
+    patient = m.path / "by-patients" / os.listdir(m.path / "by-patients")[0]
+    upload = m.path / "uploads" / "notes.txt"
+    upload.write_bytes(b"not DICOM")
+    too_long = b"user.dicomfs.meta." + b"a" * 300  # past XATTR_NAME_MAX: the kernel's ERANGE
+    E = errno
+    expected = {  # name: {target: (set b"1", set 70,000 bytes, get, remove)}
+        b"user.dicomfs.meta.\xff\xfe": {patient: (E.EINVAL, E.E2BIG, E.ENODATA, E.ENODATA),
+                                        upload: (E.ENOTSUP, E.E2BIG, E.ENODATA, E.ENOTSUP)},
+        b"user.\xff": {patient: (E.ENOTSUP, E.E2BIG, E.ENODATA, E.ENOTSUP), upload: (E.ENOTSUP, E.E2BIG, E.ENODATA, E.ENOTSUP)},
+        too_long: {patient: (E.ERANGE,) * 4, upload: (E.ERANGE,) * 4},
+        b"user.dicomfs.protected": {patient: (0, E.E2BIG, 0, E.ENOTSUP), upload: (E.ENOTSUP, E.E2BIG, E.ENODATA, E.ENOTSUP)},
+    }
+    for name, targets in expected.items():
+        for target, wanted in targets.items():
+            got = (_errno(lambda: os.setxattr(target, name, b"1")), _errno(lambda: os.setxattr(target, name, b"x" * 70_000)),  # noqa: B023
+                   _errno(lambda: os.getxattr(target, name)), _errno(lambda: os.removexattr(target, name)))  # noqa: B023
+            assert got == wanted, (name[:30], target.name)
+            _alive(m)
+    assert _errno(lambda: os.setxattr(patient, b"user.dicomfs.protected", b"\xff\xfe")) == errno.EINVAL
+    assert os.getxattr(patient, b"user.dicomfs.protected") == b"1"
     _assert_log_clean(log)
