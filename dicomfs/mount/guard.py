@@ -11,7 +11,8 @@ raised                      answered
 ==========================  ===================================================================
 ``FUSEError``               as it is
 ``OSError``                 its errno (a real file's error in uploads/ is the client's answer)
-``DicomfsError``            its ``errno`` (errors.py), logged as a warning without traceback
+``DicomfsError``            its ``errno`` (errors.py), logged without traceback (a warning,
+                            but for NotFoundError: a race with a delete, not news)
 anything else               EIO, logged with its traceback: a bug or a damaged store
 ==========================  ===================================================================
 
@@ -30,7 +31,7 @@ from typing import Any, Callable, Coroutine, TypeVar
 
 import pyfuse3
 
-from dicomfs.errors import DicomfsError
+from dicomfs.errors import DicomfsError, NotFoundError
 
 __all__ = ["answer_errors"]
 
@@ -62,7 +63,7 @@ def _guarded(name: str, handler: Callable[..., Coroutine[Any, Any, Any]]) -> Cal
         except OSError as error:
             code = error.errno or errno.EIO
         except DicomfsError as error:
-            _log.warning("FUSE %s: %s", name, error)
+            _log.log(logging.DEBUG if isinstance(error, NotFoundError) else logging.WARNING, "FUSE %s: %s", name, error)
             code = error.errno
         except Exception:  # trio.Cancelled and KeyboardInterrupt are BaseExceptions: they go on
             _log.exception("FUSE %s failed (answered EIO)", name)
