@@ -665,7 +665,8 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground (systemd, debugging)")
     p.add_argument("--read-only", action="store_true", help="refuse every write with EROFS")
-    p.add_argument("--allow-other", action="store_true", help="let other users see the mount (needs user_allow_other)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users in: members of mount.group read and upload, others get nothing (needs user_allow_other)")
     p.add_argument("--auto-unmount", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--webdav", metavar="HOST:PORT", nargs="?", const="",
                    help="also serve the WebDAV bridge from this process (default address: webdav.bind)")

@@ -90,6 +90,7 @@ class MountConfig:
     delete_allowed: bool
     refresh_ms: int
     read_ahead_kb: int
+    group: str
 
 
 @dataclass(frozen=True)
@@ -773,6 +774,11 @@ _SCHEMA: tuple[_Section | _NamedTable, ...] = (
                 "KiB the kernel reads ahead through the mount (set on its device when the daemon may): "
                 "the kernel's 128 KiB makes every 128 KiB of a large instance a request to the daemon. "
                 "0 leaves the kernel's default."),
+        _Option("group", "", _text,
+                "With --allow-other, the group (a name or a number) whose members may read and upload; "
+                "the kernel then checks the modes the mount shows: its owner may do everything, the "
+                "group read and write in uploads/, everyone else nothing. Empty means the owner's own "
+                "group: patient data is shared only with whom the administrator names."),
     )),
     _Section("uploads", UploadsConfig, (
         _Option("rejected_ttl", 86400, _integer(0),

@@ -12,6 +12,7 @@ exactly when the mount works, or prints why not and returns 1.
 from __future__ import annotations
 
 import contextlib
+import grp
 import functools
 import logging
 import os
@@ -86,6 +87,8 @@ def mount(open_store: Callable[[], Store], config: Config, options: MountOptions
     """
     mountpoint = options.mountpoint.resolve()
     check_mountpoint(mountpoint)
+    if options.allow_other:
+        _shared_group(config)  # a group that does not exist is said here, not by a daemon without a terminal
     if options.foreground:
         return _serve(open_store, config, options, mountpoint, ready_fd=None)
     read_end, write_end = os.pipe()
@@ -107,6 +110,19 @@ def mount(open_store: Callable[[], Store], config: Config, options: MountOptions
     if message == "ready":
         return 0
     raise MountError(message.removeprefix("error: ") or "the mount daemon stopped before the mount was ready")
+
+
+def _shared_group(config: Config) -> int:
+    """The gid of ``mount.group`` (the owner's own group when empty)."""
+    group = config.mount.group.strip()
+    if not group:
+        return os.getgid()
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise MountError(f"mount.group: no group named {group!r} on this machine (a name from /etc/group, or a number)") from None
 
 
 def _detach_stdio() -> None:
@@ -136,15 +152,17 @@ def _serve(open_store: Callable[[], Store], config: Config, options: MountOption
     try:
         tree = Tree(store, uploads=not options.read_only, jobs=_jobs_of(store))
         uploads = None if options.read_only else UploadArea(store_folder / "uploads")
-        mount_settings = MountSettings(read_only=options.read_only, delete_allowed=config.mount.delete_allowed)
+        mount_settings = MountSettings(read_only=options.read_only, delete_allowed=config.mount.delete_allowed,
+                                       gid=_shared_group(config) if options.allow_other else os.getgid(),
+                                       shared=options.allow_other)
         operations = DicomOperations(store, tree, uploads, mount_settings)
         fuse_options = set(pyfuse3.default_options)
         fuse_options |= {"fsname=dicomfs", "subtype=dicomfs"}
         fuse_options.discard("default_permissions")
         if options.read_only:
             fuse_options.add("ro")
-        if options.allow_other:
-            fuse_options.add("allow_other")
+        if options.allow_other:  # other users: the kernel enforces the modes the mount shows
+            fuse_options |= {"allow_other", "default_permissions"}
         if options.auto_unmount:
             fuse_options.add("auto_unmount")
         with contextlib.ExitStack() as companions:  # stopped after the unmount, whatever happens

@@ -67,6 +67,9 @@ class MountSettings:
     delete_allowed: bool = True
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
+    shared: bool = False
+    """Other local users reach the mount (``--allow-other``): the kernel checks the modes shown
+    (``default_permissions``), so the group may read and upload and everyone else may do nothing."""
 
 
 @dataclass
@@ -170,13 +173,13 @@ class DicomOperations(pyfuse3.Operations):
     def _attributes(self, node: Node, size: int, mtime: float, is_folder: bool) -> pyfuse3.EntryAttributes:
         attributes = pyfuse3.EntryAttributes()
         attributes.st_ino = node.inode
-        writable = not self.settings.read_only and (node.kind == "upload" or self.settings.delete_allowed) and node.kind != "document"
+        in_uploads = node.kind == "upload" or node.path == (UPLOADS,)
+        writable = not self.settings.read_only and (in_uploads or self.settings.delete_allowed) and node.kind != "document"
+        attributes.st_mode = self._mode(is_folder, writable, group_writes=writable and in_uploads)
         if is_folder:
-            attributes.st_mode = stat.S_IFDIR | (0o755 if writable else 0o555)
             attributes.st_nlink = 2
             attributes.st_size = 0
         else:
-            attributes.st_mode = stat.S_IFREG | (0o644 if writable else 0o444)
             attributes.st_nlink = 4 if node.kind == "instance" else 1  # one name in each view
             attributes.st_size = size
         attributes.st_blksize = _BLOCK
@@ -187,6 +190,17 @@ class DicomOperations(pyfuse3.Operations):
         timeout = _UPLOAD_TIMEOUT if node.kind == "upload" or node.path[:1] == (JOBS,) else _VIEW_TIMEOUT
         attributes.entry_timeout = attributes.attr_timeout = timeout
         return attributes
+
+    def _mode(self, is_folder: bool, writable: bool, *, group_writes: bool) -> int:
+        """The file type and permission bits shown. Unshared, only the owner reaches the mount and
+        the bits only inform. Shared, they are the rights: the group reads everything and writes
+        in uploads/ (never deletes stored data: that is writing a view folder), others get nothing."""
+        kind = stat.S_IFDIR if is_folder else stat.S_IFREG
+        read = 0o5 if is_folder else 0o4
+        owner = read | (0o2 if writable else 0)
+        if not self.settings.shared:
+            return kind | owner << 6 | read << 3 | read
+        return kind | owner << 6 | (read | (0o2 if group_writes else 0)) << 3
 
     def _entry_attributes(self, node: Node, entry: Entry) -> pyfuse3.EntryAttributes:
         return self._attributes(node, entry.size, entry.mtime, entry.is_folder)
