@@ -26,10 +26,9 @@ from wsgidav.dc.base_dc import BaseDomainController
 
 from dicomfs.config import RIGHTS, User
 from dicomfs.passwords import verify_password
-from dicomfs.views import UPLOADS
 
 __all__ = ["Credentials", "MalformedCredentialsError", "REALM", "RIGHTS_KEY", "UsersDomainController",
-           "basic_credentials", "required_right"]
+           "basic_credentials", "refusal", "required_rights"]
 
 REALM = "dicomfs"
 RIGHTS_KEY = "dicomfs.rights"
@@ -38,29 +37,42 @@ USERS_KEY = "dicomfs_users"
 """The wsgidav configuration key the :class:`Credentials` are passed in (read by the domain controller)."""
 _REMEMBERED_SECONDS = 300.0
 
-_READING = {"GET", "HEAD", "OPTIONS", "PROPFIND"}
+_READING = frozenset({"GET", "HEAD", "OPTIONS", "PROPFIND"})
+_SEEING = {"root": frozenset(RIGHTS), "uploads": frozenset({"read", "upload"}), "views": frozenset({"read"})}
+"""Who may see a place at all: the root shows only the fixed names of the views (any user: a
+client must list it to mount the share); uploads/ holds only what has not been stored yet, which
+an uploader must list to write into it (Explorer, Finder and rclone list before they copy); the
+views hold the archive: read only."""
 
 
-def required_right(method: str, path: str, destination: str | None = None) -> str:
-    """The right a request needs: ``read``, ``upload`` or ``delete``.
+def required_rights(method: str, place: str, destination: str | None = None) -> tuple[frozenset[str], ...]:
+    """The rights a request needs: one of each set returned (checked in order, so the first set
+    the user lacks names what it misses).
 
-    Everything that changes ``uploads/`` (and user metadata, set with PROPPATCH) is *upload*;
-    DELETE of stored data is *delete*; locks outside ``uploads/`` change nothing, so they are *read*.
+    ``place`` and ``destination`` are where the request's path and its Destination *resolve* to
+    (see ``DicomfsProvider.place``): ``root`` (the root itself), ``uploads`` (uploads/ or below) or
+    ``views`` (everything else, whether it exists or not: a 404 would tell a name exists). DELETE
+    of stored data needs *delete*, and only that. Every other method needs to see its place first
+    (and COPY and MOVE their destination); then every method but the reading ones writes, or locks
+    so that others cannot write (LOCK, UNLOCK), or sets user metadata (PROPPATCH): *upload*.
     """
     method = method.upper()
-    in_uploads = _in_uploads(path) or (destination is not None and _in_uploads(destination))
-    if method in _READING:
-        return "read"
-    if method in ("LOCK", "UNLOCK"):
-        return "upload" if in_uploads else "read"
-    if method == "DELETE" and not _in_uploads(path):
-        return "delete"
-    return "upload"
+    if method == "DELETE" and place == "views":
+        return (frozenset({"delete"}),)  # may delete, so may learn what exists (a script's DELETE by path)
+    needed = [_SEEING[place]]
+    if destination is not None:
+        needed.append(_SEEING[destination])
+    if method not in _READING:
+        needed.append(frozenset({"upload"}))
+    return tuple(needed)
 
 
-def _in_uploads(path: str) -> bool:
-    first = path.lstrip("/").split("/", 1)[0]
-    return first == UPLOADS
+def refusal(rights: frozenset[str], needed: tuple[frozenset[str], ...]) -> str | None:
+    """What the user lacks, as the end of "it needs the ... right"; None when nothing."""
+    for choice in needed:
+        if not choice & rights:
+            return " or ".join(sorted(choice)) if choice != _SEEING["root"] else "any"
+    return None
 
 
 class MalformedCredentialsError(ValueError):

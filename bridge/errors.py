@@ -62,7 +62,7 @@ class ErrorPages(BaseMiddleware):  # type: ignore[misc]
 
 class PathGuard:
     """Outside wsgidav: refuses a path that climbs (``..``, also as ``%2e%2e``: the server has
-    decoded it), holds a NUL or an encoded slash, with a plain 400. wsgidav refuses ``..`` too, but from inside a
+    decoded it), holds a NUL or an encoded slash, or is not UTF-8, with a plain 400. wsgidav refuses ``..`` too, but from inside a
     generator, so its answer loses the body its Content-Length promised and the client hangs."""
 
     def __init__(self, app: Callable[..., Any]) -> None:
@@ -73,9 +73,22 @@ class PathGuard:
         segments = path.split("/")
         if "\0" in path or ".." in segments or "." in segments:
             return list(_answer(start_response, DAVError(400, "a path may not hold '.', '..' or NUL segments"), []))
+        if not _utf8_path(path):  # wsgidav's re-encoding of the path would fail with no answer at all
+            return list(_answer(start_response, DAVError(400, "a path must be UTF-8"), []))
         if "%2f" in environ.get("REQUEST_URI", "").lower():  # the server leaves %2F encoded: a slash in disguise
             return list(_answer(start_response, DAVError(400, "a path may not hold an encoded slash (%2F)"), []))
         return self._app(environ, start_response)
+
+
+def _utf8_path(path: str) -> bool:
+    """Whether a PATH_INFO (its bytes as latin-1, PEP 3333) is UTF-8."""
+    if path.isascii():
+        return True
+    try:
+        path.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return False
+    return True
 
 
 def _internal(environ: dict[str, Any]) -> DAVError:

@@ -8,27 +8,43 @@ properties are one range scan and several processes can share them safely.
 
 The environment is separate from the store's index: the index's format and its check stay about
 DICOM, and a damaged property file can be deleted without touching stored data.
+
+What a client may keep is bounded (``PropertyLimits``: a value, a count and a total per resource);
+past a bound the property is refused with 507 Insufficient Storage inside the PROPPATCH's 207, as
+RFC 4918 (9.2.1) has it, and nothing of that PROPPATCH is written.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import lmdb
+from wsgidav.dav_error import HTTP_INSUFFICIENT_STORAGE, DAVError
 
-__all__ = ["StorePropertyManager"]
+__all__ = ["PropertyLimits", "StorePropertyManager"]
 
 _MAP_SIZE = 1 << 30  # address space only: the file grows with what is written
 _SEPARATOR = b"\0"
 
 
+@dataclass(frozen=True)
+class PropertyLimits:
+    """What one resource may keep (``webdav.dead_property_*`` in the configuration)."""
+
+    value_bytes: int = 64 << 10
+    count: int = 100
+    total_bytes: int = 256 << 10
+
+
 class StorePropertyManager:
     """wsgidav's property-manager interface (``property_manager`` in its configuration) over LMDB."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, limits: PropertyLimits = PropertyLimits()) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self._env = lmdb.open(str(folder), map_size=_MAP_SIZE, max_dbs=0, subdir=True, lock=True)
+        self.limits = limits
 
     def __repr__(self) -> str:
         return f"StorePropertyManager({self._env.path()})"
@@ -49,11 +65,31 @@ class StorePropertyManager:
 
     def write_property(self, norm_url: str, name: str, property_value: bytes | str, dry_run: bool = False,
                        environ: dict[str, object] | None = None) -> None:
-        if dry_run:
-            return
+        """Keep a property; DAVError 507 when the resource would keep more than its limits allow
+        (checked in the dry run too, so a PROPPATCH over a limit writes nothing)."""
         value = property_value.encode("utf-8") if isinstance(property_value, str) else bytes(property_value)
-        with self._env.begin(write=True) as txn:
-            txn.put(_key(norm_url, name), value)
+        key = _key(norm_url, name)
+        with self._env.begin(write=not dry_run) as txn:
+            self._check_room(txn, norm_url, key, value)
+            if not dry_run:
+                try:
+                    txn.put(key, value)
+                except lmdb.MapFullError:
+                    raise DAVError(HTTP_INSUFFICIENT_STORAGE, "the property store is full") from None
+
+    def _check_room(self, txn: lmdb.Transaction, url: str, key: bytes, value: bytes) -> None:
+        limits = self.limits
+        if len(key) + len(value) > limits.value_bytes:
+            raise DAVError(HTTP_INSUFFICIENT_STORAGE, f"a property may hold {limits.value_bytes} bytes at most")
+        count, total = 1, len(key) + len(value)
+        for name, kept in self._scan(txn, url):
+            if _key(url, name) != key:  # a new value replaces the one kept under the same name
+                count += 1
+                total += len(_key(url, name)) + len(kept)
+        if count > limits.count:
+            raise DAVError(HTTP_INSUFFICIENT_STORAGE, f"a resource may keep {limits.count} properties at most")
+        if total > limits.total_bytes:
+            raise DAVError(HTTP_INSUFFICIENT_STORAGE, f"a resource may keep {limits.total_bytes} bytes of properties at most")
 
     def remove_property(self, norm_url: str, name: str, dry_run: bool = False,
                         environ: dict[str, object] | None = None) -> None:
@@ -66,6 +102,22 @@ class StorePropertyManager:
         with self._env.begin(write=True) as txn:
             for name, _ in list(self._scan(txn, norm_url)):
                 txn.delete(_key(norm_url, name))
+
+    def remove_under(self, url: str) -> None:
+        """Forget the properties of ``url`` and of everything below it (a folder removed, a file
+        ingested): wsgidav removes only a deleted resource's own. Looked for first in a read
+        transaction: most files have none, and a write transaction per ingested file would
+        serialise the ingest on LMDB's writer lock."""
+        if self.owners_under(url):
+            with self._env.begin(write=True) as txn:
+                for owner in self._urls_under(txn, url):
+                    for name, _ in list(self._scan(txn, owner)):
+                        txn.delete(_key(owner, name))
+
+    def owners_under(self, url: str) -> list[str]:
+        """``url`` and the URLs below it that have properties."""
+        with self._env.begin() as txn:
+            return self._urls_under(txn, url)
 
     def copy_properties(self, src_url: str, dest_url: str, environ: dict[str, object] | None = None) -> None:
         with self._env.begin(write=True) as txn:

@@ -81,6 +81,8 @@ def parse_request(body: bytes | None) -> PropfindRequest | None:
     in a way this module does not mirror (several children, ``<include>``, ...)."""
     if body is None:
         return PropfindRequest(None)  # RFC 4918 9.1: an empty body asks for allprop
+    if b"<!DOCTYPE" in body:
+        return None  # entities (billion laughs): wsgidav's parser, defusedxml, refuses them with 400
     try:
         root = ET.fromstring(body)
     except ET.ParseError:

@@ -16,15 +16,15 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote
 
 from wsgidav import util
 from wsgidav.dav_error import HTTP_FORBIDDEN, DAVError, PRECONDITION_CODE_PropfindFiniteDepth
 from wsgidav.dav_provider import DAVProvider
 
 from bridge import propfind
-from bridge.auth import RIGHTS_KEY, required_right
 from bridge.resources import StoredUpload, UploadFile, UploadFolder, ViewFile, ViewFolder, content_type, dav_error, etag
+from dicomfs.config import WebdavConfig
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.store import Store
 from dicomfs.upload_queue import UploadQueue
@@ -44,6 +44,14 @@ class BridgeSettings:
 
     upload_allowed: bool = True
     delete_allowed: bool = True
+    lock_timeout_max: int = 3600
+    xml_body_max: int = 1 << 20
+
+    @classmethod
+    def of(cls, webdav: WebdavConfig, *, writable: bool) -> BridgeSettings:
+        """The settings of ``[webdav]`` over a store that is ``writable`` or not."""
+        return cls(webdav.upload_allowed and writable, webdav.delete_allowed and writable,
+                   webdav.lock_timeout_max, webdav.xml_body_max)
 
 
 class DicomfsProvider(DAVProvider):  # type: ignore[misc]
@@ -78,13 +86,7 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
     def custom_request_handler(self, environ: dict[str, Any], start_response: Callable[..., Any],
                                default_handler: Callable[..., Iterable[bytes]]) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"].upper()
-        path = environ["PATH_INFO"]  # PathGuard has refused '..', NUL and %2F already
-        destination = environ.get("HTTP_DESTINATION")
-        right = required_right(method, path, urlsplit(destination).path if destination else None)
-        rights = environ.get(RIGHTS_KEY, frozenset())
-        if right not in rights:
-            user = environ.get("wsgidav.auth.user_name") or "anonymous"
-            raise DAVError(HTTP_FORBIDDEN, f"{user} may not {method} here: it needs the {right} right")
+        path = environ["PATH_INFO"]  # PathGuard has refused '..', NUL and %2F; RequestGuard checked the rights
         if method == "PROPFIND" and environ.get("HTTP_DEPTH", "infinity").strip().lower() not in ("0", "1"):
             # A whole archive in one answer would be gigabytes of XML: RFC 4918 lets us refuse.
             raise DAVError(HTTP_FORBIDDEN, err_condition=PRECONDITION_CODE_PropfindFiniteDepth)
@@ -94,7 +96,13 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
                 fast = self._fast_propfind(environ, start_response)
                 if fast is not None:
                     return fast
-            answer = default_handler(environ, start_response)
+            new_lock = method == "LOCK" and self.get_resource_inst(path, environ) is None
+            try:
+                answer = default_handler(environ, start_response)
+            except DAVError:
+                if new_lock:
+                    self._unmade(path)
+                raise
         except DicomfsError as error:
             raise dav_error(error) from None
         if method == "UNLOCK":
@@ -166,7 +174,35 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
         return propfind.Row(href, entry.name, False, entry.mtime, entry.size, content_type(entry),
                             etag(entry, lambda: self.tree.document(entry)), attributes)
 
-    def get_resource_inst(self, path: str, environ: dict[str, Any]) -> Any:
+    def place(self, path: str) -> tuple[str, str]:
+        """``path`` with its first segment as the tree names it, and where it is: ``root``,
+        ``uploads`` or ``views`` (bridge.auth.required_rights). The tree finds names whatever their
+        case (Windows and macOS clients change it), so the rights, the locks and the properties
+        must all see the name it finds, not the string sent."""
+        first, slash, rest = path.lstrip("/").partition("/")
+        if not first or first == "*":  # "OPTIONS *" asks about the server, as the root does
+            return path, "root"
+        entry = self.tree.listing(()).find(first)
+        if entry is not None and entry.name != first:
+            path, first = "/" + entry.name + slash + rest, entry.name
+        return path, "uploads" if first == UPLOADS and self.tree.uploads else "views"
+
+    def _unmade(self, path: str) -> None:
+        """A LOCK of a new name was refused after wsgidav made the empty file it would lock
+        (RFC 4918 9.10.4): the file goes, unless something wrote into it meanwhile."""
+        parts = tuple(part for part in path.split("/") if part)
+        if len(parts) < 2 or parts[0] != UPLOADS:
+            return
+        try:
+            made = self.uploads.path(parts[1:])
+            if made.is_file() and made.stat().st_size == 0:
+                made.unlink()
+        except (DicomfsError, OSError):
+            pass  # gone already, or never made: nothing to undo
+
+    def get_resource_inst(self, path: str | None, environ: dict[str, Any]) -> Any:
+        if path is None:
+            return None  # the parent of the root (wsgidav asks, for DELETE, COPY and MOVE of /)
         parts = tuple(part for part in path.split("/") if part)
         if not parts:
             return ViewFolder("/", environ, self.tree.root_entry(), ())
@@ -259,6 +295,27 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
         with self._awaiting_lock:
             self._awaiting_unlock.pop(util.quote(path), None)
             self._submitted.pop(_upload_parts(path), None)
+        self.forget_properties(path)
+
+    def forget_properties(self, path: str) -> None:
+        """Drop the dead properties of ``path`` and of what was below it: it is gone."""
+        if self.prop_manager is not None:
+            self.prop_manager.remove_under(util.quote(path.rstrip("/")))
+
+    def forget_gone_properties(self) -> None:
+        """Drop the dead properties of files and folders of ``uploads/`` that are gone by another
+        way than this bridge (the janitor's sweep, the mount, another process). One range scan of
+        the properties kept under uploads/ and a stat for each owner: bounded by what was kept."""
+        if self.prop_manager is None:
+            return
+        for url in self.prop_manager.owners_under("/" + UPLOADS):
+            parts = tuple(part for part in unquote(url).split("/") if part)[1:]
+            try:
+                gone = bool(parts) and not self.uploads.path(parts).exists()
+            except DicomfsError:
+                gone = True  # a name that could not be in uploads/: nothing there
+            if gone:
+                self.prop_manager.remove_under(url)
 
     def _arrived(self, ref_url: str, parts: tuple[str, ...], environ: dict[str, Any],
                  info: os.stat_result | None = None) -> None:
@@ -324,6 +381,9 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
             for parts, outcome in reports:
                 if outcome.removed and not outcome.results:  # gone without being stored (deleted meanwhile, clutter)
                     self._submitted.pop(parts, None)
+        for parts, outcome in reports:
+            if outcome.removed:  # stored or gone: what a client kept about the file goes with it
+                self.forget_properties("/".join(("", UPLOADS, *parts)))
         if any(outcome.removed or outcome.results for _, outcome in reports):
             self.tree.refresh()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -32,6 +33,8 @@ from dicomfs.views.tags import META_PREFIX, PROTECTED, protection, resource_attr
 
 if TYPE_CHECKING:
     from bridge.provider import DicomfsProvider
+
+_log = logging.getLogger("dicomfs.webdav")
 
 __all__ = ["NAMESPACE", "StoredUpload", "UploadFile", "UploadFolder", "ViewFile", "ViewFolder", "content_type", "dav_error",
            "etag"]
@@ -149,6 +152,7 @@ class _ViewResource:
         except NotFoundError:
             raise DAVError(HTTP_NOT_FOUND) from None
         self.provider.changed()
+        self.provider.forget_properties(self.path)
         self.provider.log_change(self.environ, f"deleted {self.path} ({removed} instances)")
         return True
 
@@ -280,10 +284,25 @@ class UploadFolder(FolderResource):  # type: ignore[misc]
         except FileExistsError:  # another client (rclone copies in parallel) made it a moment ago
             raise DAVError(HTTP_METHOD_NOT_ALLOWED, f"{name} exists already") from None
 
+    def get_member_names(self) -> list[str]:
+        """The names in the folder that a URL can carry: one that is not UTF-8 (made in the store's
+        folder or the mount by a program that writes bytes) has no href, and listing it made every
+        PROPFIND and GET of the folder fail. It is left out, and logged once."""
+        names: list[str] = super().get_member_names()
+        shown = [name for name in names if name.isascii() or _is_utf8(name)]
+        if len(shown) < len(names):
+            for name in names:
+                if not _is_utf8(name) and name not in _HIDDEN_NAMES and len(_HIDDEN_NAMES) < 1024:
+                    _HIDDEN_NAMES.add(name)
+                    _log.warning("uploads: %r is not UTF-8 and cannot be shown over WebDAV; rename it in the mount",
+                                 os.path.join(self._file_path, name))
+        return shown
+
     def delete(self) -> None:
         if self.path.strip("/") == "uploads":
             raise DAVError(HTTP_FORBIDDEN, "uploads/ itself cannot be deleted")
         super().delete()
+        self.provider.forget_properties(self.path)
 
     def handle_move(self, dest_path: str) -> bool:
         if self.path.strip("/") == "uploads":
@@ -442,6 +461,19 @@ class StoredUpload(DAVNonCollection):  # type: ignore[misc]
 
     def get_content(self) -> Any:
         raise DAVError(HTTP_NOT_FOUND)
+
+
+_HIDDEN_NAMES: set[str] = set()
+"""Names not UTF-8 already logged (bounded: a folder of them must not grow this without end)."""
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a name read from the file system was UTF-8 (Python keeps other bytes as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _refuse_clutter(name: str) -> None:

@@ -25,7 +25,8 @@ from wsgidav.wsgidav_app import WsgiDAVApp
 from bridge.auth import USERS_KEY, Credentials, UsersDomainController
 from bridge.errors import ErrorPages, PathGuard
 from bridge.fast_put import FastPut
-from bridge.properties import StorePropertyManager
+from bridge.guard import RequestGuard
+from bridge.properties import PropertyLimits, StorePropertyManager
 from bridge.provider import BridgeSettings, DicomfsProvider
 from bridge.transfers import TransferRoutes
 from dicomfs.config import Config, parse_bind
@@ -67,8 +68,9 @@ class Bridge:
         uploads = UploadArea(store.folder / "uploads")
         writable = not store.readonly
         self.provider = DicomfsProvider(store, Tree(store, uploads=writable, jobs=open_jobs(store)), uploads,
-                                        BridgeSettings(webdav.upload_allowed and writable, webdav.delete_allowed and writable))
-        self.properties = StorePropertyManager(store.folder / "webdav" / "properties")
+                                        BridgeSettings.of(webdav, writable=writable))
+        self.properties = StorePropertyManager(store.folder / "webdav" / "properties", PropertyLimits(
+            webdav.dead_property_max, webdav.dead_properties_per_resource, webdav.dead_property_bytes_per_resource))
         self.credentials = Credentials(config.users)
         dav = FastPut(WsgiDAVApp(self._wsgidav_config()), self.provider, self.credentials, webdav.block_size)
         self.transfers = TransferRoutes(dav, store, self.credentials, writable=writable, path_lookup=self._resource_at)
@@ -95,7 +97,7 @@ class Bridge:
             "hotfixes": {"emulate_win32_lastmod": True, "re_encode_path_info": True, "unquote_path_info": False},
             "dir_browser": {"enable": True, "response_trailer": "dicomfs", "show_user": True,
                             "davmount": False, "ms_sharepoint_support": False},
-            "middleware_stack": [ErrorPages, HTTPAuthenticator, WsgiDavDirBrowser, RequestResolver],
+            "middleware_stack": [ErrorPages, HTTPAuthenticator, RequestGuard, WsgiDavDirBrowser, RequestResolver],
             "add_header_MS_Author_Via": True,
             "suppress_version_info": True,
             "logging": {"enable": False},  # dicomfs's own logging setup applies to wsgidav's loggers
@@ -160,6 +162,7 @@ class Bridge:
         while not self._stopping.wait(_JANITOR_SECONDS):
             try:
                 self.provider.release_expired()
+                self.provider.forget_gone_properties()
                 queue = self.provider.queue
                 if queue is not None:  # a bridge that takes no uploads changes nothing in uploads/
                     queue.adopt_leftovers(busy=self.provider.busy_uploads())

@@ -113,6 +113,11 @@ class WebdavConfig:
     private_key: str
     block_size: int
     threads: int
+    lock_timeout_max: int
+    xml_body_max: int
+    dead_property_max: int
+    dead_properties_per_resource: int
+    dead_property_bytes_per_resource: int
 
 
 @dataclass(frozen=True)
@@ -811,6 +816,22 @@ _SCHEMA: tuple[_Section | _NamedTable, ...] = (
         _Option("threads", 32, _integer(4, 512),
                 "Request threads: Windows Explorer opens many connections at once, and a thread "
                 "waiting on a slow client holds one."),
+        _Option("lock_timeout_max", 3600, _integer(1, 86400),
+                "Seconds a LOCK lasts at most, whatever Timeout it asks for (Infinite included): a lock "
+                "whose client went away blocks writes under it until it expires. Explorer and Office ask "
+                "for an hour and refresh theirs, Finder for ten minutes."),
+        _Option("xml_body_max", "1 MiB", _size(4096),
+                "Bytes a PROPFIND, PROPPATCH, LOCK or any other request but PUT may carry: their XML is "
+                "read whole into memory; clients send a few KiB. Bigger ones get 413."),
+        _Option("dead_property_max", "64 KiB", _size(1024),
+                "Bytes of one dead property (name and value) a client may keep with PROPPATCH; more "
+                "gets 507 in the 207 (RFC 4918 9.2.1). Explorer's and Office's are under 100 bytes."),
+        _Option("dead_properties_per_resource", 100, _integer(1, 100_000),
+                "Dead properties one file or folder may keep; each is read back with every PROPFIND "
+                "that asks for allprop."),
+        _Option("dead_property_bytes_per_resource", "256 KiB", _size(1024),
+                "Bytes of dead properties one file or folder may keep in all: with the count, bounds "
+                "what PROPPATCHes can put in the property store (its map is 1 GiB)."),
     ), _check_webdav),
     _Section("jobs", JobsConfig, (
         _Option("run", True, _boolean,

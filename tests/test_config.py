@@ -243,6 +243,8 @@ def test_config_describe_reports_sources(tmp_path: Path) -> None:
         "mount.read_ahead_kb", "mount.group",
         "uploads.rejected_ttl", "uploads.empty_folder_idle", "webdav.enabled", "webdav.bind", "webdav.upload_allowed",
         "webdav.delete_allowed", "webdav.certificate", "webdav.private_key", "webdav.block_size", "webdav.threads",
+        "webdav.lock_timeout_max", "webdav.xml_body_max", "webdav.dead_property_max", "webdav.dead_properties_per_resource",
+        "webdav.dead_property_bytes_per_resource",
         "jobs.run", "jobs.lease", "jobs.poll_ms", "jobs.retry_delay", "jobs.retry_max_delay", "jobs.max_attempts",
         "log.level", "log.file", "metadata", "attachments", "users", "destinations", "peers", "routes",
     ]
