@@ -7,6 +7,7 @@ another bridge changed shows at once, and ends with nothing cached per request.
 
 from __future__ import annotations
 
+import errno
 import io
 import itertools
 import logging
@@ -19,7 +20,7 @@ from typing import Any, Callable, Iterable, Literal
 from urllib.parse import unquote
 
 from wsgidav import util
-from wsgidav.dav_error import HTTP_FORBIDDEN, DAVError, PRECONDITION_CODE_PropfindFiniteDepth
+from wsgidav.dav_error import HTTP_BAD_REQUEST, HTTP_FORBIDDEN, DAVError, PRECONDITION_CODE_PropfindFiniteDepth
 from wsgidav.dav_provider import DAVProvider
 
 from bridge import propfind
@@ -105,6 +106,12 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
                 raise
         except DicomfsError as error:
             raise dav_error(error) from None
+        except OSError as error:
+            if error.errno != errno.ENAMETOOLONG:
+                raise
+            # each name is at most 255 bytes (RequestGuard), but a deep folder in uploads/ can
+            # still make a path longer than the file system takes (PATH_MAX, 4096 bytes)
+            raise DAVError(HTTP_BAD_REQUEST, "the path is too long for the file system") from None
         if method == "UNLOCK":
             resource = self.get_resource_inst(path.rstrip("/"), environ)
             if isinstance(resource, UploadFile):

@@ -128,6 +128,14 @@ def test_overlong_names_hostile_roots_and_destinations_get_4xx(tmp_path: Path, s
         assert answers["DELETE /"].status == 403 and answers["COPY to another host"].status == 502
         assert answers["COPY to empty"].status == 400
         assert bridge.uploads() == ["a.txt"]
+        deep = "/uploads"
+        for _ in range(20):  # names of 250 bytes, until the path is longer than the file system takes
+            deep += "/" + "d" * 250
+            made = bridge.request("MKCOL", deep)
+            if made.status != 201:
+                break
+        assert made.status == 400, (made.status, made.body[:200])
+        assert b"too long" in made.body and bridge.request("PUT", deep + "/x.txt", b"x").status == 409
         assert bridge.store.folder.joinpath("uploads").is_dir() and len(bridge.instances()) == small_corpus.instances
 
 
