@@ -59,9 +59,9 @@ class RequestGuard(BaseMiddleware):  # type: ignore[misc]
         environ["PATH_INFO"] = path
         destination = self._destination(environ, method)
         to_place = provider.place(destination)[1] if destination is not None else None
-        user = environ.get("wsgidav.auth.user_name") or "anonymous"
         lacking = refusal(environ.get(RIGHTS_KEY, frozenset()), required_rights(method, place, to_place))
         if lacking is not None:
+            user = environ.get("wsgidav.auth.user_name") or "anonymous"
             raise DAVError(HTTP_FORBIDDEN, f"{user} may not {method} here: it needs the {lacking} right")
         if place == "root" and method in _CHANGES_ROOT or to_place == "root":
             raise DAVError(HTTP_FORBIDDEN, "the root cannot be deleted, copied, moved or written")
@@ -82,8 +82,7 @@ class RequestGuard(BaseMiddleware):  # type: ignore[misc]
 
     def _destination(self, environ: dict[str, Any], method: str) -> str | None:
         """The canonical path of a COPY's or MOVE's Destination (written back to the header);
-        None for other methods. DAVError 400 when it is missing or unreadable, 502 when it names
-        another server."""
+        None for other methods. DAVError 400 when it is missing or unreadable."""
         if method not in ("COPY", "MOVE"):
             return None
         header = environ.get("HTTP_DESTINATION", "").strip()
