@@ -45,7 +45,7 @@ def write_settings(config: Config) -> WriteSettings:
         codec=s.compression, level=s.compression_level, block_size=s.block_size,
         overwrite=s.overwrite_instances, limits=Limits(s.max_size, s.max_patients),
         batch_files=i.batch_files, batch_bytes=i.batch_bytes, batch_delay=i.batch_delay_ms / 1000,
-        threads=i.threads, workers=i.workers,
+        threads=i.threads, workers=i.workers, max_expanded_size=i.max_expanded_size,
     )
 
 

@@ -81,6 +81,7 @@ class IngestConfig:
     batch_delay_ms: int
     threads: int
     workers: int
+    max_expanded_size: int
 
 
 @dataclass(frozen=True)
@@ -767,6 +768,12 @@ _SCHEMA: tuple[_Section | _NamedTable, ...] = (
         _Option("workers", 0, _integer(0),
                 "Processes that parse and write the files of a bulk ingest (64 files or more); 0 "
                 "means one per CPU: parsing is CPU-bound and one process tops out near 2,500 files/s."),
+        _Option("max_expanded_size", "4 GiB", _size(1 << 20),
+                "A zip member or a deflated DICOM dataset that expands past this is rejected, counted "
+                "as it inflates whatever sizes it declares (a 3 MB zip can hold 3 GiB of zeros). Real "
+                "instances reach a few GB (whole-slide levels, long cine); 4 GiB keeps them and is the "
+                "most a DICOM element can hold. Memory never depends on it: past 8 MiB, what a file "
+                "expands to goes into a nameless file in the store's tmp/, which needs that much room."),
     )),
     _Section("mount", MountConfig, (
         _Option("delete_allowed", True, _boolean,

@@ -17,7 +17,8 @@ table of its own and the core never imports ``pyfuse3`` or ``wsgidav``::
     └── RejectedFileError             EINVAL   415   a file that cannot be stored as DICOM
         ├── NotDicomError                            empty, text, no "DICM" and no dataset
         ├── TruncatedError                           cut inside the header or the pixel data
-        └── MissingIdentifierError                   no PatientID-level UID set to file it under
+        ├── MissingIdentifierError                   no PatientID-level UID set to file it under
+        └── ExpansionError            EFBIG    413   a zip member or deflated dataset too large once inflated
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "AmbiguousError",
     "ConfigError",
     "DicomfsError",
+    "ExpansionError",
     "MissingIdentifierError",
     "NotDicomError",
     "NotFoundError",
@@ -121,3 +123,11 @@ class TruncatedError(RejectedFileError):
 
 class MissingIdentifierError(RejectedFileError):
     """A UID needed to file the instance (study, series or SOP instance) is absent or empty."""
+
+
+class ExpansionError(RejectedFileError):
+    """A compressed file (a zip member, a deflated DICOM dataset) expands past
+    ``ingest.max_expanded_size``, or is compressed in a way dicomfs will not expand."""
+
+    errno = errno.EFBIG
+    http_status = 413  # Content Too Large (RFC 9110)

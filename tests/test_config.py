@@ -239,8 +239,8 @@ def test_config_describe_reports_sources(tmp_path: Path) -> None:
     assert [key for key, _, _ in rows] == [
         "storage.folder", "storage.compression", "storage.compression_level", "storage.block_size", "storage.max_size",
         "storage.max_patients", "storage.overwrite_instances", "ingest.batch_files", "ingest.batch_bytes",
-        "ingest.batch_delay_ms", "ingest.threads", "ingest.workers", "mount.delete_allowed", "mount.refresh_ms",
-        "mount.read_ahead_kb", "mount.group",
+        "ingest.batch_delay_ms", "ingest.threads", "ingest.workers", "ingest.max_expanded_size", "mount.delete_allowed",
+        "mount.refresh_ms", "mount.read_ahead_kb", "mount.group",
         "uploads.rejected_ttl", "uploads.empty_folder_idle", "webdav.enabled", "webdav.bind", "webdav.upload_allowed",
         "webdav.delete_allowed", "webdav.certificate", "webdav.private_key", "webdav.block_size", "webdav.threads",
         "webdav.lock_timeout_max", "webdav.xml_body_max", "webdav.dead_property_max", "webdav.dead_properties_per_resource",

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Union
 
 from dicomfs.childprocess import leave_the_terminal_to_the_parent
-from dicomfs.errors import StoreFullError
+from dicomfs.errors import RejectedFileError, StoreFullError
 from dicomfs.store.blobs import BlobStore
 from dicomfs.store.candidates import (
     REJECTED,
@@ -51,6 +51,7 @@ from dicomfs.store.candidates import (
 )
 from dicomfs.store.committer import GroupCommitter, WriteSettings
 from dicomfs.store.index import Index, Txn
+from dicomfs.store.inflate import Expansion
 from dicomfs.store.records import Instance
 from dicomfs.store.sources import Source, archive_members
 
@@ -101,12 +102,13 @@ class _Worker:
         self.blobs = BlobStore(folder / "blobs")
         self.settings = settings
         self.lock = lock
+        self.expansion = Expansion(settings.max_expanded_size, str(folder / "tmp"))
 
     def prepare(self, source: Source, blob: str, txn: Txn, origin: str, remote: str) -> Outcome:
         """Examine the file and write it into blob ``blob`` when it is to be stored."""
         try:
-            with source.open() as (data, fd):
-                found = examine(source, data, origin, remote)
+            with source.open(self.expansion) as (data, fd):
+                found = examine(source, data, origin, remote, self.expansion)
                 if not isinstance(found, Candidate):
                     return found
                 existing = self.index.get(txn, found.ids[3])
@@ -123,7 +125,7 @@ class _Worker:
                     return IngestResult(source.label, REJECTED, store_write_failure(error, self.blobs.root), retry=True)
                 found.blob = blob
                 return found
-        except OSError as error:
+        except (OSError, RejectedFileError) as error:
             return unreadable(source, error)
 
 

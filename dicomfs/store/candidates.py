@@ -16,6 +16,7 @@ from dicomfs.errors import NotDicomError, RejectedFileError
 from dicomfs.store.blobs import is_disk_full
 from dicomfs.store.dicomparse import DicomHeader, parse_header
 from dicomfs.store.ids import ResourceId, resource_ids
+from dicomfs.store.inflate import Expansion
 from dicomfs.store.sources import Source, is_archive
 
 __all__ = ["ALREADY_STORED", "Archive", "Candidate", "DICOMDIR_REASON", "IngestResult", "REJECTED", "REPLACED",
@@ -101,14 +102,16 @@ class Archive:
     source: Source
 
 
-def examine(source: Source, data: bytes | mmap.mmap, origin: str, remote: str) -> Candidate | IngestResult | Archive:
+def examine(source: Source, data: bytes | mmap.mmap, origin: str, remote: str,
+            expansion: Expansion = Expansion()) -> Candidate | IngestResult | Archive:
     """What the opened file ``source`` (content ``data``) is, for ingest.
 
     A candidate for the index, a verdict given at once (rejected with its reason, or a DICOMDIR
-    skipped), or a zip archive recognised by its content.
+    skipped), or a zip archive recognised by its content. ``expansion``: how far a deflated
+    dataset may expand (see ``inflate``).
     """
     try:
-        header = parse_header(data)
+        header = parse_header(data, expansion=expansion)
     except NotDicomError as error:
         return Archive(source) if is_archive(data, source) else IngestResult(source.label, REJECTED, str(error))
     except RejectedFileError as error:
@@ -118,6 +121,9 @@ def examine(source: Source, data: bytes | mmap.mmap, origin: str, remote: str) -
     return Candidate.of(source.label, header, data, origin, remote)
 
 
-def unreadable(source: Source, error: OSError) -> IngestResult:
-    """The verdict on a source that could not be read."""
+def unreadable(source: Source, error: OSError | RejectedFileError) -> IngestResult:
+    """The verdict on a source that could not be read, or opened as ingest allows (a zip member
+    that expands too far, or is damaged)."""
+    if isinstance(error, RejectedFileError):
+        return IngestResult(source.label, REJECTED, str(error))
     return IngestResult(source.label, REJECTED, f"unreadable: {error.strerror or error}")

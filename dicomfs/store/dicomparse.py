@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import mmap
 import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Union
 
 from dicomfs.errors import MissingIdentifierError, NotDicomError, TruncatedError
+from dicomfs.store.inflate import Expansion, expanded, inflate_raw
 
 __all__ = ["DicomHeader", "parse_header", "DICOMDIR_SOP_CLASS"]
 
@@ -118,7 +118,7 @@ class _Cut(Exception):
         self.offset = offset
 
 
-def parse_header(data: Buffer, *, require_identifiers: bool = True) -> DicomHeader:
+def parse_header(data: Buffer, *, require_identifiers: bool = True, expansion: Expansion = Expansion()) -> DicomHeader:
     """Parse a whole DICOM Part 10 file held in ``data`` (bytes, bytearray, memoryview or mmap).
 
     Parameters
@@ -127,6 +127,8 @@ def parse_header(data: Buffer, *, require_identifiers: bool = True) -> DicomHead
         The complete file content: bytes, or an mmap so that pixel pages are never read.
     require_identifiers
         Check that Study, Series and SOP Instance UIDs are present (not for DICOMDIRs).
+    expansion
+        How far a deflated dataset may expand, and where it goes when too large for memory.
 
     Returns
     -------
@@ -140,11 +142,13 @@ def parse_header(data: Buffer, *, require_identifiers: bool = True) -> DicomHead
         An element, the dataset or the pixel data runs past the end of the file.
     MissingIdentifierError
         A UID needed to file the instance is absent or empty.
+    ExpansionError
+        A deflated dataset expands past ``expansion.most``.
     """
-    return _parse(data, require_identifiers)
+    return _parse(data, require_identifiers, expansion)
 
 
-def _parse(view: Buffer, require_identifiers: bool) -> DicomHeader:
+def _parse(view: Buffer, require_identifiers: bool, expansion: Expansion = Expansion()) -> DicomHeader:
     size = len(view)
     if size == 0:
         raise NotDicomError("not DICOM: the file is empty")
@@ -163,11 +167,10 @@ def _parse(view: Buffer, require_identifiers: bool) -> DicomHeader:
     if syntax == EXPLICIT_VR_BE:
         return _parse_with_pydicom(bytes(view), require_identifiers)
     if syntax == DEFLATED_EXPLICIT_VR_LE:
-        try:
-            inflated = zlib.decompress(bytes(view[position:]), -zlib.MAX_WBITS)
-        except zlib.error as error:
-            raise TruncatedError(f"truncated: the deflated dataset does not inflate ({error})") from None
-        tags, _, pixel_found = _walk_dataset(inflated, 0, explicit=True)
+        # Inflated in steps, counted against the cap, in memory or spilled to a mapped file (see
+        # inflate): a 2 MB file can inflate to gigabytes. The file is stored as received.
+        with expanded(inflate_raw(view, position), expansion) as (inflated, _):
+            tags, _, pixel_found = _walk_dataset(inflated, 0, explicit=True)
         header_length = size  # pixels are inside the deflate stream: no separate pixel region
     else:
         explicit = _dataset_is_explicit(view, position, syntax)

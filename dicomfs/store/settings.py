@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Limits", "WriteSettings"]
+__all__ = ["Limits", "MAX_EXPANDED_SIZE", "WriteSettings"]
+
+MAX_EXPANDED_SIZE = 4 << 30
+"""The default of ``ingest.max_expanded_size`` (``dicomfs.config`` says why)."""
 
 
 @dataclass(frozen=True)
@@ -32,3 +35,5 @@ class WriteSettings:
     threads: int = 4
     workers: int = 0
     """Processes for bulk ingest; 0 means one per CPU."""
+    max_expanded_size: int = MAX_EXPANDED_SIZE
+    """Most bytes a zip member or a deflated dataset may expand to (see ``inflate``)."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from dicomfs.store.inflate import Expansion, expanded, zip_member
 __all__ = ["Source", "archive_members", "is_archive", "is_os_junk", "iter_sources"]
 
 _JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db", ".localized"}
@@ -48,18 +49,27 @@ class Source:
     ``uploads.new_version``), so an uncompressed store may link it into blobs/ rather than copy it."""
 
     @contextlib.contextmanager
-    def open(self) -> Iterator[tuple[bytes | mmap.mmap, int | None]]:
-        """The content, and a file descriptor holding it (None for zip members).
+    def open(self, expansion: Expansion = Expansion()) -> Iterator[tuple[bytes | mmap.mmap, int | None]]:
+        """The content, and a file descriptor holding it (None for content in memory).
 
         Large files are memory-mapped, so an instance is never copied into Python memory; small
-        ones are read, because mapping costs more than reading below about a megabyte.
+        ones are read, because mapping costs more than reading below about a megabyte. A zip
+        member is inflated as far as ``expansion`` lets it (see ``inflate``): a large one into a
+        nameless file in the store's tmp/, then mapped like a file on disk.
+
+        Raises
+        ------
+        RejectedFileError
+            A zip member expands past ``expansion.most`` (ExpansionError), or is damaged.
+        OSError
+            The file cannot be read, or a large member cannot be written into tmp/.
         """
         if self.content is not None:
             yield self.content, None
             return
         if self.member:
-            with zipfile.ZipFile(self.path) as archive:
-                yield archive.read(self.member), None
+            with expanded(zip_member(self.path, self.member), expansion) as opened:
+                yield opened
             return
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:

@@ -7,6 +7,8 @@ Layout of a store folder::
     blobs/ab/<name>      instance and attachment bytes (see ``blobs``)
     owners/              one lock file per process writing now (see ``owners``)
     quarantine/          what ``check --repair`` set aside: never deleted by dicomfs
+    tmp/                 nameless files: zip members and deflated datasets too large for memory
+                         while ingest reads them (see ``inflate``); they vanish when closed
 
 Several processes (the mount, the WebDAV bridge, the CLI) may open one store at once: LMDB
 serialises writers and gives readers snapshots. All methods block; async front ends call them
@@ -30,6 +32,7 @@ from dicomfs.errors import (
     AmbiguousError,
     NotFoundError,
     ReadOnlyError,
+    RejectedFileError,
     StoreError,
     StoreNotFoundError,
 )
@@ -141,6 +144,7 @@ class Store:
             from dicomfs.store.committer import GroupCommitter
 
             self._owner = Owner(folder / "owners")
+            (folder / "tmp").mkdir(exist_ok=True)  # stores made before tmp/ existed
             recover(self.index, self.blobs, folder / "owners")
             self._committer = GroupCommitter(self.index, self.blobs, self._owner, folder, settings)
 
@@ -152,7 +156,7 @@ class Store:
         if not marker.exists():
             if any(p.name != "lost+found" for p in folder.iterdir()):
                 raise StoreError(f"{folder} is not empty and is not a dicomfs store: refusing to use it")
-            for sub in ("index", "blobs", "owners", "quarantine"):
+            for sub in ("index", "blobs", "owners", "quarantine", "tmp"):
                 (folder / sub).mkdir(exist_ok=True)
             BlobStore(folder / "blobs").create_folders()
             temporary = folder / (_MARKER + ".tmp")
@@ -390,13 +394,15 @@ class Store:
         ``last``: nothing follows it, so its batch need not wait for company."""
         from dicomfs.store.candidates import Archive, Candidate, examine, unreadable
         from dicomfs.store.committer import Submission
+        from dicomfs.store.inflate import Expansion
         from dicomfs.store.sources import archive_members
 
         closer = contextlib.ExitStack()
+        expansion = Expansion(self.settings.max_expanded_size, str(self.folder / "tmp"))
         try:
-            data, fd = closer.enter_context(source.open())
-            found = examine(source, data, origin, remote)
-        except OSError as error:
+            data, fd = closer.enter_context(source.open(expansion))
+            found = examine(source, data, origin, remote, expansion)
+        except (OSError, RejectedFileError) as error:
             closer.close()
             return [unreadable(source, error)]
         except BaseException:
