@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 from dicomfs import __version__
 from dicomfs.config import Config, LoadedConfig, load_config
 from dicomfs.errors import DicomfsError, NotFoundError
+from dicomfs.logformat import LOG_FORMAT, EscapingFormatter
 from dicomfs.store.ids import Level
 from dicomfs.store.records import Instance, Patient, Record, Series, Study
 from dicomfs.store.settings import Limits, WriteSettings
@@ -569,7 +570,7 @@ def _log_to(config: Config, *, foreground: bool) -> None:
         handler = logging.StreamHandler()
     else:
         return  # a background daemon without a log file has nowhere to write
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(EscapingFormatter(LOG_FORMAT))
     root.handlers[:] = [handler]
     if root.level > logging.DEBUG:
         root.setLevel(config.log.level.upper())
@@ -781,8 +782,9 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     args = _parser(words).parse_args(words)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter(LOG_FORMAT))
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, handlers=[handler])
     try:
         loaded = load_config(Path(args.config) if args.config else None,
                              store_folder=Path(args.store) if args.store else None)

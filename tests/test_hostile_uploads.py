@@ -1,0 +1,81 @@
+"""Uploads meant to mislead: names that forge log lines, and uploads cut short by a full disk.
+
+Each goes through a real front end: a `dicomfs mount` daemon (FUSE) or a `dicomfs webdav` bridge,
+in child processes, with their real log.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.webdav_server import serve
+
+needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+                                reason="needs /dev/fuse and fusermount3 (apt install fuse3)")
+FORGED = "2026-01-01 00:00:00,000 INFO dicomfs: forged"
+HOSTILE_NAME = f"x\r\n{FORGED}\u202e\x1b[31m"
+"""CR LF then a whole log line, a right-to-left override and a terminal colour escape."""
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def _reason(path: Path) -> str | None:
+    try:
+        return os.getxattr(path, "user.dicomfs.error").decode()
+    except OSError:
+        return None
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    """A store mounted by a `dicomfs mount` daemon that logs at info into a file: (mountpoint, store, log)."""
+    store, mountpoint, config, log = tmp_path / "store", tmp_path / "m", tmp_path / "m.toml", tmp_path / "m.log"
+    config.write_text(f'[log]\nlevel = "info"\nfile = "{log}"\n')
+    mountpoint.mkdir()
+    run_cli("init", store=store, config=config, check=True)
+    done = run_cli("mount", str(mountpoint), "--auto-unmount", store=store, config=config)
+    assert done.returncode == 0, done.stderr
+    try:
+        yield mountpoint, store, log
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+
+
+def _assert_not_forged(log: str) -> None:
+    lines = log.splitlines()
+    assert not [line for line in lines if line.startswith(FORGED[:10]) or "forged" in line and "\\n" not in line], log
+    assert any("x\\r\\n2026-01-01" in line and "\\u202e\\x1b[31m" in line for line in lines), log
+    assert "\u202e" not in log and "\x1b" not in log and "\r" not in log
+
+
+@needs_fuse
+def test_a_name_with_cr_lf_uploaded_through_the_mount_forges_no_log_line(mounted: tuple[Path, Path, Path]) -> None:
+    mountpoint, store, log = mounted
+    (mountpoint / "uploads" / HOSTILE_NAME).write_bytes(b"not an image\n")
+    _wait_for(lambda: _reason(store / "uploads" / HOSTILE_NAME) is not None)
+    _wait_for(lambda: "not DICOM" in log.read_text())
+    _assert_not_forged(log.read_text())
+
+
+def test_a_name_with_cr_lf_put_to_the_bridge_forges_no_log_line(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    run_cli("init", store=store, check=True)
+    quoted = "".join(c if c.isalnum() else "".join(f"%{b:02X}" for b in c.encode()) for c in HOSTILE_NAME)
+    with serve(store) as bridge:
+        assert bridge.request("PUT", f"/uploads/{quoted}", b"not an image\n").status == 201
+        _wait_for(lambda: _reason(store / "uploads" / HOSTILE_NAME) is not None)
+        _wait_for(lambda: "not DICOM" in bridge.log.read_text())
+        _assert_not_forged(bridge.log.read_text())
