@@ -103,7 +103,7 @@ class FastPut:
             return self._failed(start_response, provider, target, error, mark=replacement is None)
         if not complete:
             if replacement is None:
-                provider.uploads.set_reason(target, "the upload was interrupted: only part of the file arrived")
+                provider.uploads.write_failed(target, None)
             return _plain(start_response, "400 Bad Request", f"{written} of {expected} bytes arrived"
                           + ("; the earlier file is left as it was" if replacement is not None else ""))
         if found is not None:
@@ -124,8 +124,7 @@ class FastPut:
         full = error.errno == errno.ENOSPC
         with contextlib.suppress(FileNotFoundError):  # the open itself failed: no file to explain
             if mark:
-                provider.uploads.set_reason(target, "the upload did not fit: no space left on the bridge's disk" if full
-                                            else "the upload was interrupted: only part of the file arrived")
+                provider.uploads.write_failed(target, error)
         return _plain(start_response, "507 Insufficient Storage" if full else "400 Bad Request",
                       "no space left for the upload" if full else "the upload was interrupted")
 

@@ -12,6 +12,7 @@ import io
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -278,7 +279,9 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
         """A PUT ended: queue the file for ingest, or wait for its client's UNLOCK."""
         parts = _upload_parts(resource.path)
         if with_errors:
-            self.uploads.set_reason(resource.file_path, "the upload was interrupted: only part of the file arrived")
+            # wsgidav calls end_write(with_errors=True) in the ``except`` of the failed copy: the
+            # error being handled says whether the disk was full.
+            self.uploads.write_failed(resource.file_path, sys.exc_info()[1])
             return
         self._arrived(resource.get_ref_url(), parts, resource.environ)
 

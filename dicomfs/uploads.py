@@ -24,14 +24,17 @@ from typing import Collection, Sequence
 
 from dicomfs.errors import PermissionDeniedError
 from dicomfs.store import IngestResult, Store
+from dicomfs.store.blobs import is_disk_full
 from dicomfs.store.candidates import ALREADY_STORED, REJECTED, REPLACED, SKIPPED, STORED
 from dicomfs.store.libc import link_open_file
 from dicomfs.store.sources import Source, is_os_junk
 
-__all__ = ["ERROR_XATTR", "Stamp", "UploadArea", "UploadOutcome", "has_nameless_files", "new_version", "rename_over",
-           "stamp_of"]
+__all__ = ["ERROR_XATTR", "INTERRUPTED_REASON", "NO_SPACE_REASON", "Stamp", "UploadArea", "UploadOutcome",
+           "has_nameless_files", "new_version", "rename_over", "stamp_of"]
 
 ERROR_XATTR = "user.dicomfs.error"
+NO_SPACE_REASON = "not stored: no space left on device: the upload did not fit on the disk of uploads/"
+INTERRUPTED_REASON = "the upload was interrupted: only part of the file arrived"
 Stamp = tuple[int, int, int]
 """A file's inode, size and modification time (ns)."""
 _log = logging.getLogger(__name__)
@@ -54,7 +57,7 @@ class UploadArea:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self._reasons: dict[str, str] = {}  # where the filesystem has no user xattrs (rare)
+        self._reasons: dict[str, str] = {}  # where the filesystem has no user xattrs (rare), or no room for one
         # A complete upload is the store's to keep (linked into blobs/, not copied) only where
         # the front ends can always write its next version into a new file (new_version).
         self._hand_over = has_nameless_files(root)
@@ -142,9 +145,17 @@ class UploadArea:
         try:
             os.setxattr(path, ERROR_XATTR, reason.encode("utf-8"))
         except OSError as error:
-            if error.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            # A full disk may have no block for the attribute either: the reason is kept here then.
+            if error.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP) and not is_disk_full(error):
                 raise
             self._reasons[str(path)] = reason
+
+    def write_failed(self, path: Path, error: BaseException | None) -> None:
+        """Keep the upload at ``path``, part-written because writing it failed with ``error``
+        (None: the client went away), with the reason: "no space left on device" when the disk
+        was full, whatever the part that arrived would look like to the ingest (empty, truncated)."""
+        full = isinstance(error, OSError) and is_disk_full(error)
+        self.set_reason(path, NO_SPACE_REASON if full else INTERRUPTED_REASON)
 
     def clear_reason(self, path: Path) -> None:
         """Forget why a file was not stored (it is being written again)."""
@@ -160,7 +171,7 @@ class UploadArea:
         try:
             return os.getxattr(path, ERROR_XATTR).decode("utf-8", "replace")
         except OSError as error:
-            if error.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            if error.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENODATA):
                 return self._reasons.get(str(path))
             return None
 

@@ -6,6 +6,7 @@ in child processes, with their real log.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_own_instance
 from tests.webdav_server import serve
 
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
@@ -79,3 +80,78 @@ def test_a_name_with_cr_lf_put_to_the_bridge_forges_no_log_line(tmp_path: Path) 
         _wait_for(lambda: _reason(store / "uploads" / HOSTILE_NAME) is not None)
         _wait_for(lambda: "not DICOM" in bridge.log.read_text())
         _assert_not_forged(bridge.log.read_text())
+
+
+# -- a full disk ---------------------------------------------------------------------------------
+
+NO_SPACE = "no space left on device"
+_LOCK = (b'<?xml version="1.0" encoding="utf-8" ?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/>'
+         b'</D:lockscope><D:locktype><D:write/></D:locktype><D:owner><D:href>WORKGROUP\\user</D:href>'
+         b'</D:owner></D:lockinfo>')
+
+
+@pytest.fixture
+def small_store(tmp_path: Path) -> Iterator[Path]:
+    """A store alone on an 8 MB tmpfs (root only; skipped elsewhere, saying why), and a large
+    instance beside it at tmp_path/big.dcm that cannot fit."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        run_cli("init", store=disk / "store", check=True)
+        write_own_instance(tmp_path / "big.dcm", 0, patient="BIG", series="1.2.826.0.1.3680043.10.97.1.1", pixels=2600)
+        yield disk / "store"
+    finally:
+        deadline = time.monotonic() + 30
+        while subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:  # the daemon may be ending
+            if time.monotonic() > deadline:
+                subprocess.run(["umount", "--lazy", str(disk)], check=True)
+                break
+            time.sleep(0.2)
+
+
+def _copy_until_full(source: Path, target: Path) -> None:
+    with pytest.raises(OSError) as raised:
+        shutil.copyfile(source, target)
+    assert raised.value.errno == errno.ENOSPC
+
+
+@needs_fuse
+def test_an_upload_the_full_disk_cut_short_through_the_mount_says_no_space(small_store: Path, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "m"
+    mountpoint.mkdir()
+    done = run_cli("mount", str(mountpoint), "--auto-unmount", store=small_store)
+    assert done.returncode == 0, done.stderr
+    try:
+        _copy_until_full(tmp_path / "big.dcm", mountpoint / "uploads" / "big.dcm")
+        _wait_for(lambda: _reason(small_store / "uploads" / "big.dcm") is not None)
+        time.sleep(0.5)  # what the ingest might still write over it
+        reason = _reason(small_store / "uploads" / "big.dcm")
+        assert reason is not None and NO_SPACE in reason, reason
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+
+
+@pytest.mark.parametrize("locked", [False, True], ids=["plain-put", "locked-put"])
+def test_an_upload_the_full_disk_cut_short_through_the_bridge_says_no_space(small_store: Path, tmp_path: Path,
+                                                                            locked: bool) -> None:
+    """A plain PUT (answered by bridge.fast_put), and one under a lock as Explorer sends it (wsgidav's)."""
+    content = (tmp_path / "big.dcm").read_bytes()
+    with serve(small_store) as bridge:
+        headers = {}
+        if locked:
+            answer = bridge.request("LOCK", "/uploads/big.dcm", _LOCK, {"Timeout": "Second-3600"})
+            assert answer.status in (200, 201), answer
+            headers["If"] = f"({answer.headers['lock-token']})"
+        answer = bridge.request("PUT", "/uploads/big.dcm", content, headers)
+        assert answer.status >= 400, answer
+        _wait_for(lambda: _reason(small_store / "uploads" / "big.dcm") is not None)
+        if locked:
+            assert bridge.request("UNLOCK", "/uploads/big.dcm", headers={"Lock-Token": headers["If"][1:-1]}).status == 204
+        time.sleep(0.5)  # what the ingest might still write over it
+        reason = _reason(small_store / "uploads" / "big.dcm")
+        assert reason is not None and NO_SPACE in reason, reason

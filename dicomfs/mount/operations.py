@@ -80,6 +80,8 @@ class _Handle:
     content: bytes | None = None
     fd: int = -1
     written: bool = False
+    failed: OSError | None = None
+    """Why a write into the upload failed: the file is not whole, so it is kept with the reason."""
 
 
 @dataclass
@@ -519,9 +521,13 @@ class DicomOperations(pyfuse3.Operations):
         handle = self._handles[fh]
         if handle.fd < 0:
             raise pyfuse3.FUSEError(errno.EBADF)
-        if len(buf) <= _BLOCK:
-            return await self._upload_call(_pwrite_all, handle.fd, buf, off)
-        return await self._thread(_pwrite_all, handle.fd, buf, off)
+        try:
+            if len(buf) <= _BLOCK:
+                return await self._upload_call(_pwrite_all, handle.fd, buf, off)
+            return await self._thread(_pwrite_all, handle.fd, buf, off)
+        except OSError as error:  # the guard answers its errno; the close records why the upload failed
+            handle.failed = error
+            raise
 
     async def _upload_closed(self, handle: _Handle) -> None:
         """Close an upload's file. Closed by its last writer, it is complete: queue it for ingest."""
@@ -532,12 +538,18 @@ class DicomOperations(pyfuse3.Operations):
             if self._writers[inode] == 0:
                 del self._writers[inode]
                 complete = handle.node.path[1:]
-        await self._upload_call(self._close_upload, handle.fd, complete)
+        await self._upload_call(self._close_upload, handle.fd, complete, handle.failed)
 
-    def _close_upload(self, fd: int, complete: tuple[str, ...] | None) -> None:
+    def _close_upload(self, fd: int, complete: tuple[str, ...] | None, failed: OSError | None) -> None:
         os.close(fd)
-        if complete is not None and self._queue is not None:
+        if complete is None or self._queue is None:
+            return
+        if failed is None:
             self._queue.submit(complete)  # stats the file, hence here and not before the call
+            return
+        assert self.uploads is not None
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile: nothing left to explain
+            self.uploads.write_failed(self.uploads.path(complete), failed)
 
     def _from_queue(self, reports: list[tuple[tuple[str, ...], UploadOutcome]]) -> None:
         """The ingest thread's report of a group, carried into the trio loop without waiting for
