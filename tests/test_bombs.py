@@ -17,7 +17,9 @@ import time
 import zlib
 from pathlib import Path
 
+from dicomfs.store import Level, Store
 from tests.conftest import dicomfs_command, run_cli, write_own_instance
+from tests.test_transfers import PASSWORD, USER, new_store, patient_ids, peer_config, receiver_config
 from tests.webdav_server import serve
 
 PEAK_RSS_BOUND = 300 << 20
@@ -220,3 +222,19 @@ def test_bombs_uploaded_to_the_bridge_are_rejected_in_bounded_memory(tmp_path: P
     assert len(peaks) >= 2, "the upload helper process was not found"
     assert max(peaks.values()) < PEAK_RSS_BOUND, {pid: f"{peak >> 20} MiB" for pid, peak in peaks.items()}
     assert "Traceback" not in log, log
+
+
+def test_a_deflated_file_sent_in_a_transfer_keeps_the_receiving_bridge_in_bounded_memory(tmp_path: Path) -> None:
+    """The receiver parses what a peer sends in its own process: 1 GiB inflated, a 1 MB instance."""
+    sender, receiver = new_store(tmp_path / "a"), new_store(tmp_path / "b")
+    bomb = deflated_bomb(tmp_path / "deflated.dcm", 1024)
+    run_cli("ingest", str(bomb), store=sender, check=True)
+    with serve(receiver, config=receiver_config(tmp_path), auth=(USER, PASSWORD)) as bridge:
+        sent = run_cli("send", "--to", "remote", "--wait", patient_ids(sender)[0], store=sender,
+                       config=peer_config(tmp_path, bridge.url))
+        assert bridge.process is not None
+        peak = _peak_rss(bridge.process.pid)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    with Store(receiver, readonly=True) as opened:
+        assert [r.size for r in opened.walk(Level.INSTANCE)] == [bomb.stat().st_size]
+    assert peak < PEAK_RSS_BOUND, f"the receiving bridge peaked at {peak >> 20} MiB"
