@@ -14,6 +14,7 @@ fresh helper dies too, the files stay in uploads/ with the reason.
 
 from __future__ import annotations
 
+import copy
 import logging
 import logging.handlers
 import multiprocessing
@@ -24,6 +25,7 @@ from typing import Any, Mapping, Sequence
 
 from dicomfs.childprocess import become_helper_of
 from dicomfs.errors import DicomfsError
+from dicomfs.logformat import EscapingFormatter
 from dicomfs.store import Store
 from dicomfs.store.committer import WriteSettings
 from dicomfs.uploads import Stamp, UploadArea, UploadOutcome
@@ -151,13 +153,30 @@ class _Records(list[logging.LogRecord]):
         return taken
 
 
+class _Forwarder(logging.handlers.QueueHandler):
+    """Queues the helper's records for the front end, which formats them: the message with its
+    arguments applied, and a traceback as text (what pickles), formatted as the front end's
+    formatter would, rather than folded into the message, where it would be escaped to one line."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+_TRACEBACKS = EscapingFormatter()
+
+
 def _serve(connection: Connection, parent: int, folder: str, settings: WriteSettings,
            metadata_names: Mapping[str, int], attachment_types: Mapping[str, tuple[int, str]], root: str) -> None:
     """The helper: ingest each group the front end sends, until it sends None or goes."""
     become_helper_of(parent)
     records = _Records()
     logger = logging.getLogger()
-    logger.handlers[:] = [logging.handlers.QueueHandler(records)]  # type: ignore[arg-type]
+    logger.handlers[:] = [_Forwarder(records)]  # type: ignore[arg-type]
     with Store(Path(folder), settings=settings, metadata_names=metadata_names,
                attachment_types=attachment_types) as store:
         area = UploadArea(Path(root))

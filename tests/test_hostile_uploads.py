@@ -7,7 +7,10 @@ in child processes, with their real log.
 from __future__ import annotations
 
 import errno
+import io
+import logging
 import os
+import pickle
 import shutil
 import subprocess
 import time
@@ -16,6 +19,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+from dicomfs.logformat import LOG_FORMAT, EscapingFormatter
+from dicomfs.upload_worker import _Forwarder, _Records
 from tests.conftest import run_cli, write_own_instance
 from tests.webdav_server import serve
 
@@ -155,3 +160,33 @@ def test_an_upload_the_full_disk_cut_short_through_the_bridge_says_no_space(smal
         time.sleep(0.5)  # what the ingest might still write over it
         reason = _reason(small_store / "uploads" / "big.dcm")
         assert reason is not None and NO_SPACE in reason, reason
+
+
+def test_log_tracebacks_keep_their_lines_indented_even_from_the_upload_helper() -> None:
+    """An exception message may quote a client's string too: its lines stay inside the traceback,
+    also for a record the upload helper forwards (pickled) to its front end."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(EscapingFormatter(LOG_FORMAT))
+    logger = logging.getLogger("dicomfs.test-hostile")
+    logger.propagate = False
+    logger.addHandler(handler)
+    forwarded = _Records()
+    helper = logging.getLogger("dicomfs.test-hostile-helper")
+    helper.propagate = False
+    helper.addHandler(_Forwarder(forwarded))  # type: ignore[arg-type]
+    try:
+        for log in (logger, helper):
+            try:
+                raise ValueError(f"bad name {HOSTILE_NAME!s}")
+            except ValueError:
+                log.exception("ingest of %s failed", HOSTILE_NAME)
+        for record in forwarded:
+            logger.handle(pickle.loads(pickle.dumps(record)))
+    finally:
+        logger.removeHandler(handler)
+    lines = out.getvalue().split("\n")
+    records = [line for line in lines if line and not line.startswith("    ")]
+    assert len(records) == 2 and all("ingest of x\\r\\n2026-01-01" in line for line in records), lines
+    assert sum(line.strip().startswith("Traceback") for line in lines) == 2
+    assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue() and "\u202e" not in out.getvalue()
