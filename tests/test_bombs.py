@@ -14,6 +14,7 @@ import os
 import struct
 import subprocess
 import time
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -238,3 +239,33 @@ def test_a_deflated_file_sent_in_a_transfer_keeps_the_receiving_bridge_in_bounde
     with Store(receiver, readonly=True) as opened:
         assert [r.size for r in opened.walk(Level.INSTANCE)] == [bomb.stat().st_size]
     assert peak < PEAK_RSS_BOUND, f"the receiving bridge peaked at {peak >> 20} MiB"
+
+
+def test_zip_members_that_cannot_be_expanded_safely_are_rejected_and_the_rest_stored(tmp_path: Path) -> None:
+    """A bzip2 member (zipfile inflates those without an output bound) and a damaged one."""
+    good = write_own_instance(tmp_path / "good.dcm", 0, patient="GOOD", series="1.2.826.0.1.3680043.10.98.2.1")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "cd.zip", "w") as archive:
+        archive.writestr("a-bzip2.dcm", good.read_bytes(), compress_type=zipfile.ZIP_BZIP2)
+        archive.writestr("b-damaged.dcm", good.read_bytes(), compress_type=zipfile.ZIP_DEFLATED)
+        archive.writestr("c-good.dcm", good.read_bytes(), compress_type=zipfile.ZIP_DEFLATED)
+    content = bytearray((folder / "cd.zip").read_bytes())
+    with zipfile.ZipFile(folder / "cd.zip") as archive:
+        damaged = archive.getinfo("b-damaged.dcm")
+    data_start = damaged.header_offset + 30 + len(damaged.filename)
+    content[data_start + damaged.compress_size // 2] ^= 0xFF
+    (folder / "cd.zip").write_bytes(bytes(content))
+    config = tmp_path / "dicomfs.toml"
+    config.write_text("")
+    store = tmp_path / "store"
+    run_cli("init", store=store, config=config, check=True)
+
+    results, _ = ingest_measured(folder, store, config)
+
+    by_member = {str(r["path"]).rsplit(":", 1)[1]: r for r in results}
+    assert by_member["a-bzip2.dcm"]["status"] == "rejected"
+    assert "dicomfs expands deflated and stored members only" in str(by_member["a-bzip2.dcm"]["reason"])
+    assert by_member["b-damaged.dcm"]["status"] == "rejected"
+    assert str(by_member["b-damaged.dcm"]["reason"]).startswith("rejected: the zip member cannot be read")
+    assert by_member["c-good.dcm"]["status"] == "stored"
