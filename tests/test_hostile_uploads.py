@@ -76,6 +76,18 @@ def test_a_name_with_cr_lf_uploaded_through_the_mount_forges_no_log_line(mounted
     _assert_not_forged(log.read_text())
 
 
+@needs_fuse
+def test_a_non_utf8_upload_name_still_gets_its_log_line(mounted: tuple[Path, Path, Path]) -> None:
+    """The log file is UTF-8: a name's undecodable bytes (surrogates in Python) must be escaped,
+    or the handler fails to encode the record and the line is lost."""
+    mountpoint, store, log = mounted
+    name = b"bad\xff\xfe.txt"
+    with open(os.path.join(os.fsencode(mountpoint / "uploads"), name), "wb") as upload:
+        upload.write(b"not an image\n")
+    _wait_for(lambda: "not DICOM" in log.read_text(errors="strict"))
+    assert "bad\\xff\\xfe.txt" in log.read_text(), log.read_text()
+
+
 def test_a_name_with_cr_lf_put_to_the_bridge_forges_no_log_line(tmp_path: Path) -> None:
     store = tmp_path / "store"
     run_cli("init", store=store, check=True)
