@@ -18,7 +18,8 @@ table of its own and the core never imports ``pyfuse3`` or ``wsgidav``::
         ├── NotDicomError                            empty, text, no "DICM" and no dataset
         ├── TruncatedError                           cut inside the header or the pixel data
         ├── MissingIdentifierError                   no PatientID-level UID set to file it under
-        └── ExpansionError            EFBIG    413   a zip member or deflated dataset too large once inflated
+        ├── ExpansionError            EFBIG    413   a zip member or deflated dataset too large once inflated
+        └── MalformedError                           a UID that is none, a value or a nesting past the bounds
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigError",
     "DicomfsError",
     "ExpansionError",
+    "MalformedError",
     "MissingIdentifierError",
     "NotDicomError",
     "NotFoundError",
@@ -131,3 +133,8 @@ class ExpansionError(RejectedFileError):
 
     errno = errno.EFBIG
     http_status = 413  # Content Too Large (RFC 9110)
+
+
+class MalformedError(RejectedFileError):
+    """The file breaks a rule the index relies on: a UID that is not one (PS3.5 9.1), a value too
+    long to index, sequences nested deeper than any real file needs."""

@@ -116,6 +116,8 @@ def examine(source: Source, data: bytes | mmap.mmap, origin: str, remote: str,
         return Archive(source) if is_archive(data, source) else IngestResult(source.label, REJECTED, str(error))
     except RejectedFileError as error:
         return IngestResult(source.label, REJECTED, str(error))
+    except Exception as error:  # a parser slip on hostile bytes rejects this file, never its group
+        return IngestResult(source.label, REJECTED, f"not DICOM: could not be read ({type(error).__name__}: {str(error)[:80]})")
     if header.is_dicomdir:
         return IngestResult(source.label, SKIPPED, DICOMDIR_REASON)
     return Candidate.of(source.label, header, data, origin, remote)

@@ -10,19 +10,27 @@ pydicom, which is slower but rare.
 
 The result records ``header_length``, the offset of Pixel Data, so readers can fetch "everything
 but the pixels" without touching pixel bytes.
+
+What is indexed must be what pydicom reads: where the walker meets something pydicom may read
+another way (a VR code that is none, an undefined length on an element that is not a sequence, an
+item that ends before or after its declared length, an item delimiter at the top level), it hands
+the file to pydicom (``_Odd``), and a file pydicom cannot read either is rejected. Every value that
+reaches the index is bounded (``_check_indexable``): UIDs as PS3.5 9.1 says, text to
+``MAX_VALUE_LENGTH``, numbers to what IS allows, sequences nested to ``MAX_NESTING``.
 """
 
 from __future__ import annotations
 
 import mmap
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Union
 
-from dicomfs.errors import MissingIdentifierError, NotDicomError, TruncatedError
+from dicomfs.errors import MalformedError, MissingIdentifierError, NotDicomError, TruncatedError
 from dicomfs.store.inflate import Expansion, expanded, inflate_raw
 
-__all__ = ["DicomHeader", "parse_header", "DICOMDIR_SOP_CLASS"]
+__all__ = ["DicomHeader", "parse_header", "DICOMDIR_SOP_CLASS", "MAX_NESTING", "MAX_UID_LENGTH", "MAX_VALUE_LENGTH"]
 
 Buffer = Union[bytes, bytearray, memoryview, mmap.mmap]
 """Anything sliceable into bytes: the parser slices it directly (bytes and mmap slice fastest)."""
@@ -34,11 +42,29 @@ DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
 EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
 _NATIVE_SYNTAXES = {IMPLICIT_VR_LE, EXPLICIT_VR_LE, DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE}
 
+MAX_UID_LENGTH = 64
+"""PS3.5 9.1: a UID is at most 64 characters, each a digit or a dot. The index keys UIDs
+(``uids`` table: UID + 22 bytes), and LMDB refuses keys over 511 bytes (``MDB_BAD_VALSIZE``)."""
+MAX_VALUE_LENGTH = 1024
+"""The longest indexed text value, in bytes as written: 16 times what the standard allows the
+longest of them (LO, and a PN component group: 64 characters), room for sloppy writers. Records are
+copied into every listing of their parent, so a 10 MB PatientName would be read again and again."""
+MAX_NESTING = 64
+"""Sequences nested deeper than this are refused. Real files nest a few levels (an SR content tree
+a dozen or two); every level costs a few Python frames here and ~5 in pydicom, so 2,000 levels
+ended in RecursionError. 64 levels stay far below Python's recursion limit on any thread."""
+_MAX_NUMBER_LENGTH = 12
+"""IS values are at most 12 characters (PS3.5 6.2); a longer one is not a number the index keeps."""
+_UID = re.compile(r"[0-9.]{1,%d}" % MAX_UID_LENGTH)
+_UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD) little endian
+
 # VRs whose explicit-VR header has two reserved bytes and a 32-bit length (PS3.5 7.1.2).
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
+_STOP_TAGS = _PIXEL_TAGS | {_ITEM_END}  # where the top-level walk stops: pixels, or pydicom's end of dataset
 _SPECIFIC_CHARACTER_SET = 0x00080005
 
 # The tags the index keeps, by tag number. Value kinds: "str" text, "int" IS text, "us" unsigned short.
@@ -109,6 +135,10 @@ class DicomHeader:
         return self.sop_class_uid == DICOMDIR_SOP_CLASS
 
 
+class _Odd(Exception):
+    """Raised internally where pydicom may read the file another way than the walker: pydicom decides."""
+
+
 class _Cut(Exception):
     """Raised internally when an element runs past the end of the buffer."""
 
@@ -144,8 +174,44 @@ def parse_header(data: Buffer, *, require_identifiers: bool = True, expansion: E
         A UID needed to file the instance is absent or empty.
     ExpansionError
         A deflated dataset expands past ``expansion.most``.
+    MalformedError
+        A UID that is not one, a value too long to index, sequences nested too deep.
     """
-    return _parse(data, require_identifiers, expansion)
+    try:
+        header = _parse(data, require_identifiers, expansion)
+    except _Odd:
+        header = _parse_with_pydicom(bytes(data), require_identifiers)
+    _check_indexable(header)
+    return header
+
+
+def _check_indexable(header: DicomHeader) -> None:
+    """Refuse what the index cannot hold as pydicom reads it: UIDs that are none, values too long.
+
+    A UID keeps no padding: a trailing NUL (the standard's pad to an even length) or trailing
+    spaces (a common writer's slip) are dropped, as pydicom drops them, so ``1.2.3\\0`` and
+    ``1.2.3 `` are filed as ``1.2.3``; anything else that is not a digit or a dot (a leading
+    space, a NUL inside, a second value) makes the file rejected.
+    """
+    for keyword in _UID_KEYWORDS:
+        value = header.tags.get(keyword)
+        if value and not (isinstance(value, str) and _UID.fullmatch(value)):
+            raise MalformedError(f"rejected: {keyword} is not a UID ({_shown(value)}): "
+                                 f"at most {MAX_UID_LENGTH} digits and dots (PS3.5 9.1)")
+    for keyword, uid in (("TransferSyntaxUID", header.transfer_syntax), ("MediaStorageSOPClassUID", header.sop_class_uid)):
+        if uid and not _UID.fullmatch(uid):
+            raise MalformedError(f"rejected: {keyword} is not a UID ({_shown(uid)}): "
+                                 f"at most {MAX_UID_LENGTH} digits and dots (PS3.5 9.1)")
+    for keyword, value in header.tags.items():
+        if isinstance(value, str) and len(value) > MAX_VALUE_LENGTH:
+            raise MalformedError(f"rejected: {keyword} is {len(value)} characters long; "
+                                 f"dicomfs indexes values of at most {MAX_VALUE_LENGTH}")
+
+
+def _shown(value: object) -> str:
+    """A hostile value, short enough for a reason line."""
+    text = str(value)
+    return repr(text) if len(text) <= 24 else f"{len(text)} characters, {text[:24]!r}..."
 
 
 def _parse(view: Buffer, require_identifiers: bool, expansion: Expansion = Expansion()) -> DicomHeader:
@@ -170,7 +236,11 @@ def _parse(view: Buffer, require_identifiers: bool, expansion: Expansion = Expan
         # Inflated in steps, counted against the cap, in memory or spilled to a mapped file (see
         # inflate): a 2 MB file can inflate to gigabytes. The file is stored as received.
         with expanded(inflate_raw(view, position), expansion) as (inflated, _):
-            tags, _, pixel_found = _walk_dataset(inflated, 0, explicit=True)
+            try:
+                tags, _, pixel_found = _walk_dataset(inflated, 0, explicit=True)
+            except _Odd:  # pydicom would inflate the whole dataset in memory: the cap's way around
+                raise MalformedError("rejected: a deflated dataset the header parser cannot read, and pydicom "
+                                     "would inflate it whole in memory") from None
         header_length = size  # pixels are inside the deflate stream: no separate pixel region
     else:
         explicit = _dataset_is_explicit(view, position, syntax)
@@ -193,9 +263,7 @@ def _dataset_is_explicit(view: Buffer, position: int, syntax: str) -> bool:
     declared = syntax != IMPLICIT_VR_LE
     if position + 6 > len(view):
         return declared
-    vr = bytes(view[position + 4 : position + 6])
-    looks_explicit = vr.isalpha() and vr.isupper()
-    return looks_explicit
+    return _looks_explicit(view, position)
 
 
 def _read_file_meta(view: Buffer, position: int) -> tuple[dict[int, str], int]:
@@ -242,7 +310,9 @@ def _walk_dataset(view: Buffer, position: int, *, explicit: bool) -> tuple[dict[
                 raise _Cut("an element header", position)
             group, element, vr, length = unpack_header(view, position)
             tag = (group << 16) | element
-            if tag in _PIXEL_TAGS:
+            if tag in _STOP_TAGS:
+                if tag == _ITEM_END:
+                    raise _Odd()  # pydicom ends the dataset at an item delimiter; what follows it, it never sees
                 return _decode_wanted(raw), position, True
             if not explicit:
                 start = position + 8
@@ -254,9 +324,9 @@ def _walk_dataset(view: Buffer, position: int, *, explicit: bool) -> tuple[dict[
                 length = unpack_u32(view, position + 8)[0]
                 start = position + 12
             else:
-                length, start, vr = _element_header(view, position, explicit)
+                raise _Odd()  # no VR: pydicom reads this element as implicit VR, or with a 16-bit length
             if length == _UNDEFINED:
-                position = _skip_undefined(view, start, explicit and vr != b"UN")
+                position = _skip_sequence(view, start, explicit, vr, 1)
                 continue
             end = start + length
             if end > size:
@@ -293,8 +363,32 @@ def _element_header(view: Buffer, position: int, explicit: bool) -> tuple[int, i
     return length, position + 8, vr
 
 
-def _skip_undefined(view: Buffer, position: int, explicit: bool) -> int:
-    """Skip an undefined-length sequence's items up to and past its delimiter; return the end."""
+def _skip_sequence(view: Buffer, start: int, explicit: bool, vr: bytes, depth: int) -> int:
+    """Skip the value of an undefined-length element at ``start``, as pydicom reads it; return its end.
+
+    pydicom reads items where it knows a sequence (VR SQ or UN; in implicit VR, a sequence in its
+    data dictionary, or a private tag followed by an item) and otherwise scans for the first
+    sequence delimiter. Explicit VR says which; implicit VR does not, and the two readings agree
+    exactly when the first delimiter after ``start`` is the sequence's own.
+    """
+    if explicit:
+        if vr not in (b"SQ", b"UN"):
+            raise _Odd()
+        return _skip_items(view, start, True, depth)
+    end = _skip_items(view, start, False, depth)
+    if view.find(_SEQUENCE_DELIMITER, start, end) != end - 8:
+        raise _Odd()
+    return end
+
+
+def _skip_items(view: Buffer, position: int, explicit: bool, depth: int, *, datasets: bool = True) -> int:
+    """Skip a sequence's items up to and past its delimiter; return the end.
+
+    With ``datasets`` the items are datasets, walked as pydicom reads them (an item pydicom would
+    read past its declared length is odd); without, they are pixel data fragments.
+    """
+    if depth > MAX_NESTING:
+        raise MalformedError(f"rejected: sequences nested more than {MAX_NESTING} deep")
     size = len(view)
     while True:
         if position + 8 > size:
@@ -306,28 +400,57 @@ def _skip_undefined(view: Buffer, position: int, explicit: bool) -> int:
             return position
         if tag != _ITEM:
             raise _Cut("a sequence (an item tag was expected)", position - 8)
-        if length != _UNDEFINED:
+        if not datasets:
+            if length == _UNDEFINED:
+                raise _Cut("the pixel data (a fragment of undefined length)", position - 8)
             position += length
-            continue
-        position = _skip_item_dataset(view, position, explicit)
+        else:
+            position = _skip_item_dataset(view, position, explicit, depth, None if length == _UNDEFINED else position + length)
 
 
-def _skip_item_dataset(view: Buffer, position: int, explicit: bool) -> int:
-    """Skip the elements of an undefined-length item up to and past its delimiter."""
+def _skip_item_dataset(view: Buffer, position: int, explicit: bool, depth: int, end: int | None) -> int:
+    """Skip the elements of an item up to ``end``, or (undefined length) past its delimiter.
+
+    pydicom reads an item of an explicit VR dataset as implicit VR when its first element shows
+    no VR, and so does this.
+    """
     size = len(view)
+    if explicit and position + 6 <= size:
+        explicit = _looks_explicit(view, position)
+    unpack_header = _EXPLICIT_HEADER.unpack_from if explicit else _IMPLICIT_HEADER.unpack_from
     while True:
+        if end is not None and position >= end:
+            if position > end:
+                raise _Odd()  # pydicom reads on past the item's declared end
+            return position
         if position + 8 > size:
             raise _Cut("a sequence item", position)
-        group, element = struct.unpack_from("<HH", view, position)
-        if (group << 16) | element == _ITEM_END:
+        group, element, vr, length = unpack_header(view, position)
+        tag = (group << 16) | element
+        if tag == _ITEM_END:
+            if end is not None:
+                raise _Odd()  # pydicom ends a defined-length item here, and reads its next item from here
             return position + 8
-        length, start, vr = _element_header(view, position, explicit)
+        start = position + 8
+        if explicit and vr not in _SHORT_VRS:
+            if vr not in _LONG_VRS:
+                raise _Odd()
+            if position + 12 > size:
+                raise _Cut("a sequence item", position)
+            length = _U32.unpack_from(view, position + 8)[0]
+            start = position + 12
         if length == _UNDEFINED:
-            position = _skip_undefined(view, start, explicit and vr != b"UN")
+            position = _skip_sequence(view, start, explicit, vr, depth + 1)
         else:
             position = start + length
             if position > size:
                 raise _Cut("a sequence item", start)
+
+
+def _looks_explicit(view: Buffer, position: int) -> bool:
+    """Whether the element at ``position`` has a VR: two capital letters, pydicom's test."""
+    vr = bytes(view[position + 4 : position + 6])
+    return vr.isalpha() and vr.isupper()
 
 
 def _check_pixel_data(view: Buffer, offset: int, explicit: bool) -> None:
@@ -342,7 +465,7 @@ def _check_pixel_data(view: Buffer, offset: int, explicit: bool) -> None:
     length, start, _ = _element_header(view, offset, explicit)
     if length == _UNDEFINED:
         try:
-            _skip_undefined(view, start, explicit)
+            _skip_items(view, start, explicit, 1, datasets=False)
         except _Cut:
             raise TruncatedError("truncated: the encapsulated pixel data has no end delimiter") from None
         return
@@ -366,12 +489,13 @@ def _decode_wanted(raw: dict[int, bytes]) -> dict[str, object]:
             # the common case, inline: plain ASCII (ISO 2022 escapes are 7-bit but not plain)
             decoded[keyword] = text.decode("ascii") if text.isascii() and 27 not in text else _decode_text(text, terms, kind == "pn")
         elif kind == "uid":
-            decoded[keyword] = value.rstrip(b"\x00 ").decode("ascii", "replace").strip()
+            decoded[keyword] = value.rstrip(b"\x00 ").decode("ascii", "replace")  # see _check_indexable
         elif kind == "us":
             decoded[keyword] = _U16.unpack_from(value)[0] if len(value) >= 2 else None
         else:
             number = value.strip(b" \x00").split(b"\\")[0]
-            decoded[keyword] = int(number) if number.isdigit() or (number[:1] in (b"-", b"+") and number[1:].isdigit()) else None
+            decoded[keyword] = int(number) if len(number) <= _MAX_NUMBER_LENGTH and (
+                number.isdigit() or (number[:1] in (b"-", b"+") and number[1:].isdigit())) else None
     return decoded
 
 
@@ -396,39 +520,68 @@ def _decode_text(value: bytes, charset_terms: tuple[str, ...], person_name: bool
 
 
 def _parse_with_pydicom(data: bytes, require_identifiers: bool) -> DicomHeader:
-    """Slow path for big-endian and meta-less files: let pydicom read them."""
+    """Slow path for big-endian and meta-less files, and for files the walker finds odd: index
+    what pydicom reads, or reject the file when pydicom cannot read it whole."""
     import io
+    import warnings
 
     import pydicom
-    from pydicom.errors import InvalidDicomError
+    from pydicom.dataelem import RawDataElement
 
     buffer = io.BytesIO(data)
     try:
-        dataset = pydicom.dcmread(buffer, stop_before_pixels=True, force=True)
-    except (InvalidDicomError, EOFError, ValueError, OSError, struct.error) as error:
-        raise NotDicomError(f"not DICOM: {error}") from None
-    header_length = buffer.tell()
-    tags: dict[str, object] = {}
-    for keyword, kind in _WANTED.values():
-        if keyword not in dataset:
-            continue
-        value = dataset.get(keyword)
-        if kind in ("int", "us"):
-            try:
-                tags[keyword] = int(value) if value not in (None, "") else None
-            except (TypeError, ValueError):
-                tags[keyword] = None
-        else:
-            tags[keyword] = "" if value is None else str(value).strip()
-    meta = getattr(dataset, "file_meta", None)
-    syntax = str(getattr(meta, "TransferSyntaxUID", "") or IMPLICIT_VR_LE)
-    has_pixels = header_length < len(data)
-    header = DicomHeader(syntax, str(tags.get("SOPClassUID", "")), tags, header_length if has_pixels else len(data), has_pixels)
+        # pydicom warns about what it reads around (lengths past the end among them); those warnings
+        # are this file's verdict, not the program's output.
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            dataset = pydicom.dcmread(buffer, stop_before_pixels=True, force=True)
+            header_length = buffer.tell()
+            tags = _pydicom_tags(dataset)
+            meta = getattr(dataset, "file_meta", None)
+            syntax = str(getattr(meta, "TransferSyntaxUID", "") or IMPLICIT_VR_LE)
+            encoding = dataset.original_encoding
+            short = any(isinstance(e, RawDataElement) and e.value is not None and e.length != _UNDEFINED
+                        and len(e.value) < e.length for e in dataset.elements())
+    except RecursionError:
+        raise MalformedError("rejected: sequences nested too deep to read") from None
+    except Exception as error:  # pydicom meets hostile bytes with any exception: each means "unreadable"
+        raise NotDicomError(f"not DICOM: pydicom cannot read it ({type(error).__name__}: {_shown(error)})") from None
+    if short or any("End of file" in str(w.message) or "EOF" in str(w.message) for w in warned):
+        raise TruncatedError("truncated: the file ends inside the dataset")
     if not tags:
         raise NotDicomError("not DICOM: no DICOM elements found")
+    has_pixels = header_length < len(data)
+    is_implicit, is_little = encoding
+    if has_pixels and is_little and is_implicit is not None and header_length + 4 <= len(data):
+        group, element = struct.unpack_from("<HH", data, header_length)
+        if (group << 16) | element in _PIXEL_TAGS:  # not where pydicom stopped at an item delimiter
+            _check_pixel_data(data, header_length, not is_implicit)
+    header = DicomHeader(syntax, str(tags.get("SOPClassUID", "")), tags, header_length if has_pixels else len(data), has_pixels)
     if require_identifiers and not header.is_dicomdir:
         _require_identifiers(header)
     return header
+
+
+def _pydicom_tags(dataset: object) -> dict[str, object]:
+    """The wanted tags of a pydicom dataset, as ``_decode_wanted`` gives them."""
+    from pydicom.multival import MultiValue
+
+    tags: dict[str, object] = {}
+    for keyword, kind in _WANTED.values():
+        if keyword not in dataset:  # type: ignore[operator]
+            continue
+        value = dataset.get(keyword)  # type: ignore[attr-defined]
+        if kind in ("int", "us"):
+            try:
+                number = int(value) if value not in (None, "") else None
+            except (TypeError, ValueError):
+                number = None
+            tags[keyword] = number if number is None or abs(number) < 1 << 31 else None
+        elif isinstance(value, MultiValue):
+            tags[keyword] = "\\".join(str(v) for v in value)
+        else:
+            tags[keyword] = "" if value is None else str(value).rstrip(" \x00")
+    return tags
 
 
 def _require_identifiers(header: DicomHeader) -> None:
