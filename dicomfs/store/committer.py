@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from dicomfs.errors import StoreFullError
+from dicomfs.errors import StoreError, StoreFullError
 from dicomfs.store.blobs import BlobStore, sync_filesystem
 from dicomfs.store.candidates import REJECTED, REPLACED, STORED, Candidate, IngestResult, settle_if_stored, store_write_failure
 from dicomfs.store.index import CachedIndex, Index, Txn
@@ -310,7 +310,28 @@ class GroupCommitter:
                 if candidate.blob:
                     candidate.outcome, candidate.reason, candidate.blob, candidate.retry = REJECTED, str(error), "", True
             return garbage, False
+        except Exception as error:  # whatever one file did, the others must not pay for it
+            return self._index_one_by_one(candidates, error), False
         return changes.garbage, True
+
+    def _index_one_by_one(self, candidates: list[Candidate], error: Exception) -> list[str]:
+        """After a group's index commit failed: index each of its files in a commit of its own, so
+        only the file that broke the group (a value the index cannot take, which the parser's
+        checks should have refused already) is rejected; returns the blobs that became garbage.
+        The names the group was to reserve are not reserved (its callers reserve them again)."""
+        written = [c for c in candidates if c.blob]
+        if len(written) == 1:
+            (candidate,) = written
+            garbage = [candidate.blob]
+            candidate.outcome, candidate.blob = REJECTED, ""
+            candidate.reason = f"rejected: could not be indexed ({type(error).__name__}: {str(error)[:120]})"
+            candidate.retry = isinstance(error, StoreError)  # the store failed, not the file
+            return garbage
+        garbage = []
+        for candidate in written:
+            candidate.outcome, candidate.reason, candidate.retry = "", "", False  # undo what the aborted commit decided
+            garbage += self._index_batch([candidate], [])[0]
+        return garbage
 
     def _index_candidates(self, index: CachedIndex, txn: Txn, candidates: list[Candidate], changes: TxnChanges) -> None:
         for item in candidates:
