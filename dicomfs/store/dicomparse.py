@@ -66,6 +66,7 @@ _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 _STOP_TAGS = _PIXEL_TAGS | {_ITEM_END}  # where the top-level walk stops: pixels, or pydicom's end of dataset
 _SPECIFIC_CHARACTER_SET = 0x00080005
+_PATIENT_ID = 0x00100020
 
 # The tags the index keeps, by tag number. Value kinds: "str" text, "int" IS text, "us" unsigned short.
 _WANTED: dict[int, tuple[str, str]] = {
@@ -487,7 +488,8 @@ def _decode_wanted(raw: dict[int, bytes]) -> dict[str, object]:
         if kind == "str" or kind == "pn":
             text = value.rstrip(b" \x00")
             # the common case, inline: plain ASCII (ISO 2022 escapes are 7-bit but not plain)
-            decoded[keyword] = text.decode("ascii") if text.isascii() and 27 not in text else _decode_text(text, terms, kind == "pn")
+            decoded[keyword] = text.decode("ascii") if text.isascii() and 27 not in text else \
+                _decode_text(text, terms, kind == "pn", identifier=tag == _PATIENT_ID)
         elif kind == "uid":
             decoded[keyword] = value.rstrip(b"\x00 ").decode("ascii", "replace")  # see _check_indexable
         elif kind == "us":
@@ -499,24 +501,32 @@ def _decode_wanted(raw: dict[int, bytes]) -> dict[str, object]:
     return decoded
 
 
-def _decode_text(value: bytes, charset_terms: tuple[str, ...], person_name: bool) -> str:
+def _decode_text(value: bytes, charset_terms: tuple[str, ...], person_name: bool, *, identifier: bool = False) -> str:
     """Decode a text value: trailing padding stripped, leading spaces kept (they are data).
 
     pydicom's charset code is imported only here, for non-ASCII text: importing pydicom costs
     ~0.5 s (it brings numpy), paid by every command and every ingest worker otherwise.
+    An ``identifier`` (PatientID: the patient's id is its hash) without a declared character set
+    is decoded as pydicom decodes it (``_Odd``), not as the UTF-8 that names are taken for.
     """
+    import warnings
+
     value = value.rstrip(b" \x00")
     if value.isascii() and b"\x1b" not in value:  # ISO 2022 escapes are 7-bit but not ASCII text
         return value.decode("ascii")
     if not charset_terms or charset_terms == ("ISO_IR 6",):
+        if identifier:
+            raise _Odd()
         return value.decode("utf-8", "replace")  # no charset declared, but UTF-8 is the common case
     from pydicom.charset import convert_encodings, decode_bytes
     from pydicom.valuerep import PersonName
 
-    encodings = convert_encodings(list(charset_terms))
-    if person_name:
-        return str(PersonName(value, encodings))  # decodes each component group on its own
-    return decode_bytes(value, encodings, {0x5C})
+    with warnings.catch_warnings():  # an unknown charset term: pydicom warns and decodes as ASCII, so do we, quietly
+        warnings.simplefilter("ignore")
+        encodings = convert_encodings(list(charset_terms))
+        if person_name:
+            return str(PersonName(value, encodings))  # decodes each component group on its own
+        return decode_bytes(value, encodings, {0x5C})
 
 
 def _parse_with_pydicom(data: bytes, require_identifiers: bool) -> DicomHeader:
@@ -545,7 +555,7 @@ def _parse_with_pydicom(data: bytes, require_identifiers: bool) -> DicomHeader:
     except RecursionError:
         raise MalformedError("rejected: sequences nested too deep to read") from None
     except Exception as error:  # pydicom meets hostile bytes with any exception: each means "unreadable"
-        raise NotDicomError(f"not DICOM: pydicom cannot read it ({type(error).__name__}: {_shown(error)})") from None
+        raise NotDicomError(f"not DICOM: pydicom cannot read it ({type(error).__name__}: {str(error)[:100]})") from None
     if short or any("End of file" in str(w.message) or "EOF" in str(w.message) for w in warned):
         raise TruncatedError("truncated: the file ends inside the dataset")
     if not tags:
