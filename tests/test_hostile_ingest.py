@@ -95,7 +95,8 @@ def bad_files(folder: Path) -> dict[str, tuple[bytes, str]]:
         "deep-nesting.dcm": (with_before_pixels(base, nested_sequences(2000)), "nested"),
         "deep-nesting-implicit.dcm": (with_before_pixels(implicit, nested_sequences(2000, implicit=True)), "nested"),
         "huge-patient-name.dcm": (with_value(implicit, 0x0010, 0x0010, b"A" * 10_000_000, implicit=True), "PatientName"),
-        "huge-instance-number.dcm": (with_value(implicit, 0x0020, 0x0013, b"9" * 5000, implicit=True), ""),
+        "huge-instance-number.dcm": (with_value(implicit, 0x0020, 0x0013, b"9" * 5000, implicit=True), "InstanceNumber"),
+        "long-instance-number.dcm": (with_value(base, 0x0020, 0x0013, b"9" * 400), ""),
     }
 
 
@@ -119,7 +120,7 @@ def assert_outcomes(results: dict[str, tuple[str, str]], good: list[str], bad: d
         assert results[name][0] == STORED, (name, results[name])
     for name, word in bad.items():
         status, reason = results[name]
-        if name == "huge-instance-number.dcm":  # an InstanceNumber that is no number is only left out
+        if name == "long-instance-number.dcm":  # an InstanceNumber that is no number is only left out
             assert status == STORED, (name, status, reason)
             continue
         assert status == REJECTED, (name, status, reason)
@@ -192,3 +193,25 @@ def test_hostile_ingest_webdav_upload_beside_a_bad_file_is_stored(tmp_path: Path
                            b'<prop><dicomfs.error xmlns="urn:dicomfs" /></prop></propfind>')
         assert "nested" in (reasons["/uploads/CD/deep-nesting.dcm"]["{urn:dicomfs}dicomfs.error"].text or "")
         assert "StudyInstanceUID" in (reasons["/uploads/CD/long-study-uid.dcm"]["{urn:dicomfs}dicomfs.error"].text or "")
+
+
+def test_hostile_ingest_indexes_what_pydicom_reads_where_the_fast_walker_would_read_otherwise(
+        tmp_path: Path, open_store: Callable[..., Store]) -> None:
+    """An item delimiter at the top level ends the dataset for pydicom: a StudyInstanceUID behind
+    it is not the file's. A VR code that is none makes pydicom unable to read the value: rejected."""
+    base = instance_bytes(tmp_path, 1)
+    other = struct.pack("<HH", 0x0020, 0x000D) + b"UI" + struct.pack("<H", 8) + b"9.9.9.9\0"
+    behind = with_before_pixels(base, struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + other)
+    at = base.index(struct.pack("<HH", 0x0020, 0x000E) + b"UI", _meta_end(base))
+    no_vr = base[:at + 4] + b"QQ" + base[at + 6:]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "behind-delimiter.dcm").write_bytes(behind)
+    (folder / "no-vr.dcm").write_bytes(no_vr)
+    store = open_store()
+    results = {Path(r.path).name: r for r in store.ingest([folder])}
+    assert results["behind-delimiter.dcm"].status == STORED, results
+    assert results["behind-delimiter.dcm"].ids is not None
+    study = store.get(results["behind-delimiter.dcm"].ids[1])
+    assert study.study_uid == STUDY == pydicom.dcmread(folder / "behind-delimiter.dcm").StudyInstanceUID  # type: ignore[attr-defined]
+    assert results["no-vr.dcm"].status == REJECTED and "pydicom cannot read it" in results["no-vr.dcm"].reason, results["no-vr.dcm"]

@@ -15,7 +15,7 @@ What is indexed must be what pydicom reads: where the walker meets something pyd
 another way (a VR code that is none, an undefined length on an element that is not a sequence, an
 item that ends before or after its declared length, an item delimiter at the top level), it hands
 the file to pydicom (``_Odd``), and a file pydicom cannot read either is rejected. Every value that
-reaches the index is bounded (``_check_indexable``): UIDs as PS3.5 9.1 says, text to
+reaches the index is bounded, as it is decoded: UIDs as PS3.5 9.1 says, text to
 ``MAX_VALUE_LENGTH``, numbers to what IS allows, sequences nested to ``MAX_NESTING``.
 """
 
@@ -46,9 +46,10 @@ MAX_UID_LENGTH = 64
 """PS3.5 9.1: a UID is at most 64 characters, each a digit or a dot. The index keys UIDs
 (``uids`` table: UID + 22 bytes), and LMDB refuses keys over 511 bytes (``MDB_BAD_VALSIZE``)."""
 MAX_VALUE_LENGTH = 1024
-"""The longest indexed text value, in bytes as written: 16 times what the standard allows the
-longest of them (LO, and a PN component group: 64 characters), room for sloppy writers. Records are
-copied into every listing of their parent, so a 10 MB PatientName would be read again and again."""
+"""The longest value of an element the index reads, in bytes as written (characters, when pydicom
+decoded it): 16 times what the standard allows the longest of them (LO, and a PN component group:
+64 characters), room for sloppy writers. Records are copied into every listing of their parent, so
+a 10 MB PatientName would be read again and again."""
 MAX_NESTING = 64
 """Sequences nested deeper than this are refused. Real files nest a few levels (an SR content tree
 a dozen or two); every level costs a few Python frames here and ~5 in pydicom, so 2,000 levels
@@ -56,6 +57,8 @@ ended in RecursionError. 64 levels stay far below Python's recursion limit on an
 _MAX_NUMBER_LENGTH = 12
 """IS values are at most 12 characters (PS3.5 6.2); a longer one is not a number the index keeps."""
 _UID = re.compile(r"[0-9.]{1,%d}" % MAX_UID_LENGTH)
+_UID_CHARACTERS = b"0123456789."
+_UID_TEXT = "0123456789."
 _UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD) little endian
 
@@ -103,6 +106,7 @@ _IMPLICIT_HEADER = struct.Struct("<HH0sI")  # group, element, no VR (b""), 32-bi
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
 _META_KEPT = frozenset({0x0002, 0x0003, 0x0010})  # MediaStorageSOPClass/InstanceUID, TransferSyntaxUID
+_META_INDEXED = ((0x00020002, "MediaStorageSOPClassUID"), (0x00020010, "TransferSyntaxUID"))
 
 
 @dataclass(frozen=True)
@@ -179,34 +183,36 @@ def parse_header(data: Buffer, *, require_identifiers: bool = True, expansion: E
         A UID that is not one, a value too long to index, sequences nested too deep.
     """
     try:
-        header = _parse(data, require_identifiers, expansion)
+        return _parse(data, require_identifiers, expansion)
     except _Odd:
-        header = _parse_with_pydicom(bytes(data), require_identifiers)
-    _check_indexable(header)
-    return header
+        return _parse_with_pydicom(bytes(data), require_identifiers)
 
 
 def _check_indexable(header: DicomHeader) -> None:
-    """Refuse what the index cannot hold as pydicom reads it: UIDs that are none, values too long.
+    """Refuse what the index cannot hold: UIDs that are none, values too long (what pydicom
+    read; the walker makes the same checks as it decodes, on the bytes).
 
     A UID keeps no padding: a trailing NUL (the standard's pad to an even length) or trailing
     spaces (a common writer's slip) are dropped, as pydicom drops them, so ``1.2.3\\0`` and
     ``1.2.3 `` are filed as ``1.2.3``; anything else that is not a digit or a dot (a leading
     space, a NUL inside, a second value) makes the file rejected.
     """
-    for keyword in _UID_KEYWORDS:
-        value = header.tags.get(keyword)
+    uids = [(k, header.tags.get(k)) for k in _UID_KEYWORDS]
+    for keyword, value in [*uids, ("TransferSyntaxUID", header.transfer_syntax)]:
         if value and not (isinstance(value, str) and _UID.fullmatch(value)):
-            raise MalformedError(f"rejected: {keyword} is not a UID ({_shown(value)}): "
-                                 f"at most {MAX_UID_LENGTH} digits and dots (PS3.5 9.1)")
-    for keyword, uid in (("TransferSyntaxUID", header.transfer_syntax), ("MediaStorageSOPClassUID", header.sop_class_uid)):
-        if uid and not _UID.fullmatch(uid):
-            raise MalformedError(f"rejected: {keyword} is not a UID ({_shown(uid)}): "
-                                 f"at most {MAX_UID_LENGTH} digits and dots (PS3.5 9.1)")
+            raise _not_a_uid(keyword, str(value))
     for keyword, value in header.tags.items():
         if isinstance(value, str) and len(value) > MAX_VALUE_LENGTH:
-            raise MalformedError(f"rejected: {keyword} is {len(value)} characters long; "
-                                 f"dicomfs indexes values of at most {MAX_VALUE_LENGTH}")
+            raise _too_long(keyword, len(value))
+
+
+def _not_a_uid(keyword: str, value: str) -> MalformedError:
+    return MalformedError(f"rejected: {keyword} is not a UID ({_shown(value)}): "
+                          f"at most {MAX_UID_LENGTH} digits and dots (PS3.5 9.1)")
+
+
+def _too_long(keyword: str, length: int) -> MalformedError:
+    return MalformedError(f"rejected: {keyword} is {length} characters long; dicomfs indexes values of at most {MAX_VALUE_LENGTH}")
 
 
 def _shown(value: object) -> str:
@@ -292,6 +298,10 @@ def _read_file_meta(view: Buffer, position: int) -> tuple[dict[int, str], int]:
         position = start + length
     if not values:
         raise NotDicomError("not DICOM: 'DICM' marker present but no file meta information follows")
+    for tag, keyword in _META_INDEXED:  # a record may keep them: the dataset's syntax, its SOP class
+        uid = values.get(tag, "")
+        if len(uid) > MAX_UID_LENGTH or uid.strip(_UID_TEXT):
+            raise _not_a_uid(keyword, uid)
     return values, position
 
 
@@ -483,6 +493,9 @@ def _decode_wanted(raw: dict[int, bytes]) -> dict[str, object]:
     charset_raw = raw.pop(_SPECIFIC_CHARACTER_SET, b"")
     terms = tuple(t.strip() for t in charset_raw.decode("ascii", "replace").split("\\")) if charset_raw else ()
     decoded: dict[str, object] = {}
+    if raw and max(map(len, raw.values())) > MAX_VALUE_LENGTH:  # one C loop: ~0.5 us a file
+        tag, longest = max(raw.items(), key=lambda item: len(item[1]))
+        raise _too_long(_WANTED[tag][0], len(longest))
     for tag, value in raw.items():
         keyword, kind = _WANTED[tag]
         if kind == "str" or kind == "pn":
@@ -491,7 +504,10 @@ def _decode_wanted(raw: dict[int, bytes]) -> dict[str, object]:
             decoded[keyword] = text.decode("ascii") if text.isascii() and 27 not in text else \
                 _decode_text(text, terms, kind == "pn", identifier=tag == _PATIENT_ID)
         elif kind == "uid":
-            decoded[keyword] = value.rstrip(b"\x00 ").decode("ascii", "replace")  # see _check_indexable
+            uid = value.rstrip(b"\x00 ")
+            if len(uid) > MAX_UID_LENGTH or uid.strip(_UID_CHARACTERS):  # strip: a C loop, ~0.1 us
+                raise _not_a_uid(keyword, uid.decode("ascii", "replace"))
+            decoded[keyword] = uid.decode("ascii")
         elif kind == "us":
             decoded[keyword] = _U16.unpack_from(value)[0] if len(value) >= 2 else None
         else:
@@ -567,6 +583,7 @@ def _parse_with_pydicom(data: bytes, require_identifiers: bool) -> DicomHeader:
         if (group << 16) | element in _PIXEL_TAGS:  # not where pydicom stopped at an item delimiter
             _check_pixel_data(data, header_length, not is_implicit)
     header = DicomHeader(syntax, str(tags.get("SOPClassUID", "")), tags, header_length if has_pixels else len(data), has_pixels)
+    _check_indexable(header)
     if require_identifiers and not header.is_dicomdir:
         _require_identifiers(header)
     return header
