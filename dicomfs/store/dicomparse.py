@@ -25,10 +25,13 @@ import mmap
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from dicomfs.errors import MalformedError, MissingIdentifierError, NotDicomError, TruncatedError
 from dicomfs.store.inflate import Expansion, expanded, inflate_raw
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset  # imported only where a file needs pydicom: see _decode_text
 
 __all__ = ["DicomHeader", "parse_header", "DICOMDIR_SOP_CLASS", "MAX_NESTING", "MAX_UID_LENGTH", "MAX_VALUE_LENGTH"]
 
@@ -589,15 +592,15 @@ def _parse_with_pydicom(data: bytes, require_identifiers: bool) -> DicomHeader:
     return header
 
 
-def _pydicom_tags(dataset: object) -> dict[str, object]:
+def _pydicom_tags(dataset: Dataset) -> dict[str, object]:
     """The wanted tags of a pydicom dataset, as ``_decode_wanted`` gives them."""
     from pydicom.multival import MultiValue
 
     tags: dict[str, object] = {}
     for keyword, kind in _WANTED.values():
-        if keyword not in dataset:  # type: ignore[operator]
+        if keyword not in dataset:
             continue
-        value = dataset.get(keyword)  # type: ignore[attr-defined]
+        value = dataset.get(keyword)
         if kind in ("int", "us"):
             try:
                 number = int(value) if value not in (None, "") else None
