@@ -59,10 +59,11 @@ def _dataset_start(sop: str) -> bytes:
     ])
 
 
-def deflated_bomb(path: Path, mib: int, sop: str = "1.2.826.0.1.3680043.10.99.1.1.1") -> Path:
-    """A deflated-syntax DICOM file whose dataset's pixel data is ``mib`` MiB of zeros."""
+def deflated_bomb(path: Path, mib: int, sop: str = "1.2.826.0.1.3680043.10.99.1.1.1", odd: bytes = b"") -> Path:
+    """A deflated-syntax DICOM file whose dataset's pixel data is ``mib`` MiB of zeros (after
+    ``odd``, raw element bytes put before the pixel data)."""
     compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
-    start = _dataset_start(sop) + struct.pack("<HH2s2xI", 0x7FE0, 0x10, b"OB", mib << 20)
+    start = _dataset_start(sop) + odd + struct.pack("<HH2s2xI", 0x7FE0, 0x10, b"OB", mib << 20)
     with path.open("wb") as out:
         out.write(_file_meta(DEFLATED, sop) + compressor.compress(start) + compressor.flush(zlib.Z_FULL_FLUSH))
         for _ in range(mib):
@@ -169,6 +170,25 @@ def test_a_deflated_file_that_expands_within_the_cap_is_stored_as_received_in_bo
     assert [(Path(str(r["path"])).name, r["status"], r["size"]) for r in results] == [
         ("big.zip:member.dcm", "stored", len(_uncompressed_instance(24))),
         ("deflated.dcm", "stored", bomb.stat().st_size)]
+    assert peak < PEAK_RSS_BOUND, f"dicomfs ingest peaked at {peak >> 20} MiB"
+
+
+def test_a_deflated_bomb_the_header_parser_would_hand_to_pydicom_is_rejected_in_bounded_memory(tmp_path: Path) -> None:
+    """An element with a VR code that is none sends an ordinary file to pydicom, which inflates a
+    deflated dataset whole in memory: under the default cap that is gigabytes, so such a file is
+    rejected instead."""
+    config = tmp_path / "dicomfs.toml"
+    config.write_text("")
+    store = tmp_path / "store"
+    run_cli("init", store=store, config=config, check=True)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    deflated_bomb(folder / "odd.dcm", 2 * 1024, odd=struct.pack("<HH2sH", 0x0018, 0x0015, b"Q!", 4) + b"HEAD")
+
+    results, peak = ingest_measured(folder, store, config)
+
+    assert [(r["status"], r["reason"]) for r in results] == [
+        ("rejected", "rejected: a deflated dataset the header parser cannot read, and pydicom would inflate it whole in memory")]
     assert peak < PEAK_RSS_BOUND, f"dicomfs ingest peaked at {peak >> 20} MiB"
 
 
