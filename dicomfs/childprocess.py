@@ -4,6 +4,11 @@ A forked child would inherit the parent's open LMDB environment, which LMDB forb
 ``fork``: helpers are spawned (the upload ingest) or forked by a fork server (bulk workers, see
 ``store.bulk``, which watch their parent in their own way). A spawned helper dies with its parent
 (``PR_SET_PDEATHSIG``), so no orphan writes a blob after the next start's recovery has run.
+
+Both start a fresh interpreter with ``python -c``, which puts the current directory first on its
+path: a folder named ``dicomfs`` there would become the package in the helper (an editable install
+finds the real one only after the path), so helpers start under ``PYTHONSAFEPATH`` (see
+``importing_as_the_parent``).
 """
 
 from __future__ import annotations
@@ -11,10 +16,33 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from contextlib import contextmanager
+from typing import Iterator
 
-__all__ = ["become_helper_of", "leave_the_terminal_to_the_parent"]
+__all__ = ["become_helper_of", "importing_as_the_parent", "leave_the_terminal_to_the_parent"]
 
 _PR_SET_PDEATHSIG = 1
+
+
+@contextmanager
+def importing_as_the_parent() -> Iterator[None]:
+    """Start helper processes in this block: their interpreter leaves the current directory off
+    its path, so they import dicomfs from where this process did, whatever the directory holds.
+
+    ``spawn`` then sets the helper's path to this process's; the 3.11 fork server ignores the path
+    it is given, so without this its preloads would import the current directory's ``dicomfs``.
+    The variable is set only while helpers start: other programs this process runs keep their
+    usual path.
+    """
+    before = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PYTHONSAFEPATH"]
+        else:
+            os.environ["PYTHONSAFEPATH"] = before
 
 
 def become_helper_of(parent: int) -> None:

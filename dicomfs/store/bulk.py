@@ -36,7 +36,7 @@ from multiprocessing import reduction
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Union
 
-from dicomfs.childprocess import leave_the_terminal_to_the_parent
+from dicomfs.childprocess import importing_as_the_parent, leave_the_terminal_to_the_parent
 from dicomfs.errors import RejectedFileError, StoreFullError
 from dicomfs.store.blobs import BlobStore
 from dicomfs.store.candidates import (
@@ -219,7 +219,8 @@ def ingest_in_workers(
             syncing = None
             return results
 
-        multiprocessing.forkserver.ensure_running()  # its imports (~0.2 s) overlap the first reservation
+        with importing_as_the_parent():
+            multiprocessing.forkserver.ensure_running()  # its imports (~0.2 s) overlap the first reservation
         refill()
         batch: list[Candidate | IngestResult] = []
         batch_bytes = 0

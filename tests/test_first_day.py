@@ -1,0 +1,55 @@
+"""What a new user hits on the first day (issue #23), each through the real program."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from dicomfs.samples import write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+CONSOLE_SCRIPT = Path(sys.executable).parent / "dicomfs"
+
+
+def _editable_like_environment(tmp_path: Path) -> dict[str, str]:
+    """An environment where this tree's dicomfs is found only by a meta path finder, as an editable
+    install (scripts/setup) finds it, and not through sys.path: the case where a folder named
+    ``dicomfs`` in the current directory, found first on a child's path, became the package."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import importlib.abc, importlib.machinery, importlib.util, sys
+
+        class _ThisTree(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name not in ("dicomfs", "bridge"):
+                    return None
+                folder = {str(ROOT)!r} + "/" + name
+                return importlib.util.spec_from_file_location(name, folder + "/__init__.py",
+                                                              submodule_search_locations=[folder])
+
+        # Right after the path finder, before the shared venv's own editable finder.
+        sys.meta_path.insert(sys.meta_path.index(importlib.machinery.PathFinder) + 1, _ThisTree())
+    """))
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    return {**env, "PYTHONPATH": str(hook), "DICOMFS_CONFIG": os.devnull}
+
+
+def test_ingest_works_from_a_folder_holding_folders_named_like_the_packages(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus", patients=2, studies_per_patient=2, series_per_study=2,
+                          instances_per_series=12, pixels=8)  # 96 files: enough for the worker processes
+    cwd = tmp_path / "cwd"
+    (cwd / "dicomfs").mkdir(parents=True)
+    (cwd / "bridge").mkdir()
+    env = _editable_like_environment(tmp_path)
+    store = tmp_path / "store"
+    subprocess.run([str(CONSOLE_SCRIPT), "--store", str(store), "init"], cwd=cwd, env=env, check=True,
+                   capture_output=True, timeout=60)
+    done = subprocess.run([str(CONSOLE_SCRIPT), "--store", str(store), "ingest", str(corpus.root)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout.split()[:2] == ["stored", str(len(corpus.files))]
