@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from dicomfs.errors import ConfigError
 from dicomfs.passwords import check_hash_format
@@ -515,6 +516,13 @@ def _url(value: object) -> str:
     return url
 
 
+def _dicomweb_root(url: str) -> str:
+    """The DICOMweb root of ``url``: a trailing ``/studies`` (what a PACS shows as its STOW-RS
+    address, and what users copy) and trailing slashes dropped, since requests add ``/studies``."""
+    parts = urlsplit(url)
+    return parts._replace(path=parts.path.rstrip("/").removesuffix("/studies").rstrip("/")).geturl()
+
+
 def _schedule(value: object) -> tuple[str, ...]:
     schedule = [value] if isinstance(value, str) else value
     if not isinstance(schedule, list) or not all(isinstance(s, str) for s in schedule):
@@ -556,7 +564,7 @@ def _destination_entry(name: str, value: object) -> Destination | XnatDestinatio
         return _xnat_entry(name, value)
     value = _fields(value, _DESTINATION_FIELDS, '{ type = "stowrs", url = "https://pacs/dicom-web" }')
     kind = _one_of("stowrs", "xnat")(value.get("type", "stowrs"))
-    url = _url(value.get("url", ""))
+    url = _dicomweb_root(_url(value.get("url", "")))
     secret, source = _destination_secret(value)
     syntaxes = value.get("transfer_syntaxes", [])
     if isinstance(syntaxes, str):

@@ -9,6 +9,9 @@ import textwrap
 from pathlib import Path
 
 from dicomfs.samples import write_corpus
+from tests.conftest import run_cli
+from tests.orthanc_server import orthanc
+from tests.test_export import dicomfs_in, export_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "dicomfs"
@@ -53,3 +56,23 @@ def test_ingest_works_from_a_folder_holding_folders_named_like_the_packages(tmp_
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stdout.split()[:2] == ["stored", str(len(corpus.files))]
+
+
+def test_a_stowrs_url_ending_in_studies_is_the_dicomweb_root(tmp_path: Path, filled_store: Path) -> None:
+    with orthanc(tmp_path / "orthanc") as server:
+        config = export_config(tmp_path / "dicomfs.toml", server, url=server.dicomweb_url + "/studies/")
+        shown = run_cli("config", store=filled_store, config=config, check=True).stdout
+        assert f'"url": "{server.dicomweb_url}"' in shown and "/studies" not in shown
+        done = dicomfs_in(server, filled_store, config, "export", "--to", "orthanc", "--wait", "PAT00001")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "0 failed" in done.stdout
+        assert len(server.sop_uids()) > 0
+
+
+def test_an_export_failure_says_the_url_and_the_status(tmp_path: Path, filled_store: Path) -> None:
+    with orthanc(tmp_path / "orthanc") as server:
+        wrong = server.url + "/no-dicom-web"
+        config = export_config(tmp_path / "dicomfs.toml", server, url=wrong)
+        done = dicomfs_in(server, filled_store, config, "export", "--to", "orthanc", "--wait", "PAT00001")
+        assert done.returncode == 1
+        assert f"POST {wrong}/studies: HTTP 404 Not Found" in done.stdout, done.stdout

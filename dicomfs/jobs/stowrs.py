@@ -591,8 +591,11 @@ def short_body(body: bytes, limit: int = 300) -> str:
 
 
 def interpret_response(status: int, content_type: str, body: bytes, sent: Sequence[str],
-                       retry_after: float | None = None) -> StowResponse:
+                       retry_after: float | None = None, *, request: str = "") -> StowResponse:
     """Turn an HTTP answer into per-instance results, or raise for a whole-request failure.
+
+    ``request`` (``"POST <url>"``) starts every message about the status, so a person reading a
+    failed job sees where it went (a wrong URL answers 404).
 
     - 408, 429, 500, 502, 503, 504: :class:`StowTransientError`.
     - 2xx, 409, and any other status whose body is a Store Instances Response (Orthanc answers 400
@@ -604,7 +607,7 @@ def interpret_response(status: int, content_type: str, body: bytes, sent: Sequen
     - Any other status: :class:`StowRefusedError`, its message the status and the body's start.
     """
     if status in TRANSIENT_STATUSES:
-        raise StowTransientError(_status_message(status, short_body(body)), status=status, retry_after=retry_after)
+        raise StowTransientError(_status_message(request, status, short_body(body)), status=status, retry_after=retry_after)
     success = 200 <= status < 300 and status != 202
     try:
         report = parse_report(content_type, body)
@@ -613,7 +616,7 @@ def interpret_response(status: int, content_type: str, body: bytes, sent: Sequen
         report, why = StowReport(), str(error)
     if not (200 <= status < 300 or status == 409 or report.recognized):
         text = short_body(body)
-        raise StowRefusedError(_status_message(status, text), status=status, body=text)
+        raise StowRefusedError(_status_message(request, status, text), status=status, body=text)
     if why and not success:
         log.warning("STOW-RS answer %d not understood: %s", status, why)
     missing = "not in the response" if report.recognized else f"not in the response (HTTP {status}, {why})"
@@ -628,12 +631,13 @@ def interpret_response(status: int, content_type: str, body: bytes, sent: Sequen
             results[uid] = InstanceResult(uid, True)
         else:
             results[uid] = InstanceResult(uid, False, missing if success or status in (202, 409)
-                                          else f"{missing}, HTTP {status} {status_phrase(status)}".rstrip())
+                                          else f"{missing}, {_status_message(request, status, '')}")
     return StowResponse(status, results)
 
 
-def _status_message(status: int, text: str) -> str:
+def _status_message(request: str, status: int, text: str) -> str:
     head = f"HTTP {status} {status_phrase(status)}".rstrip()
+    head = f"{request}: {head}" if request else head
     return f"{head}: {text}" if text else head
 
 
@@ -741,6 +745,7 @@ class StowClient:
         boundary = new_boundary()
         length = None if target.chunked else content_length(boundary, instances)
         headers = request_headers(target, boundary, length)
+        request = f"POST {target.studies_url}"
         started = time.monotonic()
         log.debug("STOW-RS %s: %d instances, %s", target.studies_url, len(instances),
                   "chunked" if length is None else f"{length} bytes")
@@ -755,9 +760,9 @@ class StowClient:
         if send_error is not None:
             # An answer before the body was sent whole: believe a refusal or a "not now" (this raises
             # them), never a per-instance report about a body the server did not get.
-            interpret_response(status, content_type, body, uids, retry_after)
+            interpret_response(status, content_type, body, uids, retry_after, request=request)
             raise _transport_error(target, send_error, "sending") from send_error
-        result = interpret_response(status, content_type, body, uids, retry_after)
+        result = interpret_response(status, content_type, body, uids, retry_after, request=request)
         log.debug("STOW-RS %s: HTTP %d in %.2f s, %d stored, %d failed", target.studies_url, status,
                   time.monotonic() - started, len(result.stored), len(result.failed))
         return result

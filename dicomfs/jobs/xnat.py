@@ -99,7 +99,7 @@ class XnatRefusedError(DicomfsError):
 
 
 class XnatBatchRefusedError(XnatRefusedError):
-    """XNAT refused one batch for good (a 4xx but 401, 404 and 405); ``answer`` is what it said."""
+    """XNAT refused one batch for good (a 4xx but 401, 404 and 405); ``answer`` is where it went and what XNAT said."""
 
     def __init__(self, answer: str) -> None:
         super().__init__(answer)
@@ -366,7 +366,7 @@ def _check_upload(url: str, answer: _Answer) -> None:
     if _transient(answer.status):
         raise XnatUnavailableError(f"XNAT {url}: {answer.summary()}")
     if 400 <= answer.status < 500 and answer.status not in (404, 405):
-        raise XnatBatchRefusedError(answer.summary())
+        raise XnatBatchRefusedError(f"{url}: {answer.summary()}")
     moved = f" (to {answer.location})" if answer.location else ""
     raise XnatRefusedError(f"XNAT {url}: {answer.summary()}{moved}: every batch would get this answer; check the url "
                            "and import_url")
