@@ -131,7 +131,7 @@ def cmd_ls(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     filters = [_parse_filter(f) for f in args.where]
     with open_store(loaded, readonly=True) as store:
         parent = store.resolve_one(args.parent).id if args.parent else None
-        records = [r for r in store.walk(level, parent) if all(_matches(r, k, g) for k, g in filters)]
+        records = [r for r in store.walk(level, parent) if all(_matches(store, r, k, g) for k, g in filters)]
         for record in sorted(records, key=_natural_order):
             print(json.dumps(_record_json(record), ensure_ascii=False) if args.json else _record_line(record))
     return 0
@@ -154,10 +154,20 @@ def _parse_filter(text: str) -> tuple[str, str]:
     return key.strip(), glob
 
 
-def _matches(record: Record, key: str, glob: str) -> bool:
+_STUDY_MODALITY_FIELDS = ("modality", "modalities")
+"""Study fields matched against ModalitiesInStudy (its series' modalities, as C-FIND and QIDO-RS
+answer it): true when one of them matches."""
+
+
+def _matches(store: Store, record: Record, key: str, glob: str) -> bool:
     fields = _record_json(record)
+    if isinstance(record, Study) and key in _STUDY_MODALITY_FIELDS:
+        # Read only when a filter asks: listing studies reads no series otherwise.
+        modalities = {child.modality for child in store.children(record.id) if isinstance(child, Series)}
+        return any(fnmatch.fnmatchcase(modality, glob) for modality in modalities)
     if key not in fields:
-        known = ", ".join(sorted(fields))
+        extra = _STUDY_MODALITY_FIELDS if isinstance(record, Study) else ()
+        known = ", ".join(sorted([*fields, *extra]))
         raise DicomfsError(f"unknown field {key!r} for {record.level.label} (fields: {known})")
     return fnmatch.fnmatchcase(str(fields[key]), glob)
 
@@ -607,7 +617,7 @@ def _ls_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("level", nargs="?", default="patients", help="patients (default), studies, series or instances")
     p.add_argument("--parent", metavar="SELECTOR", help="only below this resource (id, UID or PatientID)")
     p.add_argument("--where", action="append", default=[], metavar="FIELD=GLOB",
-                   help="keep records whose field matches, e.g. modality=CT or description='*CHEST*'")
+                   help="keep records whose field matches, e.g. modality=CT (for studies: one of their series) or description='*CHEST*'")
     p.add_argument("--json", action="store_true")
 
 

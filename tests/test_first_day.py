@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -76,3 +77,17 @@ def test_an_export_failure_says_the_url_and_the_status(tmp_path: Path, filled_st
         done = dicomfs_in(server, filled_store, config, "export", "--to", "orthanc", "--wait", "PAT00001")
         assert done.returncode == 1
         assert f"POST {wrong}/studies: HTTP 404 Not Found" in done.stdout, done.stdout
+
+
+def test_studies_match_on_the_modalities_of_their_series(tmp_path: Path, filled_store: Path) -> None:
+    studies = [json.loads(line) for line in run_cli("ls", "studies", "--json", store=filled_store, check=True).stdout.splitlines()]
+    series = [json.loads(line) for line in run_cli("ls", "series", "--json", store=filled_store, check=True).stdout.splitlines()]
+    with_ct = {s["parent"] for s in series if s["modality"] == "CT"}
+    assert with_ct and len(with_ct) < len(studies)  # the filter below has something to keep and something to drop
+    for field in ("modality", "modalities"):
+        done = run_cli("ls", "studies", "--json", "--where", f"{field}=CT", store=filled_store, check=True)
+        assert {json.loads(line)["id"] for line in done.stdout.splitlines()} == with_ct
+    none = run_cli("ls", "studies", "--where", "modality=XX", store=filled_store, check=True)
+    assert none.stdout == ""
+    wrong = run_cli("ls", "studies", "--where", "modalty=CT", store=filled_store)
+    assert wrong.returncode != 0 and "modality" in wrong.stderr
