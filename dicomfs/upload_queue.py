@@ -53,8 +53,9 @@ class UploadQueue:
         self._condition = threading.Condition()
         self._closed = False
         self._next_adoption = 0.0  # 0: the first look, at start
+        # Started by the first submit or adopt_leftovers, which front ends call once they serve: one
+        # that cannot (its port taken) then spawns no ingest process only to exit around its start.
         self._thread = threading.Thread(target=self._run, name=f"{origin}-uploads", daemon=True)
-        self._thread.start()
 
     def submit(self, parts: Sequence[str], remote: str = "", info: os.stat_result | None = None) -> None:
         """Queue ``uploads/<parts>`` for ingest (once, however often it is submitted before then).
@@ -65,6 +66,7 @@ class UploadQueue:
         the file's stat, when the caller just made one (a stat less per upload)."""
         stamp = self._area.stamp(parts) if info is None else stamp_of(info)
         with self._condition:
+            self._start()
             self._waiting[tuple(parts)] = (remote, stamp)
             # Woken only when this may end a wait: the first file (nothing was queued) or a full
             # group. A wake per file would cost the front end a thread switch per upload.
@@ -77,6 +79,8 @@ class UploadQueue:
 
         Front ends call it at start, when files untouched for a couple of seconds qualify, then
         from every janitor pass: it looks again once a minute, for files untouched for minutes."""
+        with self._condition:
+            self._start()
         now = time.monotonic()
         if now < self._next_adoption:
             return 0
@@ -105,8 +109,14 @@ class UploadQueue:
         with self._condition:
             self._closed = True
             self._condition.notify_all()
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
         self._ingester.close()
+
+    def _start(self) -> None:
+        """Start the thread unless it was started (the condition held)."""
+        if self._thread.ident is None and not self._closed:
+            self._thread.start()
 
     def _keep_with_reason(self, parts: tuple[str, ...], reason: str) -> None:
         try:

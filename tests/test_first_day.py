@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -91,3 +92,19 @@ def test_studies_match_on_the_modalities_of_their_series(tmp_path: Path, filled_
     assert none.stdout == ""
     wrong = run_cli("ls", "studies", "--where", "modalty=CT", store=filled_store)
     assert wrong.returncode != 0 and "modality" in wrong.stderr
+
+
+def test_a_taken_port_ends_with_the_clear_line_only(tmp_path: Path, filled_store: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        mountpoint = tmp_path / "mnt"
+        mountpoint.mkdir()
+        # the traceback came once in 5 to 20 runs of the first command
+        for command in [("webdav", "--bind", f"127.0.0.1:{port}")] * 10 + [
+                ("mount", str(mountpoint), "--foreground", "--webdav", f"127.0.0.1:{port}")] * 3:
+            done = run_cli(*command, store=filled_store, timeout=60)
+            assert done.returncode == 1
+            assert done.stderr.splitlines() == [f"dicomfs: cannot listen on 127.0.0.1:{port}: No socket could be created "
+                                                f"-- (('127.0.0.1', {port}): [Errno 98] Address already in use)"], done.stderr
