@@ -5,10 +5,11 @@ A forked child would inherit the parent's open LMDB environment, which LMDB forb
 ``store.bulk``, which watch their parent in their own way). A spawned helper dies with its parent
 (``PR_SET_PDEATHSIG``), so no orphan writes a blob after the next start's recovery has run.
 
-Both start a fresh interpreter with ``python -c``, which puts the current directory first on its
-path: a folder named ``dicomfs`` there would become the package in the helper (an editable install
-finds the real one only after the path), so helpers start under ``PYTHONSAFEPATH`` (see
-``importing_as_the_parent``).
+The fork server is a fresh ``python -c``, which puts the current directory first on its path, and
+Python 3.11's server ignores the parent's path it is given: a folder named ``dicomfs`` there became
+the package in the server (an editable install finds the real one only after the path), and every
+worker failed. So it starts under ``PYTHONSAFEPATH`` (see ``importing_as_the_parent``). A spawned
+helper is safe: it takes its parent's path before it imports anything of ours.
 """
 
 from __future__ import annotations
@@ -26,12 +27,10 @@ _PR_SET_PDEATHSIG = 1
 
 @contextmanager
 def importing_as_the_parent() -> Iterator[None]:
-    """Start helper processes in this block: their interpreter leaves the current directory off
-    its path, so they import dicomfs from where this process did, whatever the directory holds.
+    """Start the fork server in this block: its interpreter leaves the current directory off its
+    path, so it imports dicomfs from where this process did, whatever the directory holds.
 
-    ``spawn`` then sets the helper's path to this process's; the 3.11 fork server ignores the path
-    it is given, so without this its preloads would import the current directory's ``dicomfs``.
-    The variable is set only while helpers start: other programs this process runs keep their
+    The variable is set only while the server starts: other programs this process runs keep their
     usual path.
     """
     before = os.environ.get("PYTHONSAFEPATH")

@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from dicomfs.childprocess import become_helper_of, importing_as_the_parent
+from dicomfs.childprocess import become_helper_of
 from dicomfs.errors import DicomfsError
 from dicomfs.logformat import EscapingFormatter
 from dicomfs.store import Store
@@ -106,8 +106,7 @@ class UploadIngester:
         ours, theirs = context.Pipe()
         process = context.Process(target=_serve, args=(theirs, os.getpid(), *self._arguments),
                                   name="dicomfs-upload-ingest", daemon=True)
-        with importing_as_the_parent():
-            process.start()
+        process.start()
         theirs.close()
         self._process, self._connection = process, ours
         _log.info("upload ingest process %d started", process.pid)
