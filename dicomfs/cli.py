@@ -357,10 +357,11 @@ def cmd_webdav(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 def cmd_passwd(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     import getpass
 
-    from dicomfs.config import RIGHTS
+    from dicomfs.config import RIGHTS, check_user_name
     from dicomfs.errors import ConfigError
     from dicomfs.passwords import hash_password
 
+    check_user_name(args.name)
     rights = [r.strip() for r in args.rights.split(",") if r.strip()]
     unknown = [r for r in rights if r not in RIGHTS]
     if unknown or not rights:

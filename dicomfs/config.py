@@ -49,6 +49,7 @@ __all__ = [
     "StorageConfig",
     "UploadsConfig",
     "XnatDestination",
+    "check_user_name",
     "default_store_folder",
     "load_config",
     "parse_size",
@@ -472,9 +473,15 @@ def _bind(value: object) -> str:
     return text
 
 
-def _user_entry(name: str, value: object) -> User:
+def check_user_name(name: str) -> None:
+    """ConfigError unless ``name`` can be a WebDAV user: Basic authentication ends the name at the
+    first ':', and a name must be typed in a client's login box and a TOML table name."""
     if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", name):
-        raise ConfigError("user names may hold only letters, digits and _ . @ - (64 at most)")
+        raise ConfigError(f"user name {name!r}: may hold only letters, digits and _ . @ - (1 to 64 of them)")
+
+
+def _user_entry(name: str, value: object) -> User:
+    check_user_name(name)
     value = _fields(value, ("password_hash", "rights"), '{ password_hash = "scrypt$...", rights = ["read"] }')
     if "password" in value or "password_hash" not in value:
         raise ConfigError("needs a password_hash made by `dicomfs passwd NAME`")

@@ -20,6 +20,11 @@ __all__ = ["hash_password", "check_hash_format", "verify_password"]
 
 _SCHEME = "scrypt"
 _N, _R, _P = 2**14, 8, 1  # OWASP's scrypt floor: 16 MiB of memory per check
+_MIN_N, _MIN_R = _N, _R
+"""Weaker parameters are refused when a hash is read: a hash made with N=2 (pasted, or edited to
+check faster) would let whoever reads the configuration try passwords by the million per second."""
+_MAX_MEMORY = 1 << 30
+"""Memory one check may take (128·N·r bytes): more would let a configured hash exhaust the server."""
 _SALT_BYTES, _HASH_BYTES = 16, 32
 
 
@@ -50,7 +55,10 @@ def _parse(text: str) -> tuple[int, int, int, bytes, bytes]:
         salt, digest = base64.b64decode(parts[4], validate=True), base64.b64decode(parts[5], validate=True)
     except ValueError:
         raise ConfigError("is not a well-formed scrypt hash; make a new one with `dicomfs passwd NAME`") from None
-    if n < 2 or n & (n - 1) or not 1 <= r <= 64 or not 1 <= p <= 16 or len(salt) < 8 or len(digest) < 16:
+    if n < _MIN_N or r < _MIN_R:
+        raise ConfigError(f"has scrypt parameters too weak (N={n}, r={r}; at least N={_MIN_N}, r={_MIN_R} as OWASP "
+                          "advises); make a new one with `dicomfs passwd NAME`")
+    if n & (n - 1) or 128 * n * r > _MAX_MEMORY or not 1 <= p <= 16 or len(salt) < 8 or len(digest) < 16:
         raise ConfigError("has scrypt parameters out of range; make a new one with `dicomfs passwd NAME`")
     return n, r, p, salt, digest
 
