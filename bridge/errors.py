@@ -62,7 +62,8 @@ class ErrorPages(BaseMiddleware):  # type: ignore[misc]
 
 class PathGuard:
     """Outside wsgidav: refuses a path that climbs (``..``, also as ``%2e%2e``: the server has
-    decoded it), holds a NUL or an encoded slash, or is not UTF-8, with a plain 400. wsgidav refuses ``..`` too, but from inside a
+    decoded it), holds a NUL or an encoded slash, or is not UTF-8 once decoded (wsgidav would
+    fail on it with a 500), with a plain 400. wsgidav refuses ``..`` too, but from inside a
     generator, so its answer loses the body its Content-Length promised and the client hangs."""
 
     def __init__(self, app: Callable[..., Any]) -> None:

@@ -15,8 +15,6 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from cheroot import wsgi
-from cheroot.ssl.builtin import BuiltinSSLAdapter
 from wsgidav.dir_browser import WsgiDavDirBrowser
 from wsgidav.http_authenticator import HTTPAuthenticator
 from wsgidav.request_resolver import RequestResolver
@@ -26,6 +24,7 @@ from bridge.auth import USERS_KEY, Credentials, UsersDomainController
 from bridge.errors import ErrorPages, PathGuard
 from bridge.fast_put import FastPut
 from bridge.guard import RequestGuard
+from bridge.headgate import GatedServer, LazyHandshakeAdapter
 from bridge.properties import PropertyLimits, StorePropertyManager
 from bridge.provider import BridgeSettings, DicomfsProvider
 from bridge.transfers import TransferRoutes
@@ -75,7 +74,7 @@ class Bridge:
         dav = FastPut(WsgiDAVApp(self._wsgidav_config()), self.provider, self.credentials, webdav.block_size)
         self.transfers = TransferRoutes(dav, store, self.credentials, writable=writable, path_lookup=self._resource_at)
         self.app = PathGuard(self.transfers)
-        self._server: wsgi.Server | None = None
+        self._server: GatedServer | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
 
@@ -124,14 +123,14 @@ class Bridge:
     def start(self) -> None:
         """Bind and serve from background threads; BridgeError if the address cannot be had."""
         webdav = self.config.webdav
-        server = wsgi.Server((self.host, self.port), self.app, numthreads=webdav.threads,
-                             server_name="dicomfs", request_queue_size=64, timeout=60, shutdown_timeout=5)
+        server = GatedServer((self.host, self.port), self.app, numthreads=webdav.threads, server_name="dicomfs",
+                             request_queue_size=64, timeout=60, shutdown_timeout=5, header_timeout=webdav.header_timeout)
         server.max_request_body_size = 0  # uploads stream to disk: no size to guard against
         if self.tls:
             for key in ("certificate", "private_key"):
                 if not Path(getattr(webdav, key)).is_file():
                     raise BridgeError(f"webdav.{key}: no such file {getattr(webdav, key)}")
-            server.ssl_adapter = BuiltinSSLAdapter(webdav.certificate, webdav.private_key)
+            server.ssl_adapter = LazyHandshakeAdapter(webdav.certificate, webdav.private_key)
         try:
             server.prepare()
         except OSError as error:

@@ -121,6 +121,9 @@ class WebdavConfig:
     dead_property_max: int
     dead_properties_per_resource: int
     dead_property_bytes_per_resource: int
+    header_timeout: int
+    login_failures: int
+    login_window: int
 
 
 @dataclass(frozen=True)
@@ -854,6 +857,18 @@ _SCHEMA: tuple[_Section | _NamedTable, ...] = (
         _Option("dead_property_bytes_per_resource", "256 KiB", _size(1024),
                 "Bytes of dead properties one file or folder may keep in all: with the count, bounds "
                 "what PROPPATCHes can put in the property store (its map is 1 GiB)."),
+        _Option("header_timeout", 15, _integer(1, 600),
+                "Seconds a client has to send a whole request head (request line and headers), from "
+                "connecting or from its first byte after an answer; then it is closed with a 408. "
+                "nginx's client_header_timeout: clients trickling their heads cannot hold connections "
+                "for ever (they never hold a request thread)."),
+        _Option("login_failures", 5, _integer(1, 1000),
+                "Wrong passwords a client address may send within login_window seconds; then it gets "
+                "429 Too Many Requests, with no password checked, until the oldest of them is that old "
+                "(fail2ban's maxretry). Other addresses are not slowed."),
+        _Option("login_window", 60, _integer(1, 86400),
+                "Seconds over which login_failures are counted (fail2ban's findtime), which is also the "
+                "longest an address waits."),
     ), _check_webdav),
     _Section("jobs", JobsConfig, (
         _Option("run", True, _boolean,
