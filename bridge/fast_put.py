@@ -37,6 +37,8 @@ WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 _DEFERRED = ("HTTP_CONTENT_RANGE", "HTTP_CONTENT_ENCODING", "HTTP_IF", "HTTP_IF_MATCH", "HTTP_IF_NONE_MATCH",
              "HTTP_IF_MODIFIED_SINCE", "HTTP_IF_UNMODIFIED_SINCE", "HTTP_X_OC_MTIME")
 """Headers whose handling is wsgidav's: a request carrying any of them goes to wsgidav."""
+_NAME_MAX = 255
+"""Bytes in one file or folder name (NAME_MAX of Linux file systems): a longer one cannot be made."""
 
 
 class FastPut:
@@ -65,6 +67,8 @@ class FastPut:
         parts = tuple(part for part in path.split("/") if part)
         if path.endswith("/") or len(parts) < 2 or is_os_junk(parts[-1]):
             return None
+        if any(len(part.encode("utf-8")) > _NAME_MAX for part in parts):
+            return _plain(start_response, "400 Bad Request", f"a name may be {_NAME_MAX} bytes long at most (UTF-8)")
         try:
             target = provider.uploads.path(parts[1:])
         except DicomfsError:
@@ -101,6 +105,8 @@ class FastPut:
                     rename_over(file.fileno(), target)
         except OSError as error:  # the disk (ENOSPC), or the client went away mid-body
             return self._failed(start_response, provider, target, error, mark=replacement is None)
+        except ValueError:  # cheroot's chunked reader: a malformed chunk, or the client left mid-chunk
+            return self._failed(start_response, provider, target, None, mark=replacement is None)
         if not complete:
             if replacement is None:
                 provider.uploads.write_failed(target, None)
@@ -117,11 +123,11 @@ class FastPut:
 
     @staticmethod
     def _failed(start_response: Callable[..., Any], provider: DicomfsProvider, target: Path,
-                error: OSError, *, mark: bool) -> list[bytes]:
-        """The answer to a PUT whose file could not be written whole; ``mark``: the part written
-        is at ``target`` and gets its reason (nothing was written, or a replacement's part went
-        with its inode, when False)."""
-        full = error.errno == errno.ENOSPC
+                error: OSError | None, *, mark: bool) -> list[bytes]:
+        """The answer to a PUT whose file could not be written whole (``error``: None for a broken
+        body); ``mark``: the part written is at ``target`` and gets its reason (nothing was
+        written, or a replacement's part went with its inode, when False)."""
+        full = error is not None and error.errno == errno.ENOSPC
         with contextlib.suppress(FileNotFoundError):  # the open itself failed: no file to explain
             if mark:
                 provider.uploads.write_failed(target, error)

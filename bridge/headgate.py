@@ -44,14 +44,43 @@ so that the client reads the refusal rather than a reset (nginx's lingering_clos
 _DRAIN_LIMIT = 1 << 20
 """cheroot reads and drops an unread request body after an early answer (a 401 to a PUT) to keep
 the connection; past this many bytes the connection is closed instead."""
+_CHUNK_LINE_MAX = 4096
+"""Bytes in one line of a chunked body (its size and extensions; a trailer): nginx allows 4 KiB too."""
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 _READY, _WAITING, _CLOSED = "ready", "waiting", "closed"
 
 
+class _BoundedLines:
+    """A connection's reader whose lines (a chunk's size line, trailers) end within
+    ``_CHUNK_LINE_MAX`` bytes: cheroot reads them unbounded, so one endless line filled memory."""
+
+    def __init__(self, rfile: Any) -> None:
+        self._rfile = rfile
+        self.read = rfile.read
+
+    def readline(self, size: int = -1) -> bytes:
+        line: bytes = self._rfile.readline(_CHUNK_LINE_MAX)
+        if len(line) == _CHUNK_LINE_MAX and not line.endswith(b"\n"):
+            raise ValueError(f"a chunk's size line is longer than {_CHUNK_LINE_MAX} bytes")
+        return line
+
+
 class StrictRequest(HTTPRequest):  # type: ignore[misc]
     """cheroot's request, refusing a Content-Length that is not a byte count (cheroot takes ``-5``
-    and then reads the body as the next request) and not draining a large unread body."""
+    and then reads the body as the next request), bounding the lines of a chunked body, and
+    closing the connection after an answer that left a large or chunked body unread (the next
+    request could not be found in what follows)."""
+
+    def respond(self) -> None:
+        if self.chunked_read:
+            self.conn.rfile, plain = _BoundedLines(self.conn.rfile), self.conn.rfile
+            try:
+                super().respond()
+            finally:
+                self.conn.rfile = plain
+        else:
+            super().respond()
 
     def read_request_headers(self) -> bool:
         if not super().read_request_headers():
@@ -63,7 +92,7 @@ class StrictRequest(HTTPRequest):  # type: ignore[misc]
         return True
 
     def send_headers(self) -> None:
-        if getattr(self.rfile, "remaining", 0) > _DRAIN_LIMIT:
+        if getattr(self.rfile, "remaining", 0) > _DRAIN_LIMIT or (self.chunked_read and not self.rfile.closed):
             self.close_connection = True
         super().send_headers()
 

@@ -27,6 +27,7 @@ from bridge.guard import RequestGuard
 from bridge.headgate import GatedServer, LazyHandshakeAdapter
 from bridge.properties import PropertyLimits, StorePropertyManager
 from bridge.provider import BridgeSettings, DicomfsProvider
+from bridge.throttle import LoginThrottle, Throttled
 from bridge.transfers import TransferRoutes
 from dicomfs.config import Config, parse_bind
 from dicomfs.errors import DicomfsError, NotFoundError
@@ -70,10 +71,11 @@ class Bridge:
                                         BridgeSettings.of(webdav, writable=writable))
         self.properties = StorePropertyManager(store.folder / "webdav" / "properties", PropertyLimits(
             webdav.dead_property_max, webdav.dead_properties_per_resource, webdav.dead_property_bytes_per_resource))
-        self.credentials = Credentials(config.users)
+        throttle = LoginThrottle(webdav.login_failures, webdav.login_window)
+        self.credentials = Credentials(config.users, throttle)
         dav = FastPut(WsgiDAVApp(self._wsgidav_config()), self.provider, self.credentials, webdav.block_size)
         self.transfers = TransferRoutes(dav, store, self.credentials, writable=writable, path_lookup=self._resource_at)
-        self.app = PathGuard(self.transfers)
+        self.app = PathGuard(Throttled(self.transfers, throttle))
         self._server: GatedServer | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
