@@ -197,7 +197,7 @@ def _gather(server: GatedServer, conn: GatedConnection) -> str:
             conn.handshaken = True
             conn.ssl_env = server.ssl_adapter.get_environ(sock)
         while _HEAD_END not in conn.head and len(conn.head) <= HEAD_LIMIT:
-            data = sock.recv(_READ_SIZE)
+            data = sock.recv(_READ_SIZE - len(conn.head))  # a waiting connection holds HEAD_LIMIT + 1 at most
             if not data:
                 return _CLOSED
             if conn.head_since is None:

@@ -245,6 +245,7 @@ def test_config_describe_reports_sources(tmp_path: Path) -> None:
         "webdav.delete_allowed", "webdav.certificate", "webdav.private_key", "webdav.block_size", "webdav.threads",
         "webdav.lock_timeout_max", "webdav.xml_body_max", "webdav.dead_property_max", "webdav.dead_properties_per_resource",
         "webdav.dead_property_bytes_per_resource",
+        "webdav.header_timeout", "webdav.login_failures", "webdav.login_window",
         "jobs.run", "jobs.lease", "jobs.poll_ms", "jobs.retry_delay", "jobs.retry_max_delay", "jobs.max_attempts",
         "log.level", "log.file", "metadata", "attachments", "users", "destinations", "peers", "routes",
     ]
