@@ -181,6 +181,8 @@ def _gather(server: GatedServer, conn: GatedConnection) -> str:
     buffer), waiting for more, or closed (the client left, or was refused)."""
     sock = conn.socket
     rfile = conn.rfile
+    # the end of the head is looked for only in what is new: a byte at a time costs no rescan
+    searched = max(0, len(conn.head) - len(_HEAD_END) + 1)
     if rfile.has_data():  # pipelined: the next head (or part of it) came with the last request
         conn.head += rfile._read_buf[rfile._read_pos:]
         rfile._read_buf, rfile._read_pos = b"", 0
@@ -188,15 +190,14 @@ def _gather(server: GatedServer, conn: GatedConnection) -> str:
         conn.head_since = time.time()
     sock.settimeout(0)
     try:
-        if conn.lingering_until is not None:
-            while sock.recv(_READ_SIZE):
-                pass
-            return _CLOSED  # the client finished sending what it had
+        if conn.lingering_until is not None:  # dropped, a bounded amount per turn: others wait meanwhile
+            return _CLOSED if not sock.recv(_READ_SIZE) else _WAITING
         if not conn.handshaken:
             sock.do_handshake()
             conn.handshaken = True
             conn.ssl_env = server.ssl_adapter.get_environ(sock)
-        while _HEAD_END not in conn.head and len(conn.head) <= HEAD_LIMIT:
+        while conn.head.find(_HEAD_END, searched) == -1 and len(conn.head) <= HEAD_LIMIT:
+            searched = max(0, len(conn.head) - len(_HEAD_END) + 1)
             data = sock.recv(_READ_SIZE - len(conn.head))  # a waiting connection holds HEAD_LIMIT + 1 at most
             if not data:
                 return _CLOSED

@@ -145,6 +145,11 @@ def test_hostile_http_keepalive_and_pipelined_requests_still_work(tmp_path: Path
                 time.sleep(0.05)
                 sock.sendall(one[10:])
                 assert read_response(stream) == 200
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for byte in one:  # a byte per segment: the end of the head straddles four of them
+                sock.sendall(bytes([byte]))
+                time.sleep(0.001)
+            assert read_response(stream) == 200
 
 
 def read_response(stream: BinaryIO) -> int:
