@@ -24,7 +24,6 @@ from typing import Mapping
 
 from wsgidav.dc.base_dc import BaseDomainController
 
-from bridge.throttle import LoginThrottle
 from dicomfs.config import RIGHTS, User
 from dicomfs.passwords import verify_password
 
@@ -98,10 +97,8 @@ def basic_credentials(header: str | None) -> tuple[str, str] | None:
 class Credentials:
     """Checks a user name and password against the configured users, remembering successes."""
 
-    def __init__(self, users: Mapping[str, User], throttle: LoginThrottle | None = None) -> None:
+    def __init__(self, users: Mapping[str, User]) -> None:
         self.users = users
-        self.throttle = throttle
-        """Where wrong passwords are counted per client address (see ``bridge.throttle``)."""
         self._key = os.urandom(32)  # keys the remembered digests; never leaves this process
         self._remembered: dict[bytes, float] = {}
         self._lock = threading.Lock()
@@ -154,9 +151,6 @@ class UsersDomainController(BaseDomainController):  # type: ignore[misc]
     def basic_auth_user(self, realm: str, user_name: str, password: str, environ: dict[str, object]) -> bool:
         user = self._credentials.check(user_name, password)
         if user is None:
-            # counted here only: a PUT the fast path could not authenticate comes here too
-            if self._credentials.throttle is not None:
-                self._credentials.throttle.failed(str(environ.get("REMOTE_ADDR", "")))
             return False
         environ[RIGHTS_KEY] = user.rights
         return True

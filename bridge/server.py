@@ -71,11 +71,10 @@ class Bridge:
                                         BridgeSettings.of(webdav, writable=writable))
         self.properties = StorePropertyManager(store.folder / "webdav" / "properties", PropertyLimits(
             webdav.dead_property_max, webdav.dead_properties_per_resource, webdav.dead_property_bytes_per_resource))
-        throttle = LoginThrottle(webdav.login_failures, webdav.login_window)
-        self.credentials = Credentials(config.users, throttle)
+        self.credentials = Credentials(config.users)
         dav = FastPut(WsgiDAVApp(self._wsgidav_config()), self.provider, self.credentials, webdav.block_size)
         self.transfers = TransferRoutes(dav, store, self.credentials, writable=writable, path_lookup=self._resource_at)
-        self.app = PathGuard(Throttled(self.transfers, throttle))
+        self.app = PathGuard(Throttled(self.transfers, LoginThrottle(webdav.login_failures, webdav.login_window)))
         self._server: GatedServer | None = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()

@@ -53,18 +53,29 @@ class LoginThrottle:
 
 
 class Throttled:
-    """A WSGI layer answering 429 to a request with credentials from an address that must wait."""
+    """A WSGI layer answering 429 to a request with credentials from an address that must wait,
+    and counting each 401 answered to credentials as a failure of its address."""
 
     def __init__(self, app: Callable[..., Iterable[bytes]], throttle: LoginThrottle) -> None:
         self._app, self._throttle = app, throttle
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if "HTTP_AUTHORIZATION" in environ:
-            wait = self._throttle.wait_for(environ.get("REMOTE_ADDR", ""))
-            if wait > 0:
-                body = b"429 Too Many Requests: too many wrong passwords from this address; try again later\n"
-                start_response("429 Too Many Requests", [
-                    ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
-                    ("Retry-After", str(math.ceil(wait)))])
-                return [body]
-        return self._app(environ, start_response)
+        if "HTTP_AUTHORIZATION" not in environ:
+            return self._app(environ, start_response)
+        address = environ.get("REMOTE_ADDR", "")
+        wait = self._throttle.wait_for(address)
+        if wait > 0:
+            body = b"429 Too Many Requests: too many wrong passwords from this address; try again later\n"
+            start_response("429 Too Many Requests", [
+                ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
+                ("Retry-After", str(math.ceil(wait)))])
+            return [body]
+
+        def counting(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            # every door answers wrong credentials with a 401 (wsgidav, the PUT fast path falling
+            # back to it, /transfers/), so a failure is counted once, wherever it was checked
+            if status.startswith("401"):
+                self._throttle.failed(address)
+            return start_response(status, headers, exc_info)
+
+        return self._app(environ, counting)

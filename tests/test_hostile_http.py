@@ -204,6 +204,17 @@ def test_hostile_http_password_guessing_is_throttled_per_address(tmp_path: Path)
                        headers={"Depth": "0"})[0] == 401
 
 
+@pytest.mark.parametrize("method, path", [("PUT", "/uploads/guess.bin"), ("GET", "/transfers/v1/status")])
+def test_hostile_http_every_door_counts_a_wrong_password_once(tmp_path: Path, method: str, path: str) -> None:
+    """The PUT fast path (which hands a failure on to wsgidav) and /transfers/ (which checks
+    passwords itself) count each wrong password once, and are throttled too."""
+    with running(tmp_path, USERS) as bridge:
+        for _ in range(5):
+            assert request(bridge, method, path, authorization=WRONG, body=b"x" if method == "PUT" else None)[0] == 401
+        assert request(bridge, method, path, authorization=WRONG, body=b"x" if method == "PUT" else None)[0] == 429
+        assert bridge.uploads() == []
+
+
 # -- broken bodies, paths and names --------------------------------------------------------------
 
 @pytest.mark.parametrize("length", ["-5", "99999999999999999999999", "12abc"])
