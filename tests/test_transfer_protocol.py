@@ -48,8 +48,10 @@ def test_a_partly_received_instance_is_planned_for_its_missing_ranges_only() -> 
 
 
 def test_a_bucket_reads_back_exactly_and_refuses_damage() -> None:
-    content = {"a": b"x" * 10, "b": b"yz" * 7}
-    pieces = [Piece("a", "ha", 10, 0, 10), Piece("b", "hb", 14, 4, 6)]
+    a, b = "0" * 8 + "-aaaaaaaa" * 4, "0" * 8 + "-bbbbbbbb" * 4  # the manifest holds ids and SHA-256s of their format
+    content = {a: b"x" * 10, b: b"yz" * 7}
+    pieces = [Piece(a, hashlib.sha256(content[a]).hexdigest(), 10, 0, 10),
+              Piece(b, hashlib.sha256(content[b]).hexdigest(), 14, 4, 6)]
     bucket = encode_bucket(pieces, lambda p: content[p.id][p.offset:p.offset + p.length])
     assert [(p, bytes(d)) for p, d in decode_bucket(bucket)] == [(pieces[0], b"x" * 10), (pieces[1], b"yzyzyz")]
     for broken, reason in [(b"XXXX" + bucket[4:], "bad magic"), (bucket[:-1], "ends inside"),

@@ -15,15 +15,16 @@ whole instance before it commits it. A bucket travels gzip-compressed or not; th
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
-from dicomfs.errors import DicomfsError
+from dicomfs.transfers.pieces import Piece, Wanted
+from dicomfs.transfers.validation import MAX_BUCKET_PIECES, ManifestError, TooLargeError, bucket_manifest, parse_json
 
-__all__ = ["BUCKET_TYPE", "GZIP_LEVEL", "BadBucketError", "Piece", "Wanted", "decode_bucket", "encode_bucket",
-           "merge_ranges", "missing_ranges", "plan_buckets"]
+__all__ = ["BUCKET_TYPE", "GZIP_LEVEL", "BadBucketError", "BucketOverflowError", "Piece", "Wanted", "decode_bucket",
+           "decode_bucket_from", "encode_bucket", "merge_ranges", "missing_ranges", "plan_buckets"]
 
 BUCKET_TYPE = "application/vnd.dicomfs.bucket"
 """The media type of a bucket, in either direction."""
@@ -32,39 +33,19 @@ GZIP_LEVEL = 6
 MAGIC = b"DFSB"
 VERSION = 1
 _HEADER = struct.Struct(">4sBI")
-MAX_MANIFEST = 16 << 20
+MAX_MANIFEST = 4 << 20
+"""A manifest of MAX_BUCKET_PIECES pieces is ~1.3 MB."""
+_READ_STEP = 1 << 20
 
 
-class BadBucketError(DicomfsError):
+class BadBucketError(ManifestError):
     """A bucket that cannot be read: wrong magic or version, a manifest that is not one, a short body."""
 
-    http_status = 400
 
+class BucketOverflowError(BadBucketError):
+    """More bytes than the bucket's manifest declares (a gzip body inflating without end, say)."""
 
-@dataclass(frozen=True)
-class Piece:
-    """Bytes ``offset`` to ``offset + length`` of instance ``id`` (``size`` bytes, SHA-256 ``sha256``)."""
-
-    id: str
-    sha256: str
-    size: int
-    offset: int
-    length: int
-
-    @property
-    def whole(self) -> bool:
-        return self.offset == 0 and self.length == self.size
-
-
-@dataclass(frozen=True)
-class Wanted:
-    """An instance to move, and the byte ranges of it the receiver still lacks (all of it, usually)."""
-
-    id: str
-    sha256: str
-    size: int
-    missing: tuple[tuple[int, int], ...] | None = None
-    """(start, end) ranges still to send; None means the whole instance."""
+    http_status = 413
 
 
 def plan_buckets(wanted: Iterable[Wanted], bucket_size: int) -> list[list[Piece]]:
@@ -73,7 +54,8 @@ def plan_buckets(wanted: Iterable[Wanted], bucket_size: int) -> list[list[Piece]
     Whole instances that fit are packed in order, a bucket closed when the next would not fit; a
     larger instance (or the missing ranges of one) goes in chunks of at most ``bucket_size``, a
     bucket each, so one slow chunk never holds up small instances. An empty instance still gets a
-    piece: the receiver must see it to store it.
+    piece: the receiver must see it to store it. A bucket holds at most MAX_BUCKET_PIECES pieces,
+    the most a receiver takes.
     """
     buckets: list[list[Piece]] = []
     current: list[Piece] = []
@@ -81,7 +63,7 @@ def plan_buckets(wanted: Iterable[Wanted], bucket_size: int) -> list[list[Piece]
     for item in wanted:
         ranges = item.missing if item.missing is not None else ((0, item.size),)
         if item.missing is None and item.size <= bucket_size:
-            if current and filled + item.size > bucket_size:
+            if current and (filled + item.size > bucket_size or len(current) == MAX_BUCKET_PIECES):
                 buckets.append(current)
                 current, filled = [], 0
             current.append(Piece(item.id, item.sha256, item.size, 0, item.size))
@@ -109,34 +91,70 @@ def encode_bucket(pieces: Sequence[Piece], read: Callable[[Piece], bytes]) -> by
 
 
 def decode_bucket(data: bytes | memoryview) -> list[tuple[Piece, memoryview]]:
-    """The pieces of a bucket and their bytes (views into ``data``); BadBucketError when malformed."""
-    view = memoryview(data)
-    if len(view) < _HEADER.size:
-        raise BadBucketError(f"a bucket of {len(view)} bytes is shorter than its header")
-    magic, version, length = _HEADER.unpack_from(view)
+    """The pieces of a bucket held in memory and their bytes; BadBucketError when malformed."""
+    return decode_bucket_from(io.BytesIO(data).read)
+
+
+def decode_bucket_from(read: Callable[[int], bytes]) -> list[tuple[Piece, memoryview]]:
+    """The pieces of a bucket read from a stream (``read(n)`` gives up to ``n`` bytes, ``b""`` at
+    its end) and their bytes (views into one buffer).
+
+    The header and the manifest come first and are checked (``validation.bucket_manifest``)
+    before anything else is read; then exactly the bytes the manifest declares are read, and one
+    more byte is refused (BucketOverflowError). So the memory a bucket takes is what its checked
+    manifest declares, however large the stream (a gzip body inflating without end) would be.
+    """
+    header = _read_exactly(read, _HEADER.size)
+    if len(header) < _HEADER.size:
+        raise BadBucketError(f"a bucket of {len(header)} bytes is shorter than its header")
+    magic, version, length = _HEADER.unpack(header)
     if magic != MAGIC:
         raise BadBucketError("not a dicomfs bucket (bad magic)")
     if version != VERSION:
         raise BadBucketError(f"bucket version {version} is not supported (this dicomfs reads {VERSION})")
-    if length > MAX_MANIFEST or _HEADER.size + length > len(view):
+    if length > MAX_MANIFEST:
+        raise BucketOverflowError(f"the bucket's manifest of {length} bytes is over the limit of {MAX_MANIFEST}")
+    manifest = _read_exactly(read, length)
+    if len(manifest) < length:
         raise BadBucketError("the bucket's manifest is longer than the bucket")
     try:
-        rows = json.loads(bytes(view[_HEADER.size:_HEADER.size + length]))
-        pieces = [Piece(str(i), str(h), int(s), int(o), int(n)) for i, h, s, o, n in rows]
-    except (ValueError, TypeError) as error:
-        raise BadBucketError(f"the bucket's manifest is not a list of pieces: {error}") from None
-    position = _HEADER.size + length
-    found = []
+        pieces = bucket_manifest(parse_json(manifest))
+    except TooLargeError as error:
+        raise BucketOverflowError(str(error)) from None
+    except ManifestError as error:
+        raise BadBucketError(str(error)) from None
+    content = bytearray(sum(p.length for p in pieces))
+    view = memoryview(content)
+    got = _read_into(read, view)
+    found, position = [], 0
     for piece in pieces:
-        if piece.length < 0 or piece.offset < 0 or piece.offset + piece.length > piece.size:
-            raise BadBucketError(f"instance {piece.id}: piece {piece.offset}+{piece.length} lies outside its {piece.size} bytes")
-        if position + piece.length > len(view):
+        if position + piece.length > got:
             raise BadBucketError(f"the bucket ends inside instance {piece.id}")
         found.append((piece, view[position:position + piece.length]))
         position += piece.length
-    if position != len(view):
-        raise BadBucketError(f"{len(view) - position} bytes after the last piece")
+    if read(1):
+        declared = _HEADER.size + length + len(content)
+        raise BucketOverflowError(f"bytes after the last piece: the body is larger than the {declared} bytes "
+                                  "its bucket declares")
     return found
+
+
+def _read_exactly(read: Callable[[int], bytes], size: int) -> bytes:
+    """``size`` bytes of the stream, or fewer at its end."""
+    buffer = bytearray(size)
+    return bytes(buffer[:_read_into(read, memoryview(buffer))])
+
+
+def _read_into(read: Callable[[int], bytes], view: memoryview) -> int:
+    """Fill ``view`` from the stream; how many bytes came (fewer at its end)."""
+    filled = 0
+    while filled < len(view):
+        chunk = read(min(len(view) - filled, _READ_STEP))
+        if not chunk:
+            break
+        view[filled:filled + len(chunk)] = chunk
+        filled += len(chunk)
+    return filled
 
 
 def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
