@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -21,7 +20,9 @@ from dicomfs import __version__
 from dicomfs.config import RIGHTS
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.store import Store
-from dicomfs.transfers.protocol import BUCKET_TYPE, GZIP_LEVEL, VERSION, Piece, Wanted, decode_bucket
+from dicomfs.transfers import validation
+from dicomfs.transfers.inflating import GunzipReader
+from dicomfs.transfers.protocol import BUCKET_TYPE, GZIP_LEVEL, VERSION, decode_bucket_from
 from dicomfs.transfers.receiving import Receiver
 from dicomfs.transfers.sending import Outbox
 
@@ -29,10 +30,16 @@ __all__ = ["PREFIX", "TransferRoutes"]
 
 PREFIX = "/transfers"
 _log = logging.getLogger("dicomfs.transfers")
-_MAX_JSON = 64 << 20
 _MAX_BUCKET = 128 << 20
-"""Twice the largest bucket_size a peer may configure, manifest included."""
+"""The bytes of a bucket's body as sent: more than the largest bucket (64 MiB of pieces and a 4 MiB
+manifest) takes, even gzip-compressed (incompressible data grows by 0.03%)."""
 _READ_STEP = 1 << 20
+_LINGER = 64 << 20
+"""Bytes of a body over its limit still read (and dropped) before the 413, so the client, still
+sending, gets the answer instead of a reset connection (nginx's lingering close, bounded)."""
+_RETRY_AFTER = "60"
+"""Seconds a peer told 429 (too many pull plans held) waits; plans are let go of within a day."""
+_PLAN_NUMBER_DIGITS = 9
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -63,10 +70,10 @@ class TransferRoutes:
             status, headers, body = self._dispatch(method, path[len(PREFIX):].strip("/"), environ, user)
         except _Refusal as refusal:
             status, headers, body = refusal.status, refusal.headers, _error_body(str(refusal))
-        except (ValueError, TypeError, KeyError) as error:  # JSON of the wrong shape
-            status, headers, body = 400, [], _error_body(f"malformed request: {error}")
         except DicomfsError as error:
             status, headers, body = error.http_status, [], _error_body(str(error))
+            if status == 429:
+                headers.append(("Retry-After", _RETRY_AFTER))
             if status >= 500:
                 _log.error("%s %s: %s", method, path, error)
         except Exception:
@@ -106,27 +113,26 @@ class TransferRoutes:
         if method == "GET" and not parts:
             return _json({"protocol": VERSION, "dicomfs": __version__, "writable": self.writable,
                           "rights": list(RIGHTS)})
-        if method == "GET" and len(parts) == 3 and parts[0] == "plans" and parts[2].isdigit():
-            return self._bucket(parts[1], int(parts[2]), environ)
+        if method == "GET" and len(parts) == 3 and parts[0] == "plans" and _is_number(parts[2]):
+            return self._bucket(parts[1], int(parts[2]), environ, user)
         if method != "POST" or len(parts) != 1:
             raise _Refusal(404 if method in ("GET", "POST") else 405, f"no {method} /transfers/{route}")
         if parts[0] == "buckets":
             return self._receive(environ, user)
-        request = _json_body(environ)
+        if parts[0] not in ("lookup", "resolve", "manifest", "plans"):
+            raise _Refusal(404, f"no POST /transfers/{route}")
+        request = validation.parse_json(_read_body(environ, validation.MAX_JSON_BODY))
         if parts[0] == "lookup":
-            wanted = [Wanted(str(i), str(h), int(s)) for i, h, s in _list(request, "instances")]
-            return _json(self.receiver.lookup(wanted).as_json())
+            return _json(self.receiver.lookup(validation.lookup_request(request)).as_json())
         if parts[0] == "resolve":
-            found = self.store.instances_of(self._resource_selector(str(s)) for s in _list(request, "selectors"))
+            selectors = validation.resolve_request(request)
+            found = self.store.instances_of(self._resource_selector(s) for s in selectors)
             return _json({"instances": [[r.id, r.sha256, r.size] for r in found]})
         if parts[0] == "manifest":
-            here, gone = self.outbox.manifest([str(i) for i in _list(request, "ids")])
+            here, gone = self.outbox.manifest(validation.manifest_request(request))
             return _json({"instances": [[w.id, w.sha256, w.size] for w in here], "gone": gone})
-        if parts[0] == "plans":
-            buckets = [[Piece(str(i), str(h), int(s), int(o), int(n)) for i, h, s, o, n in bucket]
-                       for bucket in _list(request, "buckets")]
-            return _json({"plan": self.outbox.register(buckets), "buckets": len(buckets)})
-        raise _Refusal(404, f"no POST /transfers/{route}")
+        buckets = validation.plan_request(request)
+        return _json({"plan": self.outbox.register(buckets, owner=user), "buckets": len(buckets)})
 
     def _resource_selector(self, selector: str) -> str:
         """A selector for ``Store.resolve``: a path of the tree (``by-patients/P1 - DOE^J``) becomes
@@ -142,20 +148,26 @@ class TransferRoutes:
     def _receive(self, environ: dict[str, Any], user: str) -> tuple[int, list[tuple[str, str]], bytes]:
         if not self.writable:
             raise _Refusal(403, "this dicomfs is read-only: it cannot receive")
-        body = _read_body(environ, _MAX_BUCKET)
         encoding = environ.get("HTTP_CONTENT_ENCODING", "identity").strip().lower()
-        if encoding == "gzip":
-            body = _gunzip(body, _MAX_BUCKET)
-        elif encoding not in ("", "identity"):
+        if encoding not in ("", "identity", "gzip"):
             raise _Refusal(415, f"Content-Encoding {encoding!r} is not understood (gzip or identity)")
+        body = _Body(environ, _MAX_BUCKET)
+        try:
+            # Read as it is decoded: a gzip body inflates only as far as its manifest declares.
+            pieces = decode_bucket_from(GunzipReader(body.read).read if encoding == "gzip" else body.read)
+        except DicomfsError as error:
+            if error.http_status != 413:  # cheroot closes the connection after a 413, unread
+                body.drain()
+            raise
         remote = f"{user or 'anonymous'}@{environ.get('REMOTE_ADDR', '?')}"
-        received = self.receiver.receive(decode_bucket(body), remote=remote)
+        received = self.receiver.receive(pieces, remote=remote)
         _log.info("received from %s: %d instances stored, %d failed, %d damaged, %d in part (%d bytes)", remote,
-                  len(received.stored), len(received.failed), len(received.damaged), len(received.partial), len(body))
+                  len(received.stored), len(received.failed), len(received.damaged), len(received.partial), body.count)
         return _json(received.as_json())
 
-    def _bucket(self, plan: str, number: int, environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
-        bucket = self.outbox.bucket(plan, number)
+    def _bucket(self, plan: str, number: int, environ: dict[str, Any],
+                user: str) -> tuple[int, list[tuple[str, str]], bytes]:
+        bucket = self.outbox.bucket(plan, number, owner=user)
         headers = [("Content-Type", BUCKET_TYPE), ("Vary", "Accept-Encoding")]
         if _accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING", "")):
             bucket = gzip.compress(bucket, GZIP_LEVEL, mtime=0)
@@ -171,57 +183,61 @@ def _error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
+class _Body:
+    """The request body, read in steps: 413 beyond ``limit`` bytes, 400 when it ends before its Content-Length."""
+
+    def __init__(self, environ: dict[str, Any], limit: int) -> None:
+        try:
+            self.length = int(environ.get("CONTENT_LENGTH") or -1)
+        except ValueError:
+            raise _Refusal(400, "Content-Length is not a number") from None
+        self.stream, self.limit, self.count = environ["wsgi.input"], limit, 0
+        if self.length > limit:
+            if self.length <= limit + _LINGER:
+                self._drop(self.length)
+            raise _Refusal(413, f"a body of {self.length} bytes is over the limit of {limit}")
+
+    def read(self, size: int) -> bytes:
+        if self.length >= 0:
+            size = min(size, self.length - self.count)
+            if size <= 0:
+                return b""
+        data = bytes(self.stream.read(min(size, self.limit + 1 - self.count)))
+        self.count += len(data)
+        if self.count > self.limit:  # chunked: cheroot ends the stream at the last chunk
+            self._drop(_LINGER)
+            raise _Refusal(413, f"a body over the limit of {self.limit} bytes")
+        if not data and 0 <= self.count < self.length:
+            raise _Refusal(400, f"the body ended {self.length - self.count} bytes short of its Content-Length")
+        return data
+
+    def drain(self) -> None:
+        """Read what is left of a body answered early, in steps (cheroot would read it whole
+        into memory to keep the connection)."""
+        try:
+            while self.read(_READ_STEP):
+                pass
+        except (_Refusal, OSError):
+            pass
+
+    def _drop(self, most: int) -> None:
+        """Read and forget up to ``most`` bytes of the body, in steps."""
+        try:
+            while most > 0 and (chunk := self.stream.read(min(most, _READ_STEP))):
+                most -= len(chunk)
+        except OSError:  # the client went away: nobody to answer
+            pass
+
+
 def _read_body(environ: dict[str, Any], limit: int) -> bytes:
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or -1)
-    except ValueError:
-        raise _Refusal(400, "Content-Length is not a number") from None
-    if length > limit:
-        raise _Refusal(413, f"a body of {length} bytes is over the limit of {limit}")
-    stream = environ["wsgi.input"]
-    if length >= 0:
-        chunks, left = [], length
-        while left:
-            chunk = stream.read(min(left, _READ_STEP))
-            if not chunk:
-                raise _Refusal(400, f"the body ended {left} bytes short of its Content-Length")
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    data = stream.read(limit + 1)  # chunked: cheroot ends the stream at the last chunk
-    if len(data) > limit:
-        raise _Refusal(413, f"a body over the limit of {limit} bytes")
-    return bytes(data)
+    body, chunks = _Body(environ, limit), []
+    while chunk := body.read(_READ_STEP):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-def _json_body(environ: dict[str, Any]) -> dict[str, Any]:
-    try:
-        value = json.loads(_read_body(environ, _MAX_JSON))
-    except ValueError:
-        raise _Refusal(400, "the body is not JSON") from None
-    if not isinstance(value, dict):
-        raise _Refusal(400, "the body must be a JSON object")
-    return value
-
-
-def _list(request: dict[str, Any], key: str) -> list[Any]:
-    value = request.get(key)
-    if not isinstance(value, list):
-        raise _Refusal(400, f"the body needs a list {key!r}")
-    return value
-
-
-def _gunzip(body: bytes, limit: int) -> bytes:
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        data = inflater.decompress(body, limit + 1)
-    except zlib.error as error:
-        raise _Refusal(400, f"the gzip body is damaged: {error}") from None
-    if len(data) > limit or inflater.unconsumed_tail:
-        raise _Refusal(413, f"the body inflates beyond the limit of {limit} bytes")
-    if not inflater.eof:
-        raise _Refusal(400, "the gzip body is cut short")
-    return data
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= _PLAN_NUMBER_DIGITS
 
 
 def _accepts_gzip(header: str) -> bool:

@@ -3,7 +3,9 @@
 Each thread keeps its own connection to the peer (the jobs send buckets from several threads);
 a connection the peer closed while idle is reopened once, transparently. Failures come as two
 errors the job engine understands: :class:`PeerUnreachableError` (transient: try again later)
-and :class:`PeerRefusedError` (a person must act: wrong password, missing right, not a dicomfs).
+and :class:`PeerRefusedError` (a person must act: wrong password, missing right, not a dicomfs,
+or a peer whose answer is malformed). Every answer is checked (``validation``) before any of it
+is used: a hostile peer cannot name a file here, nor make a job plan or inflate without bound.
 The Authorization header never reaches a message.
 """
 
@@ -11,9 +13,10 @@ from __future__ import annotations
 
 import gzip
 import http.client
+import io
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 from dicomfs import __version__
@@ -21,12 +24,18 @@ from dicomfs.config import Peer
 from dicomfs.errors import DicomfsError
 from dicomfs.jobs.links import STALE_ERRORS, ThreadConnections, describe_failure, read_whole, tls_context
 from dicomfs.jobs.runner import TransientJobError
-from dicomfs.transfers.protocol import BUCKET_TYPE, GZIP_LEVEL, Piece, Wanted
+from dicomfs.transfers import validation
+from dicomfs.transfers.inflating import GunzipReader
+from dicomfs.transfers.protocol import BUCKET_TYPE, GZIP_LEVEL, Piece, Wanted, decode_bucket_from
 
 __all__ = ["PeerClient", "PeerRefusedError", "PeerUnreachableError", "Sent"]
 
 _TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_ANSWER = 256 << 20
+"""A resolve answer lists a whole selection: ~2 million instances."""
+_MAX_BUCKET_ANSWER = 128 << 20
+"""A bucket as fetched: as much as a bridge takes in a push."""
+_T = TypeVar("_T")
 
 
 class PeerUnreachableError(TransientJobError):
@@ -64,48 +73,58 @@ class PeerClient:
 
     # -- the protocol ---------------------------------------------------------------------------
 
-    def lookup(self, wanted: Sequence[Wanted]) -> dict[str, Any]:
-        """Which of ``wanted`` the peer has, whole or in part (push)."""
-        return self._json("POST", "/lookup", {"instances": [[w.id, w.sha256, w.size] for w in wanted]})
+    def lookup(self, wanted: Sequence[Wanted]) -> tuple[set[str], dict[str, list[tuple[int, int]]]]:
+        """Which of ``wanted`` the peer has whole, and the ranges it holds of others (push)."""
+        answer = self._json("POST", "/lookup", {"instances": [[w.id, w.sha256, w.size] for w in wanted]})
+        return self._checked("/lookup", validation.lookup_answer, answer, wanted)
 
-    def send_bucket(self, bucket: bytes, *, compress: bool) -> tuple[dict[str, Any], Sent]:
-        """Push one bucket; the peer's answer (stored, failed, damaged, partial) and its bytes (the
-        bucket's, manifest included, and the body's)."""
+    def send_bucket(self, bucket: bytes, pieces: Sequence[Piece], *,
+                    compress: bool) -> tuple[dict[str, Any], Sent]:
+        """Push one bucket of ``pieces``; the peer's answer (stored, failed, damaged, later, partial:
+        only ids of the bucket) and its bytes (the bucket's, manifest included, and the body's)."""
         body = gzip.compress(bucket, GZIP_LEVEL, mtime=0) if compress else bucket
         headers = {"Content-Type": BUCKET_TYPE}
         if compress:
             headers["Content-Encoding"] = "gzip"
         status, answer_headers, answer = self._request("POST", "/buckets", body, headers)
-        return self._decoded_json(status, answer_headers, answer, "/buckets"), Sent(len(bucket), len(body))
+        received = self._checked("/buckets", validation.received_answer,
+                                 self._decoded_json(status, answer_headers, answer, "/buckets"), {p.id for p in pieces})
+        return received, Sent(len(bucket), len(body))
 
     def resolve(self, selectors: Sequence[str]) -> list[Wanted]:
         """The instances ``selectors`` name on the peer (pull)."""
         answer = self._json("POST", "/resolve", {"selectors": list(selectors)})
-        return [Wanted(i, h, int(s)) for i, h, s in answer["instances"]]
+        return self._checked("/resolve", validation.resolve_answer, answer)
 
     def manifest(self, ids: Sequence[str]) -> tuple[list[Wanted], list[str]]:
         """(the SHA-256 and size of those of ``ids`` the peer still has; the ids it no longer has)."""
         answer = self._json("POST", "/manifest", {"ids": list(ids)})
-        return [Wanted(i, h, int(s)) for i, h, s in answer["instances"]], list(answer["gone"])
+        return self._checked("/manifest", validation.manifest_answer, answer, ids)
 
     def register_plan(self, buckets: Sequence[Sequence[Piece]]) -> str:
         plan = [[[p.id, p.sha256, p.size, p.offset, p.length] for p in bucket] for bucket in buckets]
-        return str(self._json("POST", "/plans", {"buckets": plan})["plan"])
+        return self._checked("/plans", validation.plan_name, self._json("POST", "/plans", {"buckets": plan}))
 
-    def fetch_bucket(self, plan: str, number: int, *, compress: bool) -> tuple[bytes, Sent]:
-        """Bucket ``number`` of a registered plan (pull); its bytes and what it cost on the wire."""
+    def fetch_bucket(self, plan: str, number: int, planned: Sequence[Piece], *,
+                     compress: bool) -> tuple[list[tuple[Piece, memoryview]], Sent]:
+        """Bucket ``number`` of a registered plan (pull), which must hold exactly the ``planned``
+        pieces: its pieces and what it cost on the wire. A gzip body is inflated only as far as
+        the bucket's manifest declares."""
         headers = {"Accept": BUCKET_TYPE, "Accept-Encoding": "gzip" if compress else "identity"}
         path = f"/plans/{quote(plan)}/{number}"
-        status, answer_headers, body = self._request("GET", path, None, headers)
+        status, answer_headers, body = self._request("GET", path, None, headers, limit=_MAX_BUCKET_ANSWER)
+        if status == 404 and body.startswith(b'{"error"'):  # the peer forgot the plan (swept, or replaced)
+            raise PeerUnreachableError(f"peer {self.peer.name}: {_error_text(body)}; planning again")
         if status != 200:
             raise self._status_error(status, body, path)
+        read = io.BytesIO(body).read
         if answer_headers.get("content-encoding", "").lower() == "gzip":
-            try:
-                data = gzip.decompress(body)
-                return data, Sent(len(data), len(body))
-            except (OSError, EOFError) as error:
-                raise PeerUnreachableError(f"peer {self.peer.name}: bucket {number} arrived damaged ({error})") from None
-        return body, Sent(len(body), len(body))
+            read = GunzipReader(read).read
+        pieces = self._checked(path, decode_bucket_from, read)
+        if [piece for piece, _ in pieces] != list(planned):
+            raise PeerRefusedError(f"peer {self.peer.name}: bucket {number} of plan {plan} holds other pieces "
+                                   "than the plan registered")
+        return pieces, Sent(sum(p.length for p in planned), len(body))
 
     # -- HTTP -----------------------------------------------------------------------------------
 
@@ -118,13 +137,21 @@ class PeerClient:
         if status != 200:
             raise self._status_error(status, body, path)
         try:
-            answer = json.loads(body)
-        except ValueError:
-            raise PeerRefusedError(f"peer {self.peer.name}: {self._url(path)} did not answer JSON: "
+            answer = validation.parse_json(body)
+        except validation.ManifestError as error:
+            raise PeerRefusedError(f"peer {self.peer.name}: {self._url(path)} did not answer JSON ({error}): "
                                    "is it a dicomfs bridge?") from None
         if not isinstance(answer, dict):
             raise PeerRefusedError(f"peer {self.peer.name}: {self._url(path)} answered {type(answer).__name__}, not an object")
         return answer
+
+    def _checked(self, path: str, check: Callable[..., _T], *args: Any) -> _T:
+        """``check(*args)``: an answer of the peer checked; PeerRefusedError saying why when it is malformed."""
+        try:
+            return check(*args)
+        except validation.ManifestError as error:
+            raise PeerRefusedError(f"peer {self.peer.name}: {self._url(path)} answered something malformed: "
+                                   f"{error}") from None
 
     def _status_error(self, status: int, body: bytes, path: str) -> DicomfsError:
         text = _error_text(body)
@@ -152,8 +179,8 @@ class PeerClient:
             return http.client.HTTPSConnection(self._host, self._port, timeout=self.peer.timeout, context=self._context)
         return http.client.HTTPConnection(self._host, self._port, timeout=self.peer.timeout)
 
-    def _request(self, method: str, path: str, body: bytes | None,
-                 headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    def _request(self, method: str, path: str, body: bytes | None, headers: dict[str, str], *,
+                 limit: int = _MAX_ANSWER) -> tuple[int, dict[str, str], bytes]:
         headers = {**headers, "User-Agent": f"dicomfs/{__version__}"}
         if self._authorization:
             headers["Authorization"] = self._authorization
@@ -162,7 +189,7 @@ class PeerClient:
             try:
                 connection.request(method, self._base + path, body=body, headers=headers)
                 response = connection.getresponse()
-                answer = read_whole(response, _MAX_ANSWER)
+                answer = read_whole(response, limit)
                 if response.will_close:
                     self._connections.discard(connection)
                 return response.status, {k.lower(): v for k, v in response.getheaders()}, answer
@@ -189,9 +216,9 @@ class PeerClient:
 def _error_text(body: bytes) -> str:
     """The peer's ``{"error": ...}`` message, or the start of whatever else it answered."""
     try:
-        answer = json.loads(body)
+        answer = validation.parse_json(body)
         if isinstance(answer, dict) and isinstance(answer.get("error"), str):
-            return str(answer["error"])
-    except ValueError:
+            return str(answer["error"])[:validation.MAX_REASON]
+    except validation.ManifestError:
         pass
     return body[:300].decode("utf-8", "replace").strip().replace("\n", " ")

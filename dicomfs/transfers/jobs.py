@@ -27,9 +27,10 @@ from dicomfs.jobs.runner import JobWork, TransientJobError
 from dicomfs.jobs.schedule import target_waiting
 from dicomfs.store import Instance, Store
 from dicomfs.transfers.client import PeerClient, Sent
-from dicomfs.transfers.protocol import Piece, Wanted, decode_bucket, missing_ranges, plan_buckets
+from dicomfs.transfers.protocol import Piece, Wanted, missing_ranges, plan_buckets
 from dicomfs.transfers.receiving import Receiver
 from dicomfs.transfers.sending import StaleSelectionError, read_bucket
+from dicomfs.transfers.validation import MAX_PLAN_PIECES
 
 __all__ = ["PullExecutor", "PushExecutor"]
 
@@ -82,8 +83,8 @@ class PushExecutor(_PeerExecutor):
                 present.append(Wanted(record.id, record.sha256, record.size))
             else:
                 gone.append((item, "deleted from the store after the transfer was queued"))
-        answer = client.lookup(present) if present else {"have": [], "partial": {}}
-        buckets = _skip_held(present, gone, set(answer["have"]), answer["partial"], client.peer.bucket_size, work)
+        have, partial = client.lookup(present) if present else (set(), {})
+        buckets = _skip_held(present, gone, have, partial, client.peer.bucket_size, work)
         return [functools.partial(self._push, client, pieces) for pieces in buckets]
 
     def _push(self, client: PeerClient, pieces: list[Piece]) -> Outcome:
@@ -91,7 +92,7 @@ class PushExecutor(_PeerExecutor):
             bucket = read_bucket(self.store, pieces)
         except StaleSelectionError:  # deleted or replaced here meanwhile: the next step sees which
             return {"stored": [], "failed": {}, "damaged": [], "partial": {}}, Sent(0, 0)
-        answer, sent = client.send_bucket(bucket, compress=client.peer.gzip)
+        answer, sent = client.send_bucket(bucket, pieces, compress=client.peer.gzip)
         return answer, Sent(sum(p.length for p in pieces), sent.wire)
 
 
@@ -105,22 +106,21 @@ class PullExecutor(_PeerExecutor):
     def _prepare(self, client: PeerClient, batch: list[str], work: JobWork) -> list[Task]:
         here, gone = client.manifest(batch)
         held = self.receiver.lookup(here)
-        buckets = _skip_held(here, [(item, f"no longer on peer {client.peer.name}") for item in gone],
-                             set(held.have), held.partial, client.peer.bucket_size, work)
+        buckets = _within_a_plan(_skip_held(here, [(item, f"no longer on peer {client.peer.name}") for item in gone],
+                                            set(held.have), held.partial, client.peer.bucket_size, work))
         if not buckets:
             return []
         plan = client.register_plan(buckets)
-        return [functools.partial(self._fetch, client, plan, number) for number in range(len(buckets))]
+        return [functools.partial(self._fetch, client, plan, number, pieces) for number, pieces in enumerate(buckets)]
 
-    def _fetch(self, client: PeerClient, plan: str, number: int) -> Outcome:
-        data, sent = client.fetch_bucket(plan, number, compress=client.peer.gzip)
-        pieces = decode_bucket(data)
+    def _fetch(self, client: PeerClient, plan: str, number: int, planned: list[Piece]) -> Outcome:
+        pieces, sent = client.fetch_bucket(plan, number, planned, compress=client.peer.gzip)
         received = self.receiver.receive(pieces, remote=f"peer {client.peer.name}")
-        return received.as_json(), Sent(sum(len(content) for _, content in pieces), sent.wire)
+        return received.as_json(), sent
 
 
 def _skip_held(present: Sequence[Wanted], gone: list[tuple[str, str]], have: set[str],
-               partial: Mapping[str, Sequence[Sequence[int]]], bucket_size: int, work: JobWork) -> list[list[Piece]]:
+               partial: Mapping[str, Sequence[tuple[int, int]]], bucket_size: int, work: JobWork) -> list[list[Piece]]:
     """Record as done what the receiving side has, as failed what is gone; the buckets of the rest
     (for an instance partly received, its missing ranges only)."""
     held = [w for w in present if w.id in have]
@@ -131,9 +131,20 @@ def _skip_held(present: Sequence[Wanted], gone: list[tuple[str, str]], have: set
         if w.id in have:
             continue
         ranges = partial.get(w.id)
-        missing = tuple(missing_ranges([(int(a), int(b)) for a, b in ranges], w.size)) if ranges else None
+        missing = tuple(missing_ranges(ranges, w.size)) if ranges else None
         todo.append(Wanted(w.id, w.sha256, w.size, missing))
     return plan_buckets(todo, bucket_size)
+
+
+def _within_a_plan(buckets: list[list[Piece]]) -> list[list[Piece]]:
+    """The first buckets of a step, up to the pieces a peer keeps in one plan; the instances of
+    the others stay pending for the next step (their chunks received meanwhile are not sent again)."""
+    taken, count = 0, 0
+    for bucket in buckets:
+        if count + len(bucket) > MAX_PLAN_PIECES:
+            break
+        taken, count = taken + 1, count + len(bucket)
+    return buckets[:taken]
 
 
 def _move(pool: ThreadPoolExecutor, workers: int, tasks: Sequence[Task], work: JobWork) -> str:

@@ -29,6 +29,7 @@ from dicomfs.store import Instance, Store
 from dicomfs.store.candidates import ALREADY_STORED, REPLACED, STORED
 from dicomfs.store.sources import Source
 from dicomfs.transfers.protocol import Piece, Wanted, merge_ranges, missing_ranges
+from dicomfs.transfers.validation import ManifestError, is_instance_id, is_sha256
 
 __all__ = ["Lookup", "Received", "Receiver"]
 
@@ -175,6 +176,10 @@ class Receiver:
     # -- chunks of large instances ----------------------------------------------------------------
 
     def _part(self, item: str, sha256: str) -> Path:
+        """The chunk file of an instance. Its name is made of a peer's strings: they are checked
+        here, where they become a path, whatever checked them before (``validation``)."""
+        if not (is_instance_id(item) and is_sha256(sha256)):
+            raise ManifestError(f"no chunk file for instance {item[:48]!r}: not a dicomfs id and a SHA-256")
         return self.partial / f"{item}.{sha256[:32]}.part"
 
     def _held(self, item: str, sha256: str, size: int) -> list[tuple[int, int]]:
