@@ -13,6 +13,7 @@ Tables (LMDB named databases) and their keys::
                                                   size, stored_size, attachment_bytes, change, seq)
     pending    owner(16) + blob name           -> b""     blobs an operation may leave behind
     changes    change number(8 BE)             -> msgpack [[op, level, id], ...]
+    numbers    (see numbering)                          numbers the views keep for names
 
 The link of an instance to its series holds a copy of the instance's record, written in the same
 transaction as the record (``link(..., listed=)``, again after a replacing put), so that the records of a series come
@@ -40,6 +41,7 @@ import lmdb
 import msgpack
 
 from dicomfs.errors import StoreError, StoreFullError
+from dicomfs.store import numbering
 from dicomfs.store.ids import ROOT_KEY, Level, ResourceId, id_from_key, key_from_id
 from dicomfs.store.libc import MADV_DONTNEED, madvise
 from dicomfs.store.records import Instance, Record, decode_record, encode_record
@@ -109,6 +111,15 @@ class Index:
         # Opened without an explicit transaction: py-lmdb then commits the one it makes, which keeps
         # the handles valid in a read-only environment too (an aborted read txn would void them).
         self.db = {name: self.env.open_db(name.encode(), create=not readonly) for name in _TABLES}
+        self.numbers_db = self._open_numbers()
+
+    def _open_numbers(self) -> lmdb._Database | None:
+        """The ``numbers`` table (see ``numbering``); None in an index written before it existed
+        and opened read-only, which then has no numbers to read."""
+        try:
+            return self.env.open_db(b"numbers", create=not self.readonly)
+        except lmdb.NotFoundError:
+            return None
 
     def close(self) -> None:
         self.env.close()
@@ -189,6 +200,7 @@ class Index:
 
     def delete_record(self, txn: Txn, record: Record) -> None:
         txn.delete(key_from_id(record.id), db=self.db["resources"])
+        numbering.forget(self, txn, record.id)
 
     def link(self, txn: Txn, parent: str | None, child: str, listed: Instance | None = None) -> None:
         """Link ``child`` under ``parent``; an instance's link with its record, ``listed``."""
@@ -429,6 +441,7 @@ class CachedIndex(Index):
 
     def __init__(self, index: Index) -> None:  # shares index's handles: no second environment
         self.env, self.db, self.readonly, self.folder = index.env, index.db, index.readonly, index.folder
+        self.numbers_db = index.numbers_db
         self._records: dict[str, Record | None] = {}
         self._dirty: set[str] = set()
         self._counters: dict[str, int] = {}
@@ -445,6 +458,7 @@ class CachedIndex(Index):
     def delete_record(self, txn: Txn, record: Record) -> None:
         self._records[record.id] = None
         self._dirty.add(record.id)
+        numbering.forget(self, txn, record.id)  # not cached: straight into the transaction
 
     def counter(self, txn: Txn, name: str) -> int:
         if name not in self._counters:

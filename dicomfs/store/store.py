@@ -26,7 +26,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
 from dicomfs.errors import (
     AmbiguousError,
@@ -34,8 +34,10 @@ from dicomfs.errors import (
     ReadOnlyError,
     RejectedFileError,
     StoreError,
+    StoreFullError,
     StoreNotFoundError,
 )
+from dicomfs.store import numbering
 from dicomfs.store.blobs import BlobReader, BlobStore, sync_filesystem
 from dicomfs.store.ids import Level, ResourceId, looks_like_id, patient_resource_id
 from dicomfs.store.index import COUNTER_NAMES, AttachmentEntry, Index, Txn
@@ -326,6 +328,35 @@ class Store:
         if current > number and (not commits or commits[0][0] != number + 1):
             return None
         return current, [change for _, changes in commits for change in changes]
+
+    # -- numbers kept for the views' names (see numbering) ---------------------------------------
+
+    def name_numbers(self, context: str) -> dict[ResourceId, int]:
+        """The numbers kept in ``context``, by resource id."""
+        with self.index.read() as txn:
+            return numbering.numbers(self.index, txn, context)
+
+    def keep_name_numbers(self, context: str, decide: Callable[[Mapping[ResourceId, int]], Mapping[ResourceId, int]]
+                          ) -> dict[ResourceId, int]:
+        """Keep the numbers ``decide`` returns, given those kept in ``context``; returns them all.
+
+        ``decide`` runs in the write transaction: two processes deciding at once take turns, and
+        the second sees what the first kept. A number for a resource that no longer exists is not
+        kept (nothing would delete it). A store that cannot write (opened read-only, or its disk
+        full) keeps nothing and returns what ``decide`` says for this once."""
+        if not self.readonly:
+            try:
+                with self.index.write() as txn:
+                    kept = numbering.numbers(self.index, txn, context)
+                    for resource_id, number in decide(kept).items():
+                        if kept.get(resource_id) != number and self.index.get(txn, resource_id) is not None:
+                            numbering.keep(self.index, txn, context, resource_id, number)
+                            kept[resource_id] = number
+                return kept
+            except StoreFullError:
+                pass
+        kept = self.name_numbers(context)
+        return {**kept, **decide(kept)}
 
     def open_instance(self, resource_id: str) -> BlobReader:
         """A reader of an instance's original bytes."""

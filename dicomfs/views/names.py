@@ -16,17 +16,36 @@ name can change after a restart. Here:
 - a component is cut to 255 bytes of UTF-8 at a character boundary, keeping its suffix and
   extension;
 - siblings that would share a name (compared as Windows and macOS do, ignoring case) are told apart
-  by ``(2)``, ``(3)``… given in the order the resources were first stored, then by UID, so a
-  name never changes when other data arrives or the mount restarts.
+  by ``(2)``, ``(3)``…, and a name once shown never changes while its resource exists: not when
+  siblings arrive, not when they go, not across restarts.
+
+That last rule needs memory. Names computed from the siblings present alone cannot keep it: with
+A and B both "X", one of them is "X (2)"; once A is deleted, B alone would be "X" again, and
+``rm -r`` of the folder, which lists it and then removes each name, found "X (2)" gone (ENOENT) and
+"X" a folder it had not listed. A suffix from the UID for every holder but the first has the same
+flaw (the second becomes the first). So the number is given once, when a listing first sees the
+collision, and kept in the index (``Store.keep_name_numbers``): ``1`` for the sibling that keeps
+the plain name, ``n`` for `` (n)``. The store deletes a resource's numbers with it, so a
+resource stored again is a newcomer. Numbers are decided in an LMDB write transaction that reads
+the kept ones first, so a mount and a bridge over one store agree whoever lists first; a
+read-only store computes them the same way without keeping them.
+
+Ordinary names do not change: a sibling whose name collides with nothing keeps no number and is
+named as before, and a folder that collides nowhere costs one empty range read and no write (no
+read per entry). When a collision is first seen, numbers go to the siblings in the order they
+were first stored (then by UID), each taking its plain name if free, else the first free
+`` (n)``: the order names were given before numbers were kept, so an archive's names stay as
+they were shown.
 """
 
 from __future__ import annotations
 
+import collections
 import re
 import unicodedata
-from typing import Sequence, TypeVar
+from typing import Mapping, Sequence, TypeVar
 
-__all__ = ["MAX_NAME_BYTES", "disambiguate", "fit_name", "join_fields", "safe_text"]
+__all__ = ["MAX_NAME_BYTES", "disambiguate", "fit_name", "join_fields", "number_siblings", "safe_text"]
 
 MAX_NAME_BYTES = 255
 """The longest file name ext4, NTFS, APFS and SMB accept (bytes on Linux, UTF-16 units elsewhere:
@@ -88,27 +107,62 @@ def fit_name(stem: str, *, suffix: str = "", extension: str = "") -> str:
     return name
 
 
-def disambiguate(items: Sequence[tuple[str, str]], order: Sequence[K]) -> list[str]:
-    """Unique names for siblings, from their (stem, extension) and sort keys.
+def number_siblings(items: Sequence[tuple[str, str]], order: Sequence[K], kept: Mapping[int, int]
+                    ) -> tuple[list[str], dict[int, int]]:
+    """Unique names for siblings, and the numbers to keep for them (see the module docstring).
 
-    Siblings take names in ``order`` (first stored, then UID): each keeps its own name when no
-    earlier sibling has it, else gets the first free `` (2)``, `` (3)``…. A name therefore depends
-    only on siblings stored before it: data arriving later never renames anything, and neither
-    does a restart. (Deleting a sibling can free a name for a later one.) Names are compared
-    ignoring case and Unicode form, as Windows and macOS clients compare them.
+    Parameters
+    ----------
+    items : sequence of (stem, extension)
+        What each sibling would be called alone.
+    order : sequence of sort keys
+        The order siblings take names in: first stored first, then by UID.
+    kept : mapping of position to number
+        The numbers kept for siblings (1: the plain name, n: `` (n)``).
+
+    Returns
+    -------
+    names : list of str
+        One per sibling, unique ignoring case and Unicode form.
+    numbers : dict of position to number
+        Numbers to keep: for each sibling that collides and keeps none yet (or whose kept name
+        another kept one holds, which only a damaged index could cause).
     """
-    names = [""] * len(items)
+    bases = [fit_name(stem, extension=extension) for stem, extension in items]
+    folded = [_folded(base) for base in bases]
+    if not kept and len(set(folded)) == len(folded):
+        return bases, {}  # the usual folder: nothing collides, nothing is kept
+    sharing = collections.Counter(folded)
+    names: list[str | None] = [None] * len(items)
     taken: set[str] = set()
+    for position, number in sorted(kept.items(), key=lambda kept_at: order[kept_at[0]]):  # type: ignore[arg-type,return-value]
+        name = _numbered(items[position], number, bases[position])
+        if _folded(name) not in taken:  # shown under this name: nothing else may take it
+            taken.add(_folded(name))
+            names[position] = name
+    numbers: dict[int, int] = {}
     for position in sorted(range(len(items)), key=lambda p: order[p]):  # type: ignore[arg-type,return-value]
-        stem, extension = items[position]
-        name = fit_name(stem, extension=extension)
-        number = 1
+        if names[position] is not None:
+            continue
+        name, number = bases[position], 1
         while _folded(name) in taken:
             number += 1
-            name = fit_name(stem, suffix=f" ({number})", extension=extension)
+            name = _numbered(items[position], number, bases[position])
         taken.add(_folded(name))
         names[position] = name
-    return names
+        if number > 1 or sharing[folded[position]] > 1 or position in kept:
+            numbers[position] = number
+    return [name for name in names if name is not None], numbers
+
+
+def disambiguate(items: Sequence[tuple[str, str]], order: Sequence[K]) -> list[str]:
+    """The names ``number_siblings`` gives siblings of which none keeps a number yet."""
+    return number_siblings(items, order, {})[0]
+
+
+def _numbered(item: tuple[str, str], number: int, base: str) -> str:
+    stem, extension = item
+    return base if number == 1 else fit_name(stem, suffix=f" ({number})", extension=extension)
 
 
 def _folded(name: str) -> str:

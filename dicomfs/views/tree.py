@@ -22,7 +22,7 @@ import json
 import re
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from dicomfs.errors import NotFoundError
 from dicomfs.jobs.model import Job
@@ -31,7 +31,7 @@ from dicomfs.store import Instance, Level, Patient, Record, ResourceId, Series, 
 from dicomfs.views.documents import series_document, study_document
 from dicomfs.views.entries import Entry, EntryKind, Listing, Node
 from dicomfs.views.freshness import listing_sources, touched
-from dicomfs.views.names import MAX_NAME_BYTES, disambiguate, join_fields, safe_text
+from dicomfs.views.names import MAX_NAME_BYTES, join_fields, number_siblings, safe_text
 
 __all__ = ["JOBS", "UPLOADS", "VIEWS", "NotAFolderError", "Path", "Tree"]
 
@@ -48,6 +48,8 @@ _CACHED_FOLDERS = 4096
 _CHANGES_READ = 256
 """Commits a refresh reads the change log of to keep what they left exact; after more (a bulk
 ingest, a long idle bridge) dropping every listing is cheaper than reading the log."""
+_BY_UIDS = "by-uids"
+"""The numbering context of by-uids/ (and, with an id, of the folders in it)."""
 _PLAIN_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 """A UID that is its own by-uids folder name: digits and dots, no dot at the end, so no case,
 Unicode form, unsafe character or trimming changes it (see ``names``)."""
@@ -180,7 +182,8 @@ class Tree:
                 if not studies:
                     raise NotFoundError(f"no {'/'.join(path)} in the tree")
                 study = studies[0]
-                return Entry(path[1], EntryKind.FOLDER, 0, study.last_update, ("study", "by-uids", study.id), study.id)
+                if self.store.name_numbers(_BY_UIDS).get(study.id, 1) == 1:  # else it is "<uid> (n)" since a collision
+                    return Entry(path[1], EntryKind.FOLDER, 0, study.last_update, ("study", "by-uids", study.id), study.id)
         found = (parent or self.listing(path[:-1])).find(path[-1])
         if found is None:
             raise NotFoundError(f"no {'/'.join(path)} in the tree")
@@ -306,16 +309,17 @@ class Tree:
 
     def _patients(self, view: str) -> Listing:
         patients = [r for r in self._records(self.store.child_ids(None)) if isinstance(r, Patient)]
-        names = disambiguate([(_patient_name(p), "") for p in patients], [(p.created, p.patient_id) for p in patients])
+        names = self._names(view, patients, [(_patient_name(p), "") for p in patients], [(p.created, p.patient_id) for p in patients])
         return self._folders(view, "patient", patients, names)
 
     def _studies_of(self, view: str, patient_id: str) -> Listing:
         studies = [r for r in self._children(patient_id) if isinstance(r, Study)]
-        names = disambiguate([(_dated_study_name(s), "") for s in studies], [(s.created, s.study_uid) for s in studies])
+        names = self._names(f"{view}/{patient_id}", studies, [(_dated_study_name(s), "") for s in studies],
+                            [(s.created, s.study_uid) for s in studies])
         return self._folders(view, "study", studies, names)
 
     def _all_studies(self, view: str) -> Listing:
-        return self._study_folders(view, self._with_patients([study_id for _, study_id in self.store.studies_by_date()]))
+        return self._study_folders(view, view, self._with_patients([study_id for _, study_id in self.store.studies_by_date()]))
 
     def _with_patients(self, study_ids: list[ResourceId]) -> list[tuple[Patient, Study]]:
         """(patient, study) of each of these studies whose patient exists. Callers find every study
@@ -325,13 +329,13 @@ class Tree:
         patients = {p.id: p for p in self._records(list(dict.fromkeys(s.parent for s in studies))) if isinstance(p, Patient)}
         return [(patients[s.parent], s) for s in studies if s.parent in patients]
 
-    def _study_folders(self, view: str, pairs: list[tuple[Patient, Study]]) -> Listing:
+    def _study_folders(self, view: str, context: str, pairs: list[tuple[Patient, Study]]) -> Listing:
         studies = [study for _, study in pairs]
         if view == "by-uids":
             stems = [(safe_text(s.study_uid) or "(no uid)", "") for s in studies]
         else:
             stems = [(_patient_study_name(p, s), "") for p, s in pairs]
-        names = disambiguate(stems, [(s.created, s.study_uid, s.id) for s in studies])
+        names = self._names(context, studies, stems, [(s.created, s.study_uid, s.id) for s in studies])
         return self._folders(view, "study", studies, names)
 
     def _series_of(self, view: str, study_id: str) -> Listing:
@@ -340,7 +344,9 @@ class Tree:
             stems = [(safe_text(s.series_uid) or "(no uid)", "") for s in series]
         else:
             stems = [(_series_name(s), "") for s in series]
-        names = disambiguate(stems, [(s.created, s.series_uid) for s in series])
+        # One name in by-patients, by-studies and by-dates (same siblings, same stems): one context.
+        context = f"{_BY_UIDS}/{study_id}" if view == "by-uids" else f"series/{study_id}"
+        names = self._names(context, series, stems, [(s.created, s.series_uid) for s in series])
         listing = self._folders(view, "series", series, names)
         if view != "by-uids":
             return listing
@@ -354,7 +360,8 @@ class Tree:
             stems = [(safe_text(i.sop_uid) or "(no uid)", ".dcm") for i in instances]
         else:
             stems = [(f"{_number(i.number)} - {safe_text(i.sop_uid) or '(no uid)'}", ".dcm") for i in instances]
-        names = disambiguate(stems, [(i.received, i.sop_uid) for i in instances])
+        context = f"{_BY_UIDS}/{series_id}" if view == "by-uids" else f"instances/{series_id}"
+        names = self._names(context, instances, stems, [(i.received, i.sop_uid) for i in instances])
         entries = [Entry(name, EntryKind.INSTANCE, i.size, i.received, (), i.id) for name, i in zip(names, instances, strict=True)]
         mtime = max((e.mtime for e in entries), default=self._started)
         if view == "by-uids":
@@ -384,11 +391,29 @@ class Tree:
     def _studies_on(self, prefix: str) -> Listing:
         """by-dates studies whose date starts with ``prefix`` (blank: those without a date)."""
         ids = [study_id for date, study_id in self.store.studies_by_date(prefix) if bool(date) == bool(prefix)]
-        return self._study_folders("by-dates", self._with_patients(ids))
+        return self._study_folders("by-dates", f"by-dates/{prefix}", self._with_patients(ids))
+
+    def _names(self, context: str, records: Sequence[Record], items: list[tuple[str, str]], order: Sequence[object]) -> list[str]:
+        """The names of sibling ``records`` in the folder ``context`` stands for (see ``names``):
+        computed with the numbers the store keeps there, and any new ones decided and kept first."""
+        kept = self.store.name_numbers(context)
+        names, numbers = number_siblings(items, order, _positions(records, kept))
+        if not numbers:
+            return names
+
+        def decide(kept: Mapping[ResourceId, int]) -> dict[ResourceId, int]:
+            return {records[p].id: n for p, n in number_siblings(items, order, _positions(records, kept))[1].items()}
+
+        return number_siblings(items, order, _positions(records, self.store.keep_name_numbers(context, decide)))[0]
 
     def _folders(self, view: str, kind: str, records: Sequence[Record], names: list[str]) -> Listing:
         entries = [Entry(name, EntryKind.FOLDER, 0, r.last_update, (kind, view, r.id), r.id) for name, r in zip(names, records, strict=True)]
         return Listing.of(entries, max((e.mtime for e in entries), default=self._started))
+
+
+def _positions(records: Sequence[Record], kept: Mapping[ResourceId, int]) -> dict[int, int]:
+    """``kept`` by position in ``records`` (a folder with none kept reads no entry)."""
+    return {p: kept[r.id] for p, r in enumerate(records) if r.id in kept} if kept else {}
 
 
 def _latest(records: Sequence[Record], default: float) -> float:
