@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import quote
 
 import pytest
 
@@ -22,7 +23,8 @@ from dicomfs.store.store import Store
 from dicomfs.views import Tree
 from tests.conftest import run_cli
 from tests.test_mount import Mounted, mount  # noqa: F401 (the fixture)
-from tests.test_webdav_clients import bridge, need, unmount
+from tests.test_webdav_clients import bridge, listing, need, unmount
+from tests.webdav_server import Server
 
 _STUDY = "by-studies/P1 - DOE^JANE - HEAD"
 _SERIES = "MR - FAST LOCALIZER"
@@ -209,6 +211,29 @@ def test_stable_names_mount_rm_r_of_one_series_renames_no_other(mount: Callable[
     assert done.returncode == 0, done.stderr
     del uids[_SERIES]
     assert {name: os.getxattr(study / name, "user.dicom.SeriesInstanceUID") for name in os.listdir(study)} == uids
+
+
+def _series_in_bridge(server: Server, study: str) -> dict[str, str]:
+    """name -> SeriesInstanceUID of the series folders the bridge lists in ``study`` (from the
+    SOP instance UIDs of their files, ``<series uid>.<n>``)."""
+    def members(path: str) -> list[str]:  # (listing() keeps the folder itself when its path is quoted)
+        return [name for name in listing(server, "/" + quote(path) + "/") if name != path.rsplit("/", 1)[1]]
+
+    return {name: members(f"{study}/{name}")[0].split(" - ", 1)[1].removesuffix(".dcm").rsplit(".", 1)[0]
+            for name in members(study)}
+
+
+def test_stable_names_a_mount_and_a_bridge_over_one_store_agree(mount: Callable[..., Mounted], tmp_path: Path) -> None:
+    m = mount(ingest=(_three_series(tmp_path / "in"),))
+    study = m.path / _STUDY
+    with bridge(m.store) as server:
+        shown = _series_in_bridge(server, _STUDY)  # the bridge lists first: it gives the numbers
+        assert set(shown) == {_SERIES, f"{_SERIES} (2)", f"{_SERIES} (3)"}
+        assert {name: os.getxattr(study / name, "user.dicom.SeriesInstanceUID").decode() for name in os.listdir(study)} == shown
+        done = subprocess.run(["rm", "-r", str(study / _SERIES)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        del shown[_SERIES]
+        assert _series_in_bridge(server, _STUDY) == shown
 
 
 # -- davfs2 over the bridge -------------------------------------------------------------------------

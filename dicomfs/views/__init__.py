@@ -29,7 +29,7 @@ Pure: no pyfuse3, wsgidav or HTTP here. One stored instance appears in every vie
     ├── uploads/                            writable staging area: what is copied in is ingested
     └── jobs/                               read-only: <job id>.json for every export job
 
-Names are made safe for every client and never change as data arrives (``names``); listings
+Names are made safe for every client and never change while their resource exists (``names``); listings
 come from the index and are cached until the store changes (``tree``).
 """
 

@@ -24,9 +24,10 @@ A and B both "X", one of them is "X (2)"; once A is deleted, B alone would be "X
 ``rm -r`` of the folder, which lists it and then removes each name, found "X (2)" gone (ENOENT) and
 "X" a folder it had not listed. A suffix from the UID for every holder but the first has the same
 flaw (the second becomes the first). So the number is given once, when a listing first sees the
-collision, and kept in the index (``Store.keep_name_numbers``): ``1`` for the sibling that keeps
-the plain name, ``n`` for `` (n)``. The store deletes a resource's numbers with it, so a
-resource stored again is a newcomer. Numbers are decided in an LMDB write transaction that reads
+collision, and kept in the index (``Store.keep_name_numbers``): ``n`` for `` (n)``, and ``1``
+for the sibling that keeps the plain name, so that which one keeps it never rests on stored times
+(a clock set back) again. The store deletes a resource's numbers with it, so a resource stored
+again is a newcomer: it takes the plain name or the first free number. Numbers are decided in an LMDB write transaction that reads
 the kept ones first, so a mount and a bridge over one store agree whoever lists first; a
 read-only store computes them the same way without keeping them.
 
