@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from dicomfs.errors import NotFoundError
 from dicomfs.samples import make_instance, write_instance
 from dicomfs.store.store import Store
 from dicomfs.views import Tree
+from dicomfs.views.names import number_siblings
 from tests.conftest import run_cli
 from tests.test_mount import Mounted, mount  # noqa: F401 (the fixture)
 from tests.test_webdav_clients import bridge, listing, need, unmount
@@ -283,3 +285,15 @@ def test_stable_names_davfs2_rm_r_of_a_study_exits_0(tmp_path: Path) -> None:
                 unmount(mnt)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_stable_names_many_siblings_of_one_name_are_numbered_in_linear_time() -> None:
+    """A hostile series of 20,000 instances whose names all collide (case, unsafe characters): each
+    sibling must not try every number the earlier ones took (that was 200 million tries)."""
+    items = [("X", ".dcm")] * 20_000
+    started = time.process_time()
+    names, numbers = number_siblings(items, range(len(items)), {})
+    assert time.process_time() - started < 2
+    assert len(set(names)) == len(names) and names[-1] == "X (20000).dcm" and numbers[len(items) - 1] == 20_000
+    kept = {0: 1, 1: 3}  # the first free number is still taken first
+    assert number_siblings(items[:4], range(4), kept)[0] == ["X.dcm", "X (3).dcm", "X (2).dcm", "X (4).dcm"]
