@@ -7,6 +7,10 @@ change number moves (``refresh``), the change log says which of them are stale (
 only those go. Front ends call ``refresh`` when they changed the store and on a timer for changes
 made by other processes.
 
+Siblings whose names collide are told apart by numbers the store keeps (see ``names``): a listing
+reads its folder's with one range read (usually empty) and writes only when it first meets a
+collision.
+
 A folder is found by listing its parent, except a ``by-uids/<StudyInstanceUID>/`` whose name is
 a plain UID that no other study's name can be confused with: that one comes from the UID index,
 so opening one study of a million never lists them all.
