@@ -26,6 +26,7 @@ from wsgidav.dav_provider import DAVProvider
 
 from bridge import propfind
 from bridge.resources import StoredUpload, UploadFile, UploadFolder, ViewFile, ViewFolder, content_type, dav_error, etag
+from bridge.vanished import VanishedFolder, VanishedFolders
 from dicomfs.config import WebdavConfig
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.store import Store
@@ -73,6 +74,7 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
         self._awaiting_unlock: dict[str, tuple[tuple[str, ...], str]] = {}  # ref url -> (parts, remote)
         self._awaiting_lock = threading.Lock()
         self._submitted: OrderedDict[tuple[str, ...], tuple[float, os.stat_result]] = OrderedDict()  # parts -> (when, stat)
+        self.vanished = VanishedFolders()
         self.fast_propfind = True
         """PROPFIND of view folders answered by bridge.propfind; False leaves every one to wsgidav (tests compare)."""
 
@@ -219,8 +221,21 @@ class DicomfsProvider(DAVProvider):  # type: ignore[misc]
         try:
             entry = self.tree.lookup(parts)
         except NotFoundError:
+            if environ.get("REQUEST_METHOD") == "DELETE" and self.vanished.recent(parts):
+                return VanishedFolder(path, environ, parts, self.vanished)
             return None
         return self.resource_for(parts[:-1], entry, environ)
+
+    def deleted(self, parts: tuple[str, ...]) -> None:
+        """A delete of the resource at ``parts`` is done: remember the folders above it it emptied
+        (they are gone from the tree), so that their own DELETE, which follows, succeeds."""
+        self.changed()
+        for end in range(len(parts) - 1, 1, -1):  # never the view's own folder
+            try:
+                self.tree.lookup(parts[:end])
+                return
+            except NotFoundError:
+                self.vanished.add(parts[:end])
 
     def resource_for(self, folder: tuple[str, ...], entry: Entry, environ: dict[str, Any]) -> Any:
         """The resource of ``entry``, listed in the folder at ``folder``."""

@@ -151,7 +151,7 @@ class _ViewResource:
             removed = self.provider.store.delete(resource_id)
         except NotFoundError:
             raise DAVError(HTTP_NOT_FOUND) from None
-        self.provider.changed()
+        self.provider.deleted(tuple(part for part in self.path.split("/") if part))
         self.provider.forget_properties(self.path)
         self.provider.log_change(self.environ, f"deleted {self.path} ({removed} instances)")
         return True

@@ -242,9 +242,6 @@ def test_stable_names_a_mount_and_a_bridge_over_one_store_agree(mount: Callable[
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(strict=True, reason=(
-    "bridge/resources.py: DELETE of a folder that went with its last instance a moment ago answers 404, "
-    "which davfs2 reports as ENOENT; the mount answers such an rmdir as done (operations._to_remove)"))
 def test_stable_names_davfs2_rm_r_of_a_study_exits_0(tmp_path: Path) -> None:
     mount_davfs = need("mount.davfs", "davfs2")
     if os.geteuid() != 0:

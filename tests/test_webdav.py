@@ -457,6 +457,21 @@ def test_delete_removes_an_instance_and_a_study(tmp_path: Path, small_corpus: Co
         assert bridge.request("PROPFIND", f"/by-uids/{first.study_uid}", headers={"Depth": "0"}).status == 404
 
 
+def test_delete_of_a_folder_its_last_member_took_along_succeeds(tmp_path: Path, small_corpus: Corpus) -> None:
+    """A recursive delete member by member (davfs2's rm -r) ends with DELETE of folders that went with
+    their last instance: 204, not 404; a folder that never existed still answers 404."""
+    with running(tmp_path, corpus=small_corpus) as bridge:
+        first = small_corpus.valid_files[0]
+        in_series = [f for f in small_corpus.valid_files if f.series_uid == first.series_uid]
+        for sample in in_series:
+            assert bridge.request("DELETE", uid_path(sample)).status == 204
+        series = f"/by-uids/{first.study_uid}/{first.series_uid}/"
+        assert bridge.request("PROPFIND", series, headers={"Depth": "0"}).status == 404
+        assert bridge.request("DELETE", series).status == 204
+        assert bridge.request("DELETE", series).status == 404  # once
+        assert bridge.request("DELETE", f"/by-uids/{first.study_uid}/1.2.3.4.5/").status == 404
+
+
 def test_delete_refused_when_turned_off(tmp_path: Path, small_corpus: Corpus) -> None:
     with running(tmp_path, "[webdav]\ndelete_allowed = false\n", corpus=small_corpus) as bridge:
         sample = small_corpus.valid_files[0]
