@@ -164,8 +164,11 @@ def test_an_upload_the_full_disk_cut_short_through_the_bridge_says_no_space(smal
             answer = bridge.request("LOCK", "/uploads/big.dcm", _LOCK, {"Timeout": "Second-3600"})
             assert answer.status in (200, 201), answer
             headers["If"] = f"({answer.headers['lock-token']})"
-        answer = bridge.request("PUT", "/uploads/big.dcm", content, headers)
-        assert answer.status >= 400, answer
+        try:
+            answer = bridge.request("PUT", "/uploads/big.dcm", content, headers)
+            assert answer.status >= 400, answer
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the bridge answered before the body was all sent, and closed rather than read the rest
         _wait_for(lambda: _reason(small_store / "uploads" / "big.dcm") is not None)
         if locked:
             assert bridge.request("UNLOCK", "/uploads/big.dcm", headers={"Lock-Token": headers["If"][1:-1]}).status == 204
