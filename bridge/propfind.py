@@ -29,12 +29,18 @@ from typing import Iterable, Iterator, Mapping, Sequence
 from urllib.parse import quote
 from xml.sax.saxutils import escape, quoteattr
 
-__all__ = ["DICOMFS_PREFIX", "PIECE_CHARACTERS", "PropfindRequest", "Row", "dates", "multistatus", "parse_request", "quoted_name"]
+__all__ = ["DICOMFS_PREFIX", "PIECE_CHARACTERS", "PropfindRequest", "Row", "dates", "href", "multistatus", "parse_request",
+           "quoted_name"]
 
 DICOMFS_PREFIX = "{urn:dicomfs}"
 """The namespace of the live tag and metadata properties (``bridge.resources.NAMESPACE``)."""
 
-_HREF_SAFE = "/" + "!*'()," + "$-_|."  # what wsgidav's get_href() leaves unquoted (Nautilus needs it)
+_HREF_SAFE = "/"
+"""An href escapes all but RFC 3986's unreserved characters (``quote`` never escapes those) and
+``/``. wsgidav's get_href also left ``!*'(),$|`` alone, for a Nautilus of long ago; neon (cadaver)
+escapes ``(`` to ``%28`` and compares that with the href it gets back, so every ``(no name)``
+and ``(2)`` folder failed to open. This is also the form of wsgidav's get_ref_url (the lock
+and property keys) and of its Location headers: one form everywhere."""
 _OK = "HTTP/1.1 200 OK"
 _NOT_FOUND = "HTTP/1.1 404 Not Found"
 _SUPPORTED_LOCK = ("<D:lockentry><D:lockscope><D:exclusive/></D:lockscope><D:locktype><D:write/></D:locktype></D:lockentry>"
@@ -59,7 +65,7 @@ class Row:
     """One resource of the answer, as wsgidav's ViewFolder or ViewFile would show it."""
 
     href: str
-    """Already quoted, as ``DAVResource.get_href()`` makes it (folders end with ``/``)."""
+    """Already quoted, as :func:`href` makes it (folders end with ``/``)."""
     name: str
     """``displayname``."""
     is_folder: bool
@@ -100,9 +106,14 @@ def parse_request(body: bytes | None) -> PropfindRequest | None:
 
 @functools.lru_cache(maxsize=1 << 16)
 def quoted_name(name: str) -> str:
-    """``name`` quoted for an href, as wsgidav's get_href quotes it. Cached: a listing is asked
+    """``name`` quoted for an href, as :func:`href` quotes a path. Cached: a listing is asked
     for again and again, and ``urllib.parse.quote`` is a noticeable part of a big answer."""
     return quote(name, safe=_HREF_SAFE)
+
+
+def href(path: str) -> str:
+    """The href of a resource at ``path`` (unquoted, absolute): every resource's ``get_href``."""
+    return quote(path, safe=_HREF_SAFE)
 
 
 # -- writing -------------------------------------------------------------------------------------

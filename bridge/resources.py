@@ -24,6 +24,7 @@ from wsgidav.dav_provider import DAVCollection, DAVNonCollection
 from wsgidav.fs_dav_provider import FileResource, FolderResource
 
 from bridge.auth import RIGHTS_KEY
+from bridge.propfind import href
 from bridge.streams import open_stream
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.store.sources import is_os_junk
@@ -68,7 +69,15 @@ def etag(entry: Entry, content: Callable[[], bytes]) -> str:
     return hashlib.sha1(content(), usedforsecurity=False).hexdigest()
 
 
-class _ViewResource:
+class _Href:
+    """The href of every resource of the bridge: the one form bridge.propfind writes (see there)."""
+
+    def get_href(self) -> str:
+        provider = self.provider  # type: ignore[attr-defined]
+        return href(provider.mount_path + provider.share_path + self.get_preferred_path())  # type: ignore[attr-defined]
+
+
+class _ViewResource(_Href):
     """What view folders and files share: their entry, and the stored resource's properties."""
 
     provider: DicomfsProvider
@@ -265,7 +274,7 @@ class ViewFile(_ViewResource, DAVNonCollection):  # type: ignore[misc]
 # -- uploads/ ------------------------------------------------------------------------------------
 
 
-class UploadFolder(FolderResource):  # type: ignore[misc]
+class UploadFolder(_Href, FolderResource):  # type: ignore[misc]
     """``uploads/`` or a folder in it: a real folder."""
 
     provider: DicomfsProvider
@@ -320,7 +329,7 @@ class UploadFolder(FolderResource):  # type: ignore[misc]
         self.provider.folder_arrived(dest_path, self.environ)
 
 
-class UploadFile(FileResource):  # type: ignore[misc]
+class UploadFile(_Href, FileResource):  # type: ignore[misc]
     """A file in ``uploads/``: being written, waiting for ingest, or kept with its reason."""
 
     provider: DicomfsProvider
@@ -428,7 +437,7 @@ class UploadFile(FileResource):  # type: ignore[misc]
         return False
 
 
-class StoredUpload(DAVNonCollection):  # type: ignore[misc]
+class StoredUpload(_Href, DAVNonCollection):  # type: ignore[misc]
     """A file of ``uploads/`` that was stored moments ago and so is gone from the folder. For ten
     seconds its path still answers PROPFIND and HEAD with what was uploaded (size, date, ETag):
     rclone reads back every file right after its PUT and calls the copy failed ("object not found")

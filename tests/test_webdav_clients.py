@@ -1,5 +1,5 @@
 """Real WebDAV clients against a real ``dicomfs webdav`` on 127.0.0.1: litmus (the protocol
-suites), a davfs2 mount, rclone and curl. Each test skips, saying why, only when its client
+suites), a davfs2 mount, rclone, cadaver and curl. Each test skips, saying why, only when its client
 is not installed (``scripts/setup`` installs them all)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Callable, Iterator
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pytest
 
@@ -74,7 +74,7 @@ def listing(server: Server, path: str) -> dict[str, int | None]:
     members: dict[str, int | None] = {}
     for response in ET.fromstring(answer.body).iter(DAV + "response"):
         href = unquote(response.findtext(DAV + "href") or "")
-        if href.rstrip("/") == path.rstrip("/"):
+        if href.rstrip("/") == unquote(path).rstrip("/"):
             continue
         length = response.findtext(f".//{DAV}getcontentlength")
         members[href.rstrip("/").rsplit("/", 1)[-1]] = None if href.endswith("/") else int(length or -1)
@@ -271,6 +271,43 @@ def test_rclone_lists_uploads_and_copies_out(tmp_path: Path) -> None:
         assert read_back.status == 207
         assert ET.fromstring(read_back.body).findtext(f".//{DAV}getcontentlength") == str(late.size)
         assert server.request("GET", "/uploads/late.dcm").status == 404
+
+
+# -- cadaver ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_cadaver_opens_parenthesised_folders_lists_gets_and_puts(tmp_path: Path) -> None:
+    cadaver = need("cadaver", "cadaver")
+    store = tmp_path / "store"
+    run_cli("init", store=store, check=True)
+    tricky = write_corpus(tmp_path / "tricky", patients=0, tricky=True, seed=51)
+    run_cli("ingest", str(tricky.root), store=store, check=True)
+    new = fresh_files(tmp_path / "new", seed=52, per_series=1).valid_files[0]
+    local = tmp_path / "cadaver"
+    local.mkdir()
+    shutil.copyfile(new.path, local / "scan (1).dcm")
+    patient, study = "TRICKY-EMPTY-VALUES - (no name)", "(no date) - (no description)"
+    with bridge(store) as server:
+        series = next(name for name, size in listing(server, f"/by-patients/{quote(patient)}/{quote(study)}/").items()
+                      if size is None)
+        assert "(" in series, series  # "CT - (no description)"
+        instance = next(name for name in listing(server, f"/by-patients/{quote(patient)}/{quote(study)}/{quote(series)}/"))
+        script = (f'cd by-patients\ncd "{patient}"\nls\ncd "{study}"\ncd "{series}"\nget "{instance}" got.dcm\n'
+                  'cd /uploads\nput "scan (1).dcm"\nls\nquit\n')
+        # cadaver reads its commands from stdin; HOME without a .netrc: the bridge has no users
+        done = subprocess.run([cadaver, server.url], input=script, capture_output=True, text=True, cwd=local,
+                              env={**os.environ, "HOME": str(tmp_path)}, timeout=60)
+        output = done.stdout + done.stderr
+        assert "Could not access" not in output and "failed" not in output.lower(), output
+        # cd into each parenthesised folder: cadaver's prompt is where it went
+        assert f"dav:/by-patients/{patient}/{study}/{series}/> get" in output, output
+        assert f"Listing collection `/by-patients/{patient}/': succeeded." in output, output
+        assert f"Coll:   {study}" in output, output
+        instance_path = f"/by-patients/{quote(patient)}/{quote(study)}/{quote(series)}/{quote(instance)}"
+        assert (local / "got.dcm").read_bytes() == server.request("GET", instance_path).body
+        wait_for(lambda: server.request("GET", "/" + uid_path(new)).status == 200, "cadaver's put is stored")
+        assert server.request("GET", "/" + uid_path(new)).body == new.path.read_bytes()
 
 
 # -- curl ------------------------------------------------------------------------------------------
