@@ -12,6 +12,7 @@ import fnmatch
 import gc
 import json
 import logging
+import logging.handlers
 import re
 import sys
 import time
@@ -310,11 +311,14 @@ def cmd_check(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 def cmd_mount(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     from dicomfs.mount.daemon import MountOptions, mount  # pyfuse3 and trio: only this command needs them
 
-    _log_to(loaded.config, foreground=args.foreground)
+    logging_to = _log_to(loaded.config, foreground=args.foreground, file=Path(args.log) if args.log else None)
     options = MountOptions(Path(args.mountpoint), foreground=args.foreground, read_only=args.read_only,
                            allow_other=args.allow_other, auto_unmount=args.auto_unmount,
                            webdav=args.webdav, allow_anonymous=args.allow_anonymous)
-    return mount(lambda: open_store(loaded, readonly=args.read_only), loaded.config, options)
+    status = mount(lambda: open_store(loaded, readonly=args.read_only), loaded.config, options)
+    if not args.foreground:  # the daemon is up: the last word of the command that started it
+        print(f"mounted {options.mountpoint.resolve()}; logging to {logging_to}")
+    return status
 
 
 def _serve_until_stopped(started: str) -> None:
@@ -572,19 +576,43 @@ def cmd_umount(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     return 0
 
 
-def _log_to(config: Config, *, foreground: bool) -> None:
-    """Daemon logging: log.level to log.file, else to stderr (the journal under systemd)."""
+MOUNT_LOG = Path("log") / "mount.log"
+"""Where a background mount logs by default, under the store's folder: its stdin, stdout and
+stderr are /dev/null, and the store is the one place it surely may write (and where one looks)."""
+LOG_ROTATE_BYTES = 10 * 1024 * 1024
+LOG_ROTATE_KEEP = 5
+"""A log file is cut at 10 MiB, the last 5 kept as ``FILE.1`` .. ``FILE.5`` (60 MiB at most,
+beside the store's data): a daemon runs for months, with no logrotate set up for it."""
+
+
+def _log_to(config: Config, *, foreground: bool, file: Path | None = None) -> str:
+    """Daemon logging at log.level to ``file`` (``--log``), else log.file, else stderr in the
+    foreground (the journal under systemd), else ``STORE/log/mount.log``; returns where to.
+    An explicit file that cannot be written is an OSError; the default one, a said fallback."""
     root = logging.getLogger()
-    if config.log.file:
-        handler: logging.Handler = logging.FileHandler(config.log.file)
-    elif foreground:
-        handler = logging.StreamHandler()
+    chosen = file or (Path(config.log.file) if config.log.file else None)
+    handler: logging.Handler
+    if chosen is None and foreground:
+        handler, where = logging.StreamHandler(), "stderr"
+    elif chosen is not None:
+        handler, where = _rotating(chosen), str(chosen)
     else:
-        return  # a background daemon without a log file has nowhere to write
+        chosen = config.storage.folder / MOUNT_LOG
+        try:
+            chosen.parent.mkdir(exist_ok=True)
+            handler, where = _rotating(chosen), str(chosen)
+        except OSError as error:  # a read-only mount of a store this user may not write
+            return f"nowhere (cannot write {chosen}: {error.strerror}; choose a file with --log)"
     handler.setFormatter(EscapingFormatter(LOG_FORMAT))
     root.handlers[:] = [handler]
     if root.level > logging.DEBUG:
         root.setLevel(config.log.level.upper())
+    return where
+
+
+def _rotating(file: Path) -> logging.Handler:
+    return logging.handlers.RotatingFileHandler(file, maxBytes=LOG_ROTATE_BYTES, backupCount=LOG_ROTATE_KEEP,
+                                                encoding="utf-8")
 
 
 def cmd_config(args: argparse.Namespace, loaded: LoadedConfig) -> int:
@@ -684,6 +712,8 @@ def _mount_arguments(p: argparse.ArgumentParser) -> None:
                    help="also serve the WebDAV bridge from this process (default address: webdav.bind)")
     p.add_argument("--allow-anonymous", action="store_true",
                    help="let the bridge listen beyond loopback with no users configured")
+    p.add_argument("--log", metavar="FILE",
+                   help="log to FILE (default: log.file, else STORE/log/mount.log, or stderr with --foreground)")
 
 
 def _webdav_arguments(p: argparse.ArgumentParser) -> None:

@@ -893,7 +893,8 @@ _SCHEMA: tuple[_Section | _NamedTable, ...] = (
         _Option("level", "info", _one_of("debug", "info", "warning", "error"),
                 "info tells what was stored and rejected without the per-block detail of debug."),
         _Option("file", "", _text,
-                "Empty logs to stderr, which the journal collects under systemd."),
+                "Empty logs to stderr (the journal under systemd), but a background `dicomfs mount` to "
+                "STORE/log/mount.log (`--log FILE` overrides both); a file is cut at 10 MiB, 5 kept."),
     )),
     _NamedTable("metadata", _metadata_entry, int,
                 "User metadata names mapped to keys from 1024 to 65535 (keys below are dicomfs's own); "

@@ -100,7 +100,8 @@ def mount(open_store: Callable[[], Store], config: Config, options: MountOptions
         status = 1
         try:
             status = _serve(open_store, config, options, mountpoint, ready_fd=write_end)
-        except BaseException as error:  # the parent prints it; the daemon has no terminal
+        except BaseException as error:  # the parent prints it while it waits; the log keeps it
+            _log.critical("the mount daemon stopped: %s", error, exc_info=not isinstance(error, DicomfsError))
             _report(write_end, f"error: {error}")
         finally:
             os._exit(status)
