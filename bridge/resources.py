@@ -72,9 +72,12 @@ def etag(entry: Entry, content: Callable[[], bytes]) -> str:
 class _Href:
     """The href of every resource of the bridge: the one form bridge.propfind writes (see there)."""
 
+    provider: DicomfsProvider
+    if TYPE_CHECKING:
+        def get_preferred_path(self) -> str: ...
+
     def get_href(self) -> str:
-        provider = self.provider  # type: ignore[attr-defined]
-        return href(provider.mount_path + provider.share_path + self.get_preferred_path())  # type: ignore[attr-defined]
+        return href(self.provider.mount_path + self.provider.share_path + self.get_preferred_path())
 
 
 class _ViewResource(_Href):
