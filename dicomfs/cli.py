@@ -599,9 +599,12 @@ def _log_to(config: Config, *, foreground: bool, file: Path | None = None) -> st
     else:
         chosen = config.storage.folder / MOUNT_LOG
         try:
+            if not any(config.storage.folder.iterdir()):
+                # no store (the mount will say so): `dicomfs init` refuses a folder that holds anything
+                return "nowhere"
             chosen.parent.mkdir(exist_ok=True)
             handler, where = _rotating(chosen), str(chosen)
-        except OSError as error:  # a read-only mount of a store this user may not write
+        except OSError as error:  # no such folder; a read-only mount of a store this user may not write
             return f"nowhere (cannot write {chosen}: {error.strerror}; choose a file with --log)"
     handler.setFormatter(EscapingFormatter(LOG_FORMAT))
     root.handlers[:] = [handler]

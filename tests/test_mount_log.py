@@ -92,3 +92,14 @@ def test_why_the_daemon_stopped_is_in_its_log(tmp_path: Path) -> None:
     assert done.returncode == 1 and not os.path.ismount(mountpoint)
     reason = done.stderr.strip().removeprefix("dicomfs: ")
     assert reason and reason in log.read_text(), (done.stderr, log.read_text())
+
+
+def test_a_mount_of_an_empty_folder_leaves_it_empty_for_dicomfs_init(tmp_path: Path) -> None:
+    """`dicomfs init` refuses a folder that holds anything and is no store: no log folder is made there."""
+    store, mountpoint = tmp_path / "not-yet", tmp_path / "mnt"
+    store.mkdir()
+    mountpoint.mkdir()
+    done = run_cli("mount", str(mountpoint), "--auto-unmount", store=store)
+    assert done.returncode == 1 and "no dicomfs store" in done.stderr, done.stderr
+    assert list(store.iterdir()) == []
+    run_cli("init", store=store, check=True)
