@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from dicomfs import __version__
+from dicomfs.cli_output import human_size, record_line
 from dicomfs.config import Config, LoadedConfig, load_config
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.logformat import LOG_FORMAT, EscapingFormatter
@@ -119,7 +120,7 @@ def _print_ingest_summary(counts: Counter[str], rejected: list[tuple[str, str]],
     for status, count in rows:
         print(f"{status.replace('_', ' '):<{width}}  {count:>8}")
     rate = files / elapsed if elapsed > 0 else 0.0
-    print(f"{'total':<{width}}  {files:>8}  ({_human(size)} in {elapsed:.1f} s, {rate:.0f} files/s)")
+    print(f"{'total':<{width}}  {files:>8}  ({human_size(size)} in {elapsed:.1f} s, {rate:.0f} files/s)")
     for path, reason in rejected:
         print(f"rejected: {path}: {reason}")
 
@@ -134,7 +135,7 @@ def cmd_ls(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         parent = store.resolve_one(args.parent).id if args.parent else None
         records = [r for r in store.walk(level, parent) if all(_matches(store, r, k, g) for k, g in filters)]
         for record in sorted(records, key=_natural_order):
-            print(json.dumps(_record_json(record), ensure_ascii=False) if args.json else _record_line(record))
+            print(json.dumps(_record_json(record), ensure_ascii=False) if args.json else record_line(record))
     return 0
 
 
@@ -177,21 +178,6 @@ def _record_json(record: Record) -> dict[str, object]:
     fields = asdict(record)
     fields["level"] = record.level.label
     return fields
-
-
-def _record_line(record: Record) -> str:
-    """One readable line per record: id, then the fields a person recognises."""
-    if isinstance(record, Patient):
-        text = f"{record.patient_id} - {record.patient_name}  ({record.studies} studies, {record.instances} instances"
-        text += ", protected)" if record.protected else ")"
-    elif isinstance(record, Study):
-        text = f"{record.date or '-'} - {record.description}  ({record.series} series, {record.instances} instances)"
-    elif isinstance(record, Series):
-        text = f"{record.modality} - {record.description}  (#{record.number}, {record.instances} instances)"
-    else:
-        assert isinstance(record, Instance)
-        text = f"{record.number if record.number is not None else '-'} - {record.sop_uid}  ({_human(record.size)})"
-    return f"{record.id}  {text}"
 
 
 def cmd_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
@@ -280,8 +266,8 @@ def cmd_stats(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         return 0
     for name in ("patients", "studies", "series", "instances"):
         print(f"{name:<18} {getattr(stats, name):>12}")
-    print(f"{'bytes':<18} {stats.size:>12}  ({_human(stats.size)})")
-    print(f"{'bytes on disk':<18} {stats.stored_size:>12}  ({_human(stats.stored_size)})")
+    print(f"{'bytes':<18} {stats.size:>12}  ({human_size(stats.size)})")
+    print(f"{'bytes on disk':<18} {stats.stored_size:>12}  ({human_size(stats.stored_size)})")
     print(f"{'compression ratio':<18} {stats.compression_ratio:>12.3f}")
     print(f"{'attachment bytes':<18} {stats.attachment_bytes:>12}")
     return 0
@@ -520,7 +506,7 @@ def _wait_for(store: Store, jobs: Any, config: Config, job_id: str) -> int:
     transfer = job.kind in (SEND, PULL)
     extra = {name: int(job.extra.get(name, 0)) for name in ("content_bytes", "wire_bytes", "skipped_items")}
     print(f"job {job.id}: {job.state.value}: {job.done_items} of {job.total_items} done, {job.failed_items} failed"
-          + (f", {_human(extra['content_bytes'])} moved ({_human(extra['wire_bytes'])} on the wire), "
+          + (f", {human_size(extra['content_bytes'])} moved ({human_size(extra['wire_bytes'])} on the wire), "
              f"{extra['skipped_items']} already there" if transfer else "")
           + (f" ({job.last_error})" if job.last_error else ""))
     return 0 if job.state is JobState.SUCCESS else 1
@@ -625,15 +611,6 @@ def cmd_config(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     for key, value, source in rows:
         print(f"{key:<{width}} = {json.dumps(value, default=str, ensure_ascii=False):<30} # {source}")
     return 0
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
 
 
 # -- argument parsing -----------------------------------------------------------------------------
