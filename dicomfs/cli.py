@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from dicomfs import __version__
-from dicomfs.cli_output import human_size, record_line
+from dicomfs.cli_output import human_size, record_line, what_goes
 from dicomfs.config import Config, LoadedConfig, load_config
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.logformat import LOG_FORMAT, EscapingFormatter
@@ -199,13 +199,66 @@ def cmd_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     return 0
 
 
+_CONFIRM_STUDIES = 2
+"""``rm`` asks (or wants ``--yes``) from this many studies: one is what a slip of the hand costs
+at most; a patient or a list of several is asked for, as ``apt-get`` asks before it removes."""
+_PROTECTION_NOTE = "protection guards against recycling only: rm deletes it all the same"
+
+
 def cmd_rm(args: argparse.Namespace, loaded: LoadedConfig) -> int:
-    with open_store(loaded) as store:
-        for selector in args.selectors:
-            record = store.resolve_one(selector)
+    with open_store(loaded, readonly=args.dry_run) as store:
+        # Every selector resolved before anything goes: a typo in the last one deletes nothing.
+        chosen = _outermost(store, [store.resolve_one(selector) for selector in args.selectors])
+        if args.dry_run:
+            for record, patient in chosen:
+                print(f"would delete {what_goes(record, patient)}")
+                _say_if_protected(patient)
+            return 0
+        studies = sum(r.studies if isinstance(r, Patient) else int(isinstance(r, Study)) for r, _ in chosen)
+        if studies >= _CONFIRM_STUDIES and not args.yes and not _confirmed(chosen, studies):
+            return 1
+        for record, patient in chosen:
             removed = store.delete(record.id)
             print(f"deleted {record.level.label} {record.id} ({removed} instances)")
+            _say_if_protected(patient)
     return 0
+
+
+def _outermost(store: Store, records: list[Record]) -> list[tuple[Record, Patient | None]]:
+    """``records`` less repeats and those below another of them, each with its patient."""
+    chosen = {r.id for r in records}
+    found: dict[str, tuple[Record, Patient | None]] = {}
+    for record in records:
+        above = store.ancestors(record)
+        if record.id in found or any(a.id in chosen for a in above):
+            continue
+        patient = record if isinstance(record, Patient) else above[0] if above else None
+        found[record.id] = (record, patient if isinstance(patient, Patient) else None)
+    return list(found.values())
+
+
+def _say_if_protected(patient: Patient | None) -> None:
+    if patient is not None and patient.protected:
+        print(f"  patient {patient.patient_id} is protected; {_PROTECTION_NOTE}")
+
+
+def _confirmed(chosen: list[tuple[Record, Patient | None]], studies: int) -> bool:
+    """Ask on a terminal; without one, refuse: a script says ``--yes`` when it means it."""
+    instances = sum(r.instances for r, _ in chosen)
+    if not sys.stdin.isatty():
+        raise DicomfsError(f"rm would delete {studies} studies ({instances} instances): "
+                           "pass --yes to do it, or --dry-run to see what would go")
+    for record, patient in chosen:
+        print(f"  {what_goes(record, patient)}")
+        _say_if_protected(patient)
+    try:
+        answer = input(f"delete {studies} studies ({instances} instances)? [y/N] ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() in ("y", "yes"):
+        return True
+    print("nothing deleted", file=sys.stderr)
+    return False
 
 
 def cmd_protect(args: argparse.Namespace, loaded: LoadedConfig) -> int:
@@ -213,7 +266,10 @@ def cmd_protect(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         for selector in args.selectors:
             record = store.resolve_one(selector)
             store.set_protected(record.id, args.command == "protect")
-            print(f"{'protected' if args.command == 'protect' else 'unprotected'} patient {record.id}")
+            if args.command == "protect":
+                print(f"protected patient {record.id} from recycling (rm still deletes it)")
+            else:
+                print(f"unprotected patient {record.id}: it may be recycled again")
     return 0
 
 
@@ -636,7 +692,14 @@ def _show_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _selectors_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("selectors", nargs="+", metavar="SELECTOR")
+    p.add_argument("selectors", nargs="+", metavar="SELECTOR", help="a resource id, a DICOM UID or a PatientID")
+
+
+def _rm_arguments(p: argparse.ArgumentParser) -> None:
+    _selectors_arguments(p)
+    p.add_argument("--dry-run", action="store_true", help="say what would be deleted, with counts; delete nothing")
+    p.add_argument("--yes", "-y", action="store_true",
+                   help="delete two studies or more without asking (without a terminal, rm refuses them otherwise)")
 
 
 def _meta_arguments(p: argparse.ArgumentParser) -> None:
@@ -745,7 +808,7 @@ _COMMANDS: tuple[tuple[str, Callable[..., int], str, Callable[[argparse.Argument
     ("ingest", cmd_ingest, "store DICOM files, folders, zips and DICOMDIRs", _ingest_arguments),
     ("ls", cmd_ls, "list patients, studies, series or instances", _ls_arguments),
     ("show", cmd_show, "show one resource with its metadata", _show_arguments),
-    ("rm", cmd_rm, "delete resources and everything below them", _selectors_arguments),
+    ("rm", cmd_rm, "delete resources and everything below them (protected patients too)", _rm_arguments),
     ("protect", cmd_protect, "protect patients from recycling", _selectors_arguments),
     ("unprotect", cmd_protect, "let patients be recycled again", _selectors_arguments),
     ("meta", cmd_meta, "read core and user metadata, set or remove user metadata", _meta_arguments),

@@ -1,0 +1,125 @@
+"""What users expected of the ``dicomfs`` command and did not find (issue #23), each run as a user
+runs it: a child process on a real store, and on a real terminal (a pty) where the answer depends
+on one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pty
+import re
+import select
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import dicomfs_command, run_cli
+
+ISO_TIME = re.compile(r"\b\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z\b")
+EPOCH = re.compile(r"\b1\d{9}\.\d+\b")
+PYTHON_REPRS = ("None", "True", "False", "[]", "{", "}", "'")
+
+
+def _json_lines(*args: str, store: Path) -> list[dict[str, object]]:
+    done = run_cli(*args, "--json", store=store, check=True)
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def _first_patient(store: Path) -> dict[str, object]:
+    return max(_json_lines("ls", store=store), key=lambda p: int(str(p["studies"])))
+
+
+def _instances(store: Path) -> int:
+    return int(json.loads(run_cli("stats", "--json", store=store, check=True).stdout)["instances"])
+
+
+def _on_a_terminal(argv: list[str], answer: str | None, *, timeout: float = 60) -> tuple[int, str]:
+    """Run ``argv`` with a pty as stdin, stdout and stderr; type ``answer`` at the first ``?``."""
+    main_fd, child_fd = pty.openpty()
+    env = {**os.environ, "DICOMFS_CONFIG": os.devnull}
+    child = subprocess.Popen(argv, stdin=child_fd, stdout=child_fd, stderr=child_fd, env=env, close_fds=True)
+    os.close(child_fd)
+    seen = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main_fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(main_fd, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+                if answer is not None and b"?" in seen:
+                    os.write(main_fd, answer.encode() + b"\n")
+                    answer = None
+            elif child.poll() is not None:
+                break
+        return child.wait(timeout=max(1.0, deadline - time.monotonic())), seen.decode(errors="replace")
+    finally:
+        os.close(main_fd)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+# -- rm -------------------------------------------------------------------------------------------
+
+
+def test_rm_dry_run_says_what_would_go_and_deletes_nothing(filled_store: Path) -> None:
+    patient = _first_patient(filled_store)
+    before = _instances(filled_store)
+    done = run_cli("rm", "--dry-run", str(patient["id"]), store=filled_store)
+    assert done.returncode == 0, done.stderr
+    assert f"would delete patient {patient['id']}" in done.stdout
+    assert str(patient["patient_id"]) in done.stdout
+    assert (f"{patient['studies']} studies, {patient['series']} series, {patient['instances']} instances"
+            in done.stdout)
+    assert _instances(filled_store) == before
+
+
+def test_rm_of_several_studies_without_a_terminal_wants_yes(filled_store: Path) -> None:
+    patient = _first_patient(filled_store)
+    before = _instances(filled_store)
+    refused = run_cli("rm", str(patient["id"]), store=filled_store)
+    assert refused.returncode == 1
+    assert "--yes" in refused.stderr and f"{patient['studies']} studies" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and refused.stdout == ""
+    assert _instances(filled_store) == before
+    done = run_cli("rm", "--yes", str(patient["id"]), store=filled_store)
+    assert done.returncode == 0, done.stderr
+    assert _instances(filled_store) == before - int(str(patient["instances"]))
+
+
+def test_rm_of_one_study_needs_no_confirmation(filled_store: Path) -> None:
+    study = _json_lines("ls", "studies", store=filled_store)[0]
+    done = run_cli("rm", str(study["id"]), store=filled_store)
+    assert done.returncode == 0 and f"deleted study {study['id']}" in done.stdout
+
+
+def test_rm_on_a_terminal_asks_before_deleting_several_studies(filled_store: Path) -> None:
+    patient = _first_patient(filled_store)
+    before = _instances(filled_store)
+    argv = [*dicomfs_command(), "--store", str(filled_store), "rm", str(patient["id"])]
+    status, seen = _on_a_terminal(argv, "n")
+    assert f"delete {patient['studies']} studies" in seen and "[y/N]" in seen
+    assert status == 1 and "nothing deleted" in seen
+    assert _instances(filled_store) == before
+    status, seen = _on_a_terminal(argv, "y")
+    assert status == 0 and f"deleted patient {patient['id']}" in seen
+    assert _instances(filled_store) == before - int(str(patient["instances"]))
+
+
+def test_rm_of_a_protected_patient_says_protection_guards_recycling_only(filled_store: Path) -> None:
+    patient = _first_patient(filled_store)
+    protected = run_cli("protect", str(patient["id"]), store=filled_store, check=True).stdout
+    assert "from recycling" in protected and "rm still deletes" in protected
+    dry = run_cli("rm", "--dry-run", str(patient["id"]), store=filled_store, check=True).stdout
+    assert "protected" in dry and "recycling only" in dry and "rm deletes it" in dry
+    done = run_cli("rm", "--yes", str(patient["id"]), store=filled_store)
+    assert done.returncode == 0 and "recycling only" in done.stdout
+    assert all(p["id"] != patient["id"] for p in _json_lines("ls", store=filled_store))
