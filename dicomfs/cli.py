@@ -578,6 +578,8 @@ def cmd_jobs(args: argparse.Namespace, loaded: LoadedConfig) -> int:
             listed = jobs.all()
             if args.json:
                 print(json.dumps([j.as_json() for j in listed], indent=2))
+            elif not listed:
+                print("no jobs")  # not silence: an empty answer looks like a command that did nothing
             for job in [] if args.json else listed:
                 note = job.waiting_for if job.state.value == "pending" else job.last_error
                 print(f"{job.id}  {job.state.value:<8} {job.done_items:>6}/{job.total_items:<6} "

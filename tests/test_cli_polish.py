@@ -123,3 +123,12 @@ def test_rm_of_a_protected_patient_says_protection_guards_recycling_only(filled_
     done = run_cli("rm", "--yes", str(patient["id"]), store=filled_store)
     assert done.returncode == 0 and "recycling only" in done.stdout
     assert all(p["id"] != patient["id"] for p in _json_lines("ls", store=filled_store))
+
+
+# -- jobs ls --------------------------------------------------------------------------------------
+
+
+def test_jobs_ls_without_jobs_says_so(filled_store: Path) -> None:
+    done = run_cli("jobs", "ls", store=filled_store)
+    assert done.returncode == 0 and done.stdout == "no jobs\n"
+    assert json.loads(run_cli("jobs", "ls", "--json", store=filled_store, check=True).stdout) == []
