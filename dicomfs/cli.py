@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from dicomfs import __version__
-from dicomfs.cli_output import human_size, record_line, what_goes
+from dicomfs.cli_output import human_size, record_line, show_rows, what_goes
 from dicomfs.config import Config, LoadedConfig, load_config
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.logformat import LOG_FORMAT, EscapingFormatter
@@ -186,16 +186,14 @@ def cmd_show(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         shown = _record_json(record)
         shown["metadata"] = store.metadata(record.id)
         shown["attachments"] = [a.name for a in store.attachments(record.id)]
-        children = [c.id for c in store.children(record.id)] if record.level != Level.INSTANCE else []
-        shown["children"] = children
+        shown["children"] = [c.id for c in store.children(record.id)] if record.level != Level.INSTANCE else []
     if args.json:
         print(json.dumps(shown, ensure_ascii=False, indent=1))
     else:
-        width = max(len(k) for k in shown)
-        for key, value in shown.items():
-            if key == "children":
-                value = f"{len(children)} ({', '.join(children[:3])}{', ...' if len(children) > 3 else ''})"
-            print(f"{key:<{width}}  {value}")
+        rows = show_rows(shown)
+        width = max(len(name) for name, _ in rows)
+        for name, text in rows:
+            print(f"{name:<{width}}  {text}")
     return 0
 
 

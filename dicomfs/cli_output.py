@@ -1,16 +1,27 @@
 """How the ``dicomfs`` command shows the store to a person.
 
-One line per record for ``ls``, one line per resource for what ``rm`` deletes. ``--json``
-output is not made here: it keeps the records' own values because scripts read them.
+One line per record for ``ls``, one row per field for ``show``, one line per resource for what
+``rm`` deletes. Dates read as ISO 8601 (times in UTC, as the core metadata writes them), sizes
+with a unit, booleans as yes/no, lists comma-separated. ``--json`` output is not made here: it
+keeps the records' own values (epoch seconds, DICOM dates) because scripts read them.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
+from typing import Mapping
 
 from dicomfs.store.records import Instance, Patient, Record, Series, Study
 
-__all__ = ["dicom_date", "human_size", "record_line", "what_goes"]
+__all__ = ["dicom_date", "human_size", "record_line", "show_rows", "what_goes"]
+
+_TIMESTAMPS = frozenset({"created", "last_update", "received"})
+"""Record fields in seconds since the epoch."""
+_DICOM_DATES = frozenset({"birth_date", "date"})
+_SIZES = frozenset({"size", "stored_size"})
+_SHOWN_CHILDREN = 3
+"""Child ids ``show`` prints (the count is always there; ``ls --parent`` lists them all)."""
 
 
 def human_size(size: int) -> str:
@@ -30,6 +41,19 @@ def dicom_date(value: str) -> str:
     return value or "-"
 
 
+def _dicom_time(value: str) -> str:
+    """A DICOM TM value (``HH``, ``HHMM``, ``HHMMSS``, ``HHMMSS.ffffff``) as ISO 8601."""
+    found = re.fullmatch(r"(\d\d)(\d\d)?(\d\d)?(\.\d{1,6})?", value)
+    if found is None:
+        return value or "-"
+    hours, minutes, seconds, fraction = found.groups()
+    return ":".join(part for part in (hours, minutes or "00", seconds) if part) + (fraction or "")
+
+
+def _timestamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _patient_words(patient: Patient) -> str:
     return f"{patient.patient_id} - {patient.patient_name}"
 
@@ -47,6 +71,42 @@ def record_line(record: Record) -> str:
         assert isinstance(record, Instance)
         text = f"{record.number if record.number is not None else '-'} - {record.sop_uid}  ({human_size(record.size)})"
     return f"{record.id}  {text}"
+
+
+def _field_text(key: str, value: object) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key in _TIMESTAMPS and isinstance(value, (int, float)):
+        return _timestamp(value)
+    if key in _DICOM_DATES and isinstance(value, str):
+        return dicom_date(value)
+    if key == "time" and isinstance(value, str):
+        return _dicom_time(value)
+    if key in _SIZES and isinstance(value, int):
+        return f"{value} bytes ({human_size(value)})"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(item) for item in value) or "none"
+    return str(value)
+
+
+def show_rows(shown: Mapping[str, object]) -> list[tuple[str, str]]:
+    """``show``'s rows, (name, text), from the fields ``show --json`` prints: the level first,
+    one row per metadata entry, the children counted with their first ids."""
+    rows = [("level", str(shown["level"]))]
+    for key, value in shown.items():
+        if key == "level":
+            continue
+        if key == "metadata" and isinstance(value, Mapping):
+            entries = [f"{name}: {text}" for name, text in value.items()] or ["none"]
+            rows += [(key if i == 0 else "", entry) for i, entry in enumerate(entries)]
+        elif key == "children" and isinstance(value, list):
+            first = ", ".join(value[:_SHOWN_CHILDREN]) + (", ..." if len(value) > _SHOWN_CHILDREN else "")
+            rows.append((key, f"{len(value)} ({first})" if value else "none"))
+        else:
+            rows.append((key, _field_text(key, value)))
+    return rows
 
 
 def what_goes(record: Record, patient: Patient | None) -> str:

@@ -132,3 +132,27 @@ def test_jobs_ls_without_jobs_says_so(filled_store: Path) -> None:
     done = run_cli("jobs", "ls", store=filled_store)
     assert done.returncode == 0 and done.stdout == "no jobs\n"
     assert json.loads(run_cli("jobs", "ls", "--json", store=filled_store, check=True).stdout) == []
+
+
+# -- show -----------------------------------------------------------------------------------------
+
+
+def test_show_prints_iso_dates_and_plain_words_at_every_level(filled_store: Path) -> None:
+    patient = _first_patient(filled_store)
+    below = {level: _json_lines("ls", level, "--parent", str(patient["id"]), store=filled_store)[0]
+             for level in ("studies", "series", "instances")}
+    for record in (patient, *below.values()):
+        shown = run_cli("show", str(record["id"]), store=filled_store, check=True).stdout
+        assert ISO_TIME.search(shown), shown
+        assert not EPOCH.search(shown), shown
+        for word in PYTHON_REPRS:
+            assert word not in shown, f"{word!r} in:\n{shown}"
+        machine = json.loads(run_cli("show", "--json", str(record["id"]), store=filled_store, check=True).stdout)
+        assert isinstance(machine.get("created", machine.get("received")), float) and isinstance(machine["metadata"], dict)
+    shown = run_cli("show", str(patient["id"]), store=filled_store, check=True).stdout
+    birth = str(patient["birth_date"])
+    assert f"{birth[:4]}-{birth[4:6]}-{birth[6:]}" in shown
+    assert re.search(r"^protected +no$", shown, re.M)
+    study = run_cli("show", str(below["studies"]["id"]), store=filled_store, check=True).stdout
+    date = str(below["studies"]["date"])
+    assert re.search(rf"^date +{date[:4]}-{date[4:6]}-{date[6:]}$", study, re.M)
