@@ -134,9 +134,22 @@ def cmd_ls(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     with open_store(loaded, readonly=True) as store:
         parent = store.resolve_one(args.parent).id if args.parent else None
         records = [r for r in store.walk(level, parent) if all(_matches(store, r, k, g) for k, g in filters)]
+        # A study's line names its patient: a study's description alone says not whose it is.
+        owners = {} if args.json or level != Level.STUDY else _patients_of(store, records)
         for record in sorted(records, key=_natural_order):
-            print(json.dumps(_record_json(record), ensure_ascii=False) if args.json else record_line(record))
+            print(json.dumps(_record_json(record), ensure_ascii=False) if args.json
+                  else record_line(record, owners.get(record.parent) if record.parent else None))
     return 0
+
+
+def _patients_of(store: Store, records: Iterable[Record]) -> dict[str, Patient]:
+    """The patients of ``records`` (studies), each read once."""
+    owners = {}
+    for patient_id in {r.parent for r in records if r.parent is not None}:
+        found = store.get(patient_id)
+        if isinstance(found, Patient):
+            owners[patient_id] = found
+    return owners
 
 
 def _natural_order(record: Record) -> tuple[object, ...]:

@@ -58,13 +58,15 @@ def _patient_words(patient: Patient) -> str:
     return f"{patient.patient_id} - {patient.patient_name}"
 
 
-def record_line(record: Record) -> str:
-    """One ``ls`` line: the id, then the fields a person recognises."""
+def record_line(record: Record, patient: Patient | None = None) -> str:
+    """One ``ls`` line: the id, then what a person recognises (a study's ``patient`` first)."""
     if isinstance(record, Patient):
         text = f"{_patient_words(record)}  ({record.studies} studies, {record.instances} instances"
         text += ", protected)" if record.protected else ")"
     elif isinstance(record, Study):
-        text = f"{record.date or '-'} - {record.description}  ({record.series} series, {record.instances} instances)"
+        owner = f"{_patient_words(patient)}  " if patient is not None else ""
+        text = (f"{owner}{dicom_date(record.date)} - {record.description}  "
+                f"({record.series} series, {record.instances} instances)")
     elif isinstance(record, Series):
         text = f"{record.modality} - {record.description}  (#{record.number}, {record.instances} instances)"
     else:

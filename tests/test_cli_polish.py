@@ -156,3 +156,17 @@ def test_show_prints_iso_dates_and_plain_words_at_every_level(filled_store: Path
     study = run_cli("show", str(below["studies"]["id"]), store=filled_store, check=True).stdout
     date = str(below["studies"]["date"])
     assert re.search(rf"^date +{date[:4]}-{date[4:6]}-{date[6:]}$", study, re.M)
+
+
+# -- ls studies -----------------------------------------------------------------------------------
+
+
+def test_ls_studies_names_each_study_s_patient(filled_store: Path) -> None:
+    patients = {p["id"]: p for p in _json_lines("ls", store=filled_store)}
+    lines = run_cli("ls", "studies", store=filled_store, check=True).stdout.splitlines()
+    studies = _json_lines("ls", "studies", store=filled_store)
+    assert len(lines) == len(studies) > 1
+    for study in studies:
+        line = next(line for line in lines if line.startswith(str(study["id"])))
+        owner = patients[study["parent"]]
+        assert f"{owner['patient_id']} - {owner['patient_name']}" in line
