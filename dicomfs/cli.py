@@ -685,8 +685,13 @@ def cmd_config(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 # -- argument parsing -----------------------------------------------------------------------------
 
 
+_SELECTOR_HELP = "a resource id, a DICOM UID or a PatientID"
+_JSON_HELP = "print JSON (epoch seconds and DICOM dates as stored; the keys are stable for scripts)"
+_ATTACHMENT_HELP = "a name of [attachments] in the configuration"
+
+
 def _ingest_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="a DICOM file, a folder (read recursively), a zip or a DICOMDIR")
     p.add_argument("--json", action="store_true", help="one JSON object per file")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary; rejections on stderr")
 
@@ -696,16 +701,16 @@ def _ls_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parent", metavar="SELECTOR", help="only below this resource (id, UID or PatientID)")
     p.add_argument("--where", action="append", default=[], metavar="FIELD=GLOB",
                    help="keep records whose field matches, e.g. modality=CT (for studies: one of their series) or description='*CHEST*'")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
 
 
 def _show_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("selector", help="a resource id, a DICOM UID or a PatientID")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("selector", help=_SELECTOR_HELP)
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
 
 
 def _selectors_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("selectors", nargs="+", metavar="SELECTOR", help="a resource id, a DICOM UID or a PatientID")
+    p.add_argument("selectors", nargs="+", metavar="SELECTOR", help=_SELECTOR_HELP)
 
 
 def _rm_arguments(p: argparse.ArgumentParser) -> None:
@@ -716,49 +721,49 @@ def _rm_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _meta_arguments(p: argparse.ArgumentParser) -> None:
-    meta = p.add_subparsers(dest="action", required=True)
-    g = meta.add_parser("get")
-    g.add_argument("selector")
-    g.add_argument("name", nargs="?")
-    g = meta.add_parser("set")
-    g.add_argument("selector")
-    g.add_argument("name")
-    g.add_argument("value")
-    g = meta.add_parser("rm")
-    g.add_argument("selector")
-    g.add_argument("name")
+    meta = p.add_subparsers(dest="action", required=True, metavar="ACTION", help="get, set or rm")
+    g = meta.add_parser("get", help="print one value, or every name=value of the resource")
+    g.add_argument("selector", help=_SELECTOR_HELP)
+    g.add_argument("name", nargs="?", help="the metadata name (default: all of them)")
+    g = meta.add_parser("set", help="set a user metadata value (names from [metadata] in the configuration)")
+    g.add_argument("selector", help=_SELECTOR_HELP)
+    g.add_argument("name", help="a name of [metadata] in the configuration")
+    g.add_argument("value", help="the text to store")
+    g = meta.add_parser("rm", help="remove a user metadata value")
+    g.add_argument("selector", help=_SELECTOR_HELP)
+    g.add_argument("name", help="a name of [metadata] in the configuration")
 
 
 def _attach_arguments(p: argparse.ArgumentParser) -> None:
-    attach = p.add_subparsers(dest="action", required=True)
-    g = attach.add_parser("put")
-    g.add_argument("selector")
-    g.add_argument("name")
-    g.add_argument("file")
-    g.add_argument("--mime")
-    g = attach.add_parser("get")
-    g.add_argument("selector")
-    g.add_argument("name")
-    g.add_argument("-o", "--output")
-    g = attach.add_parser("rm")
-    g.add_argument("selector")
-    g.add_argument("name")
-    g = attach.add_parser("ls")
-    g.add_argument("selector")
+    attach = p.add_subparsers(dest="action", required=True, metavar="ACTION", help="put, get, rm or ls")
+    g = attach.add_parser("put", help="store a file as the resource's attachment NAME (replacing one there)")
+    g.add_argument("selector", help=_SELECTOR_HELP)
+    g.add_argument("name", help=_ATTACHMENT_HELP)
+    g.add_argument("file", help="the file to attach")
+    g.add_argument("--mime", help="its media type (default: the one [attachments] gives NAME)")
+    g = attach.add_parser("get", help="write an attachment to a file or to stdout")
+    g.add_argument("selector", help=_SELECTOR_HELP)
+    g.add_argument("name", help=_ATTACHMENT_HELP)
+    g.add_argument("-o", "--output", help="the file to write (default: stdout)")
+    g = attach.add_parser("rm", help="delete an attachment")
+    g.add_argument("selector", help=_SELECTOR_HELP)
+    g.add_argument("name", help=_ATTACHMENT_HELP)
+    g = attach.add_parser("ls", help="list a resource's attachments: name, media type, bytes")
+    g.add_argument("selector", help=_SELECTOR_HELP)
 
 
 def _json_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
 
 
 def _check_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repair", action="store_true", help="fix what can be fixed; orphans go to quarantine/")
     p.add_argument("--no-hash", action="store_true", help="skip SHA-256 verification of blob contents")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
 
 
 def _mount_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty folder to show the store in")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground (systemd, debugging)")
     p.add_argument("--read-only", action="store_true", help="refuse every write with EROFS")
     p.add_argument("--allow-other", action="store_true",
@@ -801,9 +806,10 @@ def _pull_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _jobs_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["ls", "show", "pause", "resume", "cancel", "retry"])
+    p.add_argument("action", choices=["ls", "show", "pause", "resume", "cancel", "retry"],
+                   help="ls: every job; show: one job with its failures; pause, resume, cancel or retry one")
     p.add_argument("job", nargs="?", metavar="JOB", help="the job id (all but ls)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="ls: a JSON list of the jobs (show always prints JSON)")
 
 
 def _passwd_arguments(p: argparse.ArgumentParser) -> None:
@@ -812,7 +818,7 @@ def _passwd_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _umount_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="the folder a dicomfs store is mounted on")
 
 
 # (name, handler, help, what adds its arguments), in the order `dicomfs --help` lists them.
@@ -864,7 +870,8 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="configuration file (default: see docs/configuration.md)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("--version", action="version", version=f"dicomfs {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of these (dicomfs COMMAND --help describes its arguments)")
     chosen = named_command(argv)
     for name, handler, help_text, arguments in _COMMANDS:
         if chosen is not None and name != chosen:

@@ -170,3 +170,36 @@ def test_ls_studies_names_each_study_s_patient(filled_store: Path) -> None:
         line = next(line for line in lines if line.startswith(str(study["id"])))
         owner = patients[study["parent"]]
         assert f"{owner['patient_id']} - {owner['patient_name']}" in line
+
+
+# -- --help ---------------------------------------------------------------------------------------
+
+
+def _parsers(parser: argparse.ArgumentParser, prog: str = "dicomfs") -> list[tuple[str, argparse.ArgumentParser]]:
+    found = [(prog, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _parsers(sub, f"{prog} {name}")
+    return found
+
+
+def test_every_argument_of_every_command_has_a_help_text() -> None:
+    from dicomfs.cli import _parser
+
+    missing = []
+    for prog, parser in _parsers(_parser([])):
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if not (action.help or "").strip():
+                missing.append(f"{prog}: {'/'.join(action.option_strings) or action.dest}")
+            if isinstance(action, argparse._SubParsersAction):
+                described = {choice.dest for choice in action._choices_actions if (choice.help or "").strip()}
+                missing += [f"{prog} {name}: no description" for name in action.choices if name not in described]
+    assert missing == []
+
+
+def test_a_command_s_help_shows_its_arguments_described(tmp_path: Path) -> None:
+    shown = run_cli("rm", "--help", store=tmp_path / "s", check=True).stdout
+    assert re.search(r"SELECTOR +a resource id", shown) and "--dry-run" in shown and "--yes" in shown
