@@ -14,6 +14,7 @@ import json
 import logging
 import logging.handlers
 import re
+import shlex
 import sys
 import time
 from collections import Counter
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 from dicomfs import __version__
 from dicomfs.cli_output import human_size, record_line, show_rows, what_goes
 from dicomfs.config import Config, LoadedConfig, load_config
-from dicomfs.errors import DicomfsError, NotFoundError
+from dicomfs.errors import DicomfsError, NotFoundError, StoreNotFoundError
 from dicomfs.logformat import LOG_FORMAT, EscapingFormatter
 from dicomfs.store.ids import Level
 from dicomfs.store.records import Instance, Patient, Record, Series, Study
@@ -883,6 +884,17 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _init_line(args: argparse.Namespace) -> str:
+    """The ``dicomfs init`` that creates the store this command looked for, to paste as it is:
+    with the ``--store`` and ``--config`` given here (the store folder may come from either)."""
+    words = ["dicomfs"]
+    for option in _OPTIONS_WITH_VALUES:
+        value = getattr(args, option.lstrip("-"))
+        if value is not None:
+            words += [option, value]
+    return shlex.join([*words, "init"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     args = _parser(words).parse_args(words)
@@ -893,6 +905,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded = load_config(Path(args.config) if args.config else None,
                              store_folder=Path(args.store) if args.store else None)
         return int(args.handler(args, loaded))
+    except StoreNotFoundError:
+        if args.debug:
+            raise
+        print(f"dicomfs: no dicomfs store at {loaded.config.storage.folder} (create one with `{_init_line(args)}`)",
+              file=sys.stderr)
+        return 1
     except DicomfsError as error:
         if args.debug:
             raise

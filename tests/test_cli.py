@@ -123,7 +123,7 @@ def test_cli_protect_and_unprotect(filled: Path, config: Path) -> None:
 def test_cli_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     missing = run_cli("stats", store=tmp_path / "nowhere")
     assert missing.returncode == 1
-    assert missing.stderr.count("\n") == 1 and "dicomfs init" in missing.stderr
+    assert missing.stderr.count("\n") == 1 and " init`" in missing.stderr
     assert "Traceback" not in missing.stderr
     debug = run_cli("--debug", "stats", store=tmp_path / "nowhere")
     assert "Traceback" in debug.stderr

@@ -203,3 +203,33 @@ def test_every_argument_of_every_command_has_a_help_text() -> None:
 def test_a_command_s_help_shows_its_arguments_described(tmp_path: Path) -> None:
     shown = run_cli("rm", "--help", store=tmp_path / "s", check=True).stdout
     assert re.search(r"SELECTOR +a resource id", shown) and "--dry-run" in shown and "--yes" in shown
+
+
+# -- the init hint --------------------------------------------------------------------------------
+
+
+def _hinted_command(stderr: str) -> list[str]:
+    found = re.search(r"`(dicomfs [^`]*)`", stderr)
+    assert found, stderr
+    words = shlex.split(found.group(1))
+    assert words[-1] == "init"
+    return [*dicomfs_command(), *words[1:]]
+
+
+def test_the_init_hint_repeats_store_and_config(tmp_path: Path) -> None:
+    store, config = tmp_path / "a store", tmp_path / "my config.toml"
+    config.write_text("[metadata]\nReviewed = 1024\n")
+    missing = run_cli("ls", store=store, config=config)
+    assert missing.returncode == 1
+    hint = _hinted_command(missing.stderr)
+    assert shlex.join(["--store", str(store)]) in missing.stderr
+    assert shlex.join(["--config", str(config)]) in missing.stderr
+    subprocess.run(hint, check=True, capture_output=True, timeout=60, env={**os.environ, "DICOMFS_CONFIG": os.devnull})
+    assert run_cli("ls", store=store, config=config).returncode == 0
+
+
+def test_the_init_hint_without_options_is_plain(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    done = subprocess.run([*dicomfs_command(), "ls"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DICOMFS_CONFIG": os.devnull, "XDG_DATA_HOME": str(home)})
+    assert done.returncode == 1 and "`dicomfs init`" in done.stderr
