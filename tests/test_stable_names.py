@@ -4,11 +4,8 @@ through the mount and through davfs2 over the bridge."""
 
 from __future__ import annotations
 
-import grp
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,7 +22,7 @@ from dicomfs.views import Tree
 from dicomfs.views.names import number_siblings
 from tests.conftest import run_cli
 from tests.test_mount import Mounted, mount  # noqa: F401 (the fixture)
-from tests.test_webdav_clients import bridge, listing, need, unmount
+from tests.test_webdav_clients import bridge, davfs2_mounted, listing
 from tests.webdav_server import Server
 
 _STUDY = "by-studies/P1 - DOE^JANE - HEAD"
@@ -243,44 +240,16 @@ def test_stable_names_a_mount_and_a_bridge_over_one_store_agree(mount: Callable[
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_stable_names_davfs2_rm_r_of_a_study_exits_0(tmp_path: Path) -> None:
-    mount_davfs = need("mount.davfs", "davfs2")
-    if os.geteuid() != 0:
-        pytest.skip("mounting davfs2 without an fstab entry needs root")
-    try:
-        davfs2_group = grp.getgrnam("davfs2").gr_gid
-    except KeyError:
-        pytest.skip("the davfs2 group is missing (the davfs2 package makes it)")
     store = tmp_path / "store"
     run_cli("init", store=store, check=True)
     run_cli("ingest", str(_three_series(tmp_path / "in")), store=store, check=True)
-    work = Path(tempfile.mkdtemp(prefix="dicomfs-davfs2-"))  # davfs2 drops to its own user: not under tmp_path
-    try:
-        work.chmod(0o755)
-        mnt, cache = work / "mnt", work / "cache"
-        mnt.mkdir()
-        cache.mkdir()
-        os.chown(cache, 0, davfs2_group)
-        cache.chmod(0o775)
-        secrets = work / "secrets"
-        secrets.write_text(f'{mnt} "" ""\n')
-        secrets.chmod(0o600)
-        conf = work / "davfs2.conf"
-        conf.write_text(f"secrets {secrets}\ncache_dir {cache}\nask_auth 0\nuse_locks 1\ndelay_upload 0\nbuf_size 64\n")
-        with bridge(store) as server:
-            try:
-                mounted = subprocess.run([mount_davfs, "-o", f"conf={conf}", server.url, str(mnt)],
-                                         capture_output=True, text=True, timeout=60)
-                assert mounted.returncode == 0 and os.path.ismount(mnt), mounted.stderr
-                study = mnt / _STUDY
-                assert sorted(os.listdir(study)) == [_SERIES, f"{_SERIES} (2)", f"{_SERIES} (3)"]
-                done = subprocess.run(["rm", "-r", str(study)], capture_output=True, text=True, timeout=120)
-                assert server.request("PROPFIND", "/by-uids/", headers={"Depth": "1"}).body.count(b"<D:response>") == 1
-                assert done.returncode == 0, done.stderr
-                assert not study.exists()
-            finally:
-                unmount(mnt)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with bridge(store) as server, davfs2_mounted(server.url) as mnt:
+        study = mnt / _STUDY
+        assert sorted(os.listdir(study)) == [_SERIES, f"{_SERIES} (2)", f"{_SERIES} (3)"]
+        done = subprocess.run(["rm", "-r", str(study)], capture_output=True, text=True, timeout=120)
+        assert server.request("PROPFIND", "/by-uids/", headers={"Depth": "1"}).body.count(b"<D:response>") == 1
+        assert done.returncode == 0, done.stderr
+        assert not study.exists()
 
 
 def test_stable_names_many_siblings_of_one_name_are_numbered_in_linear_time() -> None:

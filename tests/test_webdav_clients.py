@@ -155,8 +155,10 @@ def unmount(mountpoint: Path) -> None:
         os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)  # only ever this mount's own daemon
 
 
-@pytest.mark.timeout(240)
-def test_davfs2_mount_lists_reads_uploads_and_deletes(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def davfs2_mounted(url: str) -> Iterator[Path]:
+    """A davfs2 mount of the bridge at ``url`` (anonymous, with locks, as Linux users set it up),
+    unmounted at the end; skips where davfs2 cannot mount here."""
     mount_davfs = need("mount.davfs", "davfs2")
     if os.geteuid() != 0:
         pytest.skip("mounting davfs2 without an fstab entry needs root")
@@ -164,8 +166,6 @@ def test_davfs2_mount_lists_reads_uploads_and_deletes(tmp_path: Path) -> None:
         davfs2_group = grp.getgrnam("davfs2").gr_gid
     except KeyError:
         pytest.skip("the davfs2 group is missing (the davfs2 package makes it)")
-    store, corpus = archive(tmp_path, seed=21)
-    new = fresh_files(tmp_path / "new", seed=22).valid_files[0]
     # davfs2 drops to its own user: pytest's tmp_path (mode 700) is out of its reach.
     work = Path(tempfile.mkdtemp(prefix="dicomfs-davfs2-"))
     try:
@@ -181,44 +181,50 @@ def test_davfs2_mount_lists_reads_uploads_and_deletes(tmp_path: Path) -> None:
         conf = work / "davfs2.conf"
         # buf_size 64: Linux >= 6.16 fails davfs2's readdir with the default (davfs2 issue #22).
         conf.write_text(f"secrets {secrets}\ncache_dir {cache}\nask_auth 0\nuse_locks 1\ndelay_upload 0\nbuf_size 64\n")
-        with bridge(store) as server:
-            try:
-                mounted = subprocess.run([mount_davfs, "-o", f"conf={conf}", server.url, str(mnt)],
-                                         capture_output=True, text=True, timeout=60)
-                assert mounted.returncode == 0 and os.path.ismount(mnt), mounted.stderr
-
-                # ls: the folders are the stored UIDs, and nothing else.
-                by_uids = mnt / "by-uids"
-                assert sorted(os.listdir(by_uids)) == sorted({f.study_uid for f in corpus.valid_files})
-                for sample in corpus.valid_files:
-                    series = by_uids / sample.study_uid / sample.series_uid
-                    assert sorted(os.listdir(series)) == sorted(
-                        [f"{f.sop_uid}.dcm" for f in corpus.valid_files if f.series_uid == sample.series_uid] + ["series.json"])
-                    assert "study.json" in os.listdir(by_uids / sample.study_uid)
-                    # cat: the very bytes that were ingested
-                    assert (by_uids / uid_path(sample).removeprefix("by-uids/")).read_bytes() == sample.path.read_bytes()
-
-                # cp into uploads/: stored, then gone from uploads/
-                shutil.copyfile(new.path, mnt / "uploads" / "from-davfs2.dcm")
-                wait_for(lambda: server.request("GET", "/" + uid_path(new)).status == 200, "the copy is stored")
-                assert server.request("GET", "/" + uid_path(new)).body == new.path.read_bytes()
-                wait_for(lambda: "from-davfs2.dcm" not in listing(server, "/uploads/"), "the copy leaves uploads/")
-                assert server.request("GET", "/uploads/from-davfs2.dcm").status == 404
-                assert upload_files(store) == []
-
-                # rm of an instance deletes it from the store (delete_allowed is the default)
-                doomed = corpus.valid_files[0]
-                (mnt / uid_path(doomed)).unlink()
-                assert server.request("GET", "/" + uid_path(doomed)).status == 404
-                assert stored_instances(server) == {
-                    **{k: v for k, v in expected_instances(corpus).items() if k != uid_path(doomed).removeprefix("by-uids/")},
-                    uid_path(new).removeprefix("by-uids/"): new.size}
-                assert f"{doomed.sop_uid}.dcm" not in os.listdir(mnt / "by-uids" / doomed.study_uid / doomed.series_uid)
-            finally:
-                unmount(mnt)
-            assert not os.path.ismount(mnt)
+        try:
+            mounted = subprocess.run([mount_davfs, "-o", f"conf={conf}", url, str(mnt)],
+                                     capture_output=True, text=True, timeout=60)
+            assert mounted.returncode == 0 and os.path.ismount(mnt), mounted.stderr
+            yield mnt
+        finally:
+            unmount(mnt)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.timeout(240)
+def test_davfs2_mount_lists_reads_uploads_and_deletes(tmp_path: Path) -> None:
+    store, corpus = archive(tmp_path, seed=21)
+    new = fresh_files(tmp_path / "new", seed=22).valid_files[0]
+    with bridge(store) as server, davfs2_mounted(server.url) as mnt:
+        # ls: the folders are the stored UIDs, and nothing else.
+        by_uids = mnt / "by-uids"
+        assert sorted(os.listdir(by_uids)) == sorted({f.study_uid for f in corpus.valid_files})
+        for sample in corpus.valid_files:
+            series = by_uids / sample.study_uid / sample.series_uid
+            assert sorted(os.listdir(series)) == sorted(
+                [f"{f.sop_uid}.dcm" for f in corpus.valid_files if f.series_uid == sample.series_uid] + ["series.json"])
+            assert "study.json" in os.listdir(by_uids / sample.study_uid)
+            # cat: the very bytes that were ingested
+            assert (by_uids / uid_path(sample).removeprefix("by-uids/")).read_bytes() == sample.path.read_bytes()
+
+        # cp into uploads/: stored, then gone from uploads/
+        shutil.copyfile(new.path, mnt / "uploads" / "from-davfs2.dcm")
+        wait_for(lambda: server.request("GET", "/" + uid_path(new)).status == 200, "the copy is stored")
+        assert server.request("GET", "/" + uid_path(new)).body == new.path.read_bytes()
+        wait_for(lambda: "from-davfs2.dcm" not in listing(server, "/uploads/"), "the copy leaves uploads/")
+        assert server.request("GET", "/uploads/from-davfs2.dcm").status == 404
+        assert upload_files(store) == []
+
+        # rm of an instance deletes it from the store (delete_allowed is the default)
+        doomed = corpus.valid_files[0]
+        (mnt / uid_path(doomed)).unlink()
+        assert server.request("GET", "/" + uid_path(doomed)).status == 404
+        assert stored_instances(server) == {
+            **{k: v for k, v in expected_instances(corpus).items() if k != uid_path(doomed).removeprefix("by-uids/")},
+            uid_path(new).removeprefix("by-uids/"): new.size}
+        assert f"{doomed.sop_uid}.dcm" not in os.listdir(mnt / "by-uids" / doomed.study_uid / doomed.series_uid)
+    assert not os.path.ismount(mnt)
 
 
 # -- rclone ----------------------------------------------------------------------------------------
