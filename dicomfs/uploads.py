@@ -119,8 +119,7 @@ class UploadArea:
                 # A line each for what needs a look (not stored, or stored with a remark); the
                 # rest is counted in the group's line, or a CD of 2,000 files floods the log.
                 _log.log(logging.INFO if result.status == REJECTED or result.reason else logging.DEBUG,
-                         "%s%s: %s%s", label, result.path[len(str(path)):], result.status.replace("_", " "),
-                         f" ({result.reason})" if result.reason else "")
+                         "%s%s: %s", label, result.path[len(str(path)):], _said(result))
             rejected = [r for r in own if r.status == REJECTED]
             if not rejected:
                 _remove_if_same(path, inode)
@@ -317,6 +316,14 @@ def _group_summary(uploads: list[Sequence[str]], results: list[IngestResult]) ->
     said = [f"{counts[status]} {_SAID[status]}" for status in _SAID if counts[status]]
     files = f"{len(uploads)} file{'s' if len(uploads) != 1 else ''}"
     return f"uploads/{shared + '/' if shared else ''}: {files}: {', '.join(said)}"
+
+
+def _said(result: IngestResult) -> str:
+    """``rejected (not DICOM: ...)``, but ``rejected: ...`` where the reason says it already."""
+    status = result.status.replace("_", " ")
+    if not result.reason:
+        return status
+    return result.reason if result.reason.startswith(status) else f"{status} ({result.reason})"
 
 
 _SAID = {STORED: "stored", REPLACED: "replaced", ALREADY_STORED: "already stored", SKIPPED: "skipped", REJECTED: "not stored"}

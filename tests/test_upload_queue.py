@@ -208,3 +208,20 @@ def test_an_upload_that_cannot_be_linked_is_copied(open_store: Callable[..., Sto
         assert check_store(store).clean
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_an_upload_line_says_rejected_once(open_store: Callable[..., Store], tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A reason that already says "rejected: ..." is not wrapped in "rejected (...)" again; one that
+    says something else (not DICOM, truncated) keeps the status in front of it."""
+    store = open_store()
+    area = UploadArea(store.folder / "uploads")
+    bad_uid = area.root / "bad-uid.dcm"
+    write_own_instance(bad_uid, 0, patient="UPLOAD", series="1.2.826.0.1.3680043.10.96.1.1")
+    bad_uid.write_bytes(bad_uid.read_bytes().replace(b"1.2.826.0.1.3680043.10.96.1.1", b"1.2.826.0.1.3680043.10.96.1.x"))
+    (area.root / "text.dcm").write_bytes(b"not an image\n")
+    with caplog.at_level(logging.INFO):
+        area.ingest_many(store, [("bad-uid.dcm",), ("text.dcm",)], origin="fuse")
+    lines = {line.split(": ", 1)[0]: line for line in (record.getMessage() for record in caplog.records)}
+    assert lines["uploads/bad-uid.dcm"].startswith("uploads/bad-uid.dcm: rejected: SOPInstanceUID is not a UID"), lines
+    assert lines["uploads/text.dcm"].startswith("uploads/text.dcm: rejected (not DICOM"), lines
