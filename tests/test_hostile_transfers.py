@@ -413,3 +413,12 @@ def test_the_validator_takes_what_the_protocol_makes_and_nothing_else() -> None:
         nested = [nested]
     with pytest.raises(validation.ManifestError, match="a list"):  # never repr'd
         validation.lookup_request({"instances": [[nested, SHA, 1]]})
+
+
+def test_looks_like_id_takes_no_trailing_newline() -> None:
+    """The store's own shape check, under the transfer validator's: re.match with $ let "id\\n" pass."""
+    from dicomfs.store.ids import looks_like_id
+
+    good = "0123abcd-0123abcd-0123abcd-0123abcd-0123abcd"
+    assert looks_like_id(good)
+    assert not looks_like_id(good + "\n") and not looks_like_id(good + "/..") and not looks_like_id(good.upper())

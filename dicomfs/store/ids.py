@@ -29,7 +29,7 @@ ResourceId = NewType("ResourceId", str)
 ROOT_KEY = bytes(20)
 """The key of the virtual parent of every patient."""
 
-_ID_PATTERN = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
+_ID_PATTERN = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
 
 
 class Level(enum.IntEnum):
@@ -95,4 +95,4 @@ def id_from_key(key: bytes) -> ResourceId:
 
 def looks_like_id(text: str) -> bool:
     """Whether ``text`` has the shape of a resource id."""
-    return bool(_ID_PATTERN.match(text))
+    return bool(_ID_PATTERN.fullmatch(text))  # match() with $ would take a trailing newline too
