@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DicomHeader", "parse_header", "DICOMDIR_SOP_CLASS", "MAX_NESTING", "MAX_UID_LENGTH", "MAX_VALUE_LENGTH"]
 
-Buffer = Union[bytes, bytearray, memoryview, mmap.mmap]
+Buffer = Union[bytes, bytearray, mmap.mmap]
 """Anything sliceable into bytes: the parser slices it directly (bytes and mmap slice fastest)."""
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
