@@ -6,7 +6,7 @@ the front end answers at once and queues the file here, and one thread hands wha
 queued up meanwhile (letting it gather for up to ``ingest.batch_delay_ms`` first) to the ingest
 process (``upload_worker``), which stores it in a single group commit. The file stays visible in
 ``uploads/`` until it is stored, then vanishes; what is not DICOM stays with its reason (see
-``uploads``).
+``uploads``). A copy's many groups make one log line, its total, once it is over (``_Copies``).
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
-from typing import Callable, Collection, Sequence
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Collection, Iterable, Sequence
 
 from dicomfs.store import Store
 from dicomfs.upload_worker import UploadIngester
-from dicomfs.uploads import Stamp, UploadArea, UploadOutcome, stamp_of
+from dicomfs.store.candidates import REJECTED
+from dicomfs.uploads import EMPTY, EMPTY_REASON, Stamp, UploadArea, UploadOutcome, said_counts, stamp_of
 
-__all__ = ["UploadQueue"]
+__all__ = ["QUIET_SECONDS", "UploadQueue"]
 
 _log = logging.getLogger(__name__)
 _MOST_PER_GROUP = 256
@@ -34,6 +36,12 @@ _ORPHANED_SECONDS = 300.0
 end that took it in may have died while this one ran."""
 _ORPHAN_CHECK_SECONDS = 60.0
 """How often to look for those: a look walks uploads/ (a stat and a getxattr per file)."""
+QUIET_SECONDS = 2.0
+"""A copy is over once nothing came for its folder this long: cp, rclone and Explorer send the next
+file as soon as the last is answered (well under a second); a copy that stalls longer gets a total
+for each part, which says what happened."""
+_MOST_COPIES = 256
+"""Copies counted at once (top-level names in uploads/): past that the longest quiet is logged early."""
 
 
 class UploadQueue:
@@ -53,6 +61,7 @@ class UploadQueue:
         self._condition = threading.Condition()
         self._closed = False
         self._next_adoption = 0.0  # 0: the first look, at start
+        self._copies = _Copies(area)  # the queue thread's only
         # Started by the first submit or adopt_leftovers, which front ends call once they serve: one
         # that cannot (its port taken) then spawns no ingest process only to exit around its start.
         self._thread = threading.Thread(target=self._run, name=f"{origin}-uploads", daemon=True)
@@ -131,14 +140,21 @@ class UploadQueue:
             _log.exception("cannot start the upload ingest process; trying again at the first upload")
         while True:
             with self._condition:
-                self._condition.wait_for(lambda: self._waiting or self._closed)
-                if not self._waiting:
-                    return
-                self._gather()
+                self._condition.wait_for(lambda: self._waiting or self._closed, self._copies.next_due())
+                over = self._closed and not self._waiting
                 group: list[tuple[tuple[str, ...], tuple[str, Stamp | None]]] = []
-                while self._waiting and len(group) < _MOST_PER_GROUP:
-                    group.append(self._waiting.popitem(last=False))
-                self._in_progress = {parts for parts, _ in group}
+                if self._waiting:
+                    self._gather()
+                    while self._waiting and len(group) < _MOST_PER_GROUP:
+                        group.append(self._waiting.popitem(last=False))
+                    self._in_progress = {parts for parts, _ in group}
+                # a copy with files still to come is not over, however long its last group took
+                coming = _copies_of(self._waiting.keys() | self._in_progress) if self._copies.due() else set()
+            self._copies.log_quiet(besides=coming, everything=over)
+            if over:
+                return
+            if not group:
+                continue
             try:
                 self._ingest(group)
             finally:
@@ -162,6 +178,7 @@ class UploadQueue:
                 return
 
     def _ingest(self, group: list[tuple[tuple[str, ...], tuple[str, Stamp | None]]]) -> None:
+        started = time.monotonic()
         by_remote: dict[str, list[tuple[tuple[str, ...], Stamp | None]]] = {}
         for parts, (remote, stamp) in group:
             by_remote.setdefault(remote, []).append((parts, stamp))
@@ -172,9 +189,91 @@ class UploadQueue:
                                                       remote=remote)
             except Exception as error:  # a store error (a full disk) must not kill the thread
                 _log.exception("ingest of %d uploaded files failed; they stay in uploads/", len(batch))
+                reason = f"not stored: {error}"
                 for parts in batch:
-                    self._keep_with_reason(parts, f"not stored: {error}")
+                    self._keep_with_reason(parts, reason)
+                self._copies.count([(parts, UploadOutcome([], removed=False, reason=reason)) for parts in batch], started)
                 continue
+            reports = list(zip(batch, outcomes, strict=True))
+            self._copies.count(reports, started)
             if self._on_done is not None:
                 # One report per group, not per file: each front end refreshes its tree once for it.
-                self._on_done(list(zip(batch, outcomes, strict=True)))
+                self._on_done(reports)
+
+
+@dataclass
+class _Copy:
+    """What became of the files of one copy so far."""
+
+    started: float
+    last: float
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+class _Copies:
+    """The totals of the copies under way, one per top-level name in uploads/ (a folder, a zip),
+    and one for files straight into uploads/; each logged once quiet for ``QUIET_SECONDS``, then
+    dropped."""
+
+    def __init__(self, area: UploadArea) -> None:
+        self._area = area
+        self._copies: OrderedDict[str, _Copy] = OrderedDict()  # by label, the longest quiet first
+
+    def count(self, outcomes: list[tuple[tuple[str, ...], UploadOutcome]], started: float) -> None:
+        """Add a group's outcomes (its ingest began at ``started``, monotonic)."""
+        now = time.monotonic()
+        for parts, outcome in outcomes:
+            if outcome.results:
+                statuses = [result.status for result in outcome.results]
+            elif outcome.removed or not outcome.reason:
+                continue  # clutter, gone, or written again: nothing to count (yet)
+            else:
+                statuses = [EMPTY if outcome.reason == EMPTY_REASON else REJECTED]
+            label = self._label(parts, outcome)
+            copy = self._copies.pop(label, None) or _Copy(started, now)
+            copy.last = now
+            copy.counts.update(statuses)
+            self._copies[label] = copy
+            if len(self._copies) > _MOST_COPIES:
+                self._log(*self._copies.popitem(last=False))
+
+    def next_due(self) -> float | None:
+        """Seconds until the longest quiet copy is over; None when none is under way."""
+        if not self._copies:
+            return None
+        return max(0.0, next(iter(self._copies.values())).last + QUIET_SECONDS - time.monotonic())
+
+    def due(self) -> bool:
+        return self.next_due() == 0.0
+
+    def log_quiet(self, *, besides: set[str], everything: bool = False) -> None:
+        """Log and drop the copies quiet for long enough (all of them when ``everything``) but those in ``besides``."""
+        limit = time.monotonic() - QUIET_SECONDS
+        for label, copy in list(self._copies.items()):
+            if not everything and (copy.last > limit or label in besides):
+                continue
+            del self._copies[label]
+            self._log(label, copy)
+
+    def _label(self, parts: tuple[str, ...], outcome: UploadOutcome) -> str:
+        if len(parts) > 1:
+            return f"uploads/{parts[0]}/"
+        if outcome.results and outcome.results[0].path != str(self._area.path(parts)):
+            return f"uploads/{parts[0]}"  # a zip's members: the zip is the copy
+        return "uploads/"
+
+    @staticmethod
+    def _log(label: str, copy: _Copy) -> None:
+        total = sum(copy.counts.values())
+        unit = "file" if label.endswith("/") else "member"
+        look = " (see the lines above)" if copy.counts[REJECTED] or copy.counts[EMPTY] else ""
+        _log.info("%s: %d %s%s in %.1f s: %s%s", label, total, unit, "" if total == 1 else "s",
+                  copy.last - copy.started, said_counts(copy.counts), look)
+
+
+def _copies_of(uploads: Iterable[tuple[str, ...]]) -> set[str]:
+    """The labels of the copies ``uploads`` may belong to."""
+    labels = set()
+    for parts in uploads:
+        labels.update((f"uploads/{parts[0]}/",) if len(parts) > 1 else ("uploads/", f"uploads/{parts[0]}"))
+    return labels

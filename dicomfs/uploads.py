@@ -29,12 +29,15 @@ from dicomfs.store.candidates import ALREADY_STORED, REJECTED, REPLACED, SKIPPED
 from dicomfs.store.libc import link_open_file
 from dicomfs.store.sources import Source, is_os_junk
 
-__all__ = ["ERROR_XATTR", "INTERRUPTED_REASON", "NO_SPACE_REASON", "Stamp", "UploadArea", "UploadOutcome",
-           "has_nameless_files", "new_version", "rename_over", "stamp_of"]
+__all__ = ["EMPTY", "EMPTY_REASON", "ERROR_XATTR", "INTERRUPTED_REASON", "NO_SPACE_REASON", "Stamp", "UploadArea",
+           "UploadOutcome", "has_nameless_files", "new_version", "rename_over", "said_counts", "stamp_of"]
 
 ERROR_XATTR = "user.dicomfs.error"
 NO_SPACE_REASON = "not stored: no space left on device: the upload did not fit on the disk of uploads/"
 INTERRUPTED_REASON = "the upload was interrupted: only part of the file arrived"
+EMPTY_REASON = "empty file (0 bytes): nothing to store"
+EMPTY = "empty"
+"""What the log lines count empty files as, beside the ingest's statuses (they never reach the ingest)."""
 Stamp = tuple[int, int, int]
 """A file's inode, size and modification time (ns)."""
 _log = logging.getLogger(__name__)
@@ -106,7 +109,9 @@ class UploadArea:
                 outcomes[position] = UploadOutcome([], removed=False)
                 continue
             if info.st_size == 0:
-                outcomes[position] = self._keep(path, [], "empty file (0 bytes): nothing to store")
+                # A line of its own like a rejected file's: a copy that made it empty needs a look.
+                _log.info("uploads/%s: %s", "/".join(parts), EMPTY_REASON)
+                outcomes[position] = self._keep(path, [], EMPTY_REASON)
                 continue
             to_ingest.append((position, path, info.st_ino))
         results = list(store.ingest_sources([Source(str(path), str(path), handed_over=self._hand_over)
@@ -117,7 +122,7 @@ class UploadArea:
             label = "uploads/" + "/".join(batch[position])
             for result in own:
                 # A line each for what needs a look (not stored, or stored with a remark); the
-                # rest is counted in the group's line, or a CD of 2,000 files floods the log.
+                # rest is counted in the copy's total (UploadQueue), or a CD of 2,000 files floods the log.
                 _log.log(logging.INFO if result.status == REJECTED or result.reason else logging.DEBUG,
                          "%s%s: %s", label, result.path[len(str(path)):], _said(result))
             rejected = [r for r in own if r.status == REJECTED]
@@ -130,7 +135,8 @@ class UploadArea:
                 outcomes[position] = self._keep(path, own, f"{len(rejected)} of {len(own)} files not stored: " + "; ".join(
                     f"{r.path.rsplit(':', 1)[-1]}: {r.reason}" for r in rejected[:5]))
         if to_ingest:
-            _log.info("%s", _group_summary([batch[position] for position, _, _ in to_ingest], results))
+            # DEBUG: the upload queue logs one total for a whole copy, made of many groups.
+            _log.debug("%s", _group_summary([batch[position] for position, _, _ in to_ingest], results))
         return [outcomes[position] for position in range(len(batch))]
 
     def _keep(self, path: Path, results: list[IngestResult], reason: str) -> UploadOutcome:
@@ -312,10 +318,13 @@ def _group_summary(uploads: list[Sequence[str]], results: list[IngestResult]) ->
     """One line for a group: where its files were (the folder they share) and what became of them,
     e.g. "uploads/cd1/: 97 files: 95 stored, 1 already stored, 1 not stored"."""
     shared = os.path.commonpath(["/".join(parts[:-1]) for parts in uploads])
-    counts = Counter(result.status for result in results)
-    said = [f"{counts[status]} {_SAID[status]}" for status in _SAID if counts[status]]
     files = f"{len(uploads)} file{'s' if len(uploads) != 1 else ''}"
-    return f"uploads/{shared + '/' if shared else ''}: {files}: {', '.join(said)}"
+    return f"uploads/{shared + '/' if shared else ''}: {files}: {said_counts(Counter(r.status for r in results))}"
+
+
+def said_counts(counts: Counter[str]) -> str:
+    """Counts of statuses (and ``EMPTY``) as a log line says them: "95 stored, 1 already stored, 1 not stored"."""
+    return ", ".join(f"{counts[status]} {_SAID[status]}" for status in _SAID if counts[status])
 
 
 def _said(result: IngestResult) -> str:
@@ -326,7 +335,8 @@ def _said(result: IngestResult) -> str:
     return result.reason if result.reason.startswith(status) else f"{status} ({result.reason})"
 
 
-_SAID = {STORED: "stored", REPLACED: "replaced", ALREADY_STORED: "already stored", SKIPPED: "skipped", REJECTED: "not stored"}
+_SAID = {STORED: "stored", REPLACED: "replaced", ALREADY_STORED: "already stored", SKIPPED: "skipped", REJECTED: "not stored",
+         EMPTY: "empty"}
 
 
 def _split_by_source(paths: list[str], results: list[IngestResult]) -> list[list[IngestResult]]:
