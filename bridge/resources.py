@@ -29,7 +29,7 @@ from bridge.streams import open_stream
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.store.sources import is_os_junk
 from dicomfs.uploads import ERROR_XATTR, new_version, rename_over
-from dicomfs.views import Entry, EntryKind
+from dicomfs.views import Entry, EntryKind, attachment_mime, attachment_sha256
 from dicomfs.views.tags import META_PREFIX, PROTECTED, protection, resource_attributes
 
 if TYPE_CHECKING:
@@ -58,15 +58,18 @@ def dav_error(error: DicomfsError) -> DAVError:
 
 def content_type(entry: Entry) -> str:
     """The type of a view file (bridge.propfind writes it without a resource)."""
-    return "application/dicom" if entry.kind is EntryKind.INSTANCE else "application/json"
+    if entry.kind is EntryKind.INSTANCE:
+        return "application/dicom"
+    return attachment_mime(entry) or "application/json"
 
 
 def etag(entry: Entry, content: Callable[[], bytes]) -> str:
-    """The ETag of a view file; ``content`` gives a document's bytes (not read for an instance)."""
+    """The ETag of a view file; ``content`` gives a document's bytes (not read for an instance or
+    an attachment)."""
     if entry.kind is EntryKind.INSTANCE:
         # An instance's bytes change only if it is replaced, which also moves its reception time.
         return f"{entry.resource_id}-{entry.size}-{int(entry.mtime * 1000)}"
-    return hashlib.sha1(content(), usedforsecurity=False).hexdigest()
+    return attachment_sha256(entry) or hashlib.sha1(content(), usedforsecurity=False).hexdigest()
 
 
 class _Href:
@@ -266,7 +269,11 @@ class ViewFile(_ViewResource, DAVNonCollection):  # type: ignore[misc]
 
     def get_content(self) -> io.RawIOBase | io.BytesIO:
         if self.entry.kind is EntryKind.DOCUMENT:
-            return io.BytesIO(self._content())
+            try:
+                reader = self.provider.tree.open_attachment(self.entry)  # streamed: it can be large
+            except NotFoundError:
+                raise DAVError(HTTP_NOT_FOUND) from None
+            return io.BytesIO(self._content()) if reader is None else open_stream(reader)
         assert self.entry.resource_id is not None
         try:
             return open_stream(self.provider.store.open_instance(self.entry.resource_id))

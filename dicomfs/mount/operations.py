@@ -416,7 +416,10 @@ class DicomOperations(pyfuse3.Operations):
         handle = _Handle(node)
         if node.kind == "document":
             entry = await self._entry_of(node)
-            handle.content = await self._thread(self.tree.document, entry)
+            # an attachment streams from the store (it can be large); a document is made whole
+            handle.reader = await self._thread(self.tree.open_attachment, entry)
+            if handle.reader is None:
+                handle.content = await self._thread(self.tree.document, entry)
             fh = self._new_fh()
             self._handles[fh] = handle
             # A job's file grows as the job runs: direct I/O reads what it holds now, whatever

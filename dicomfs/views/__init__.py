@@ -26,6 +26,8 @@ Pure: no pyfuse3, wsgidav or HTTP here. One stored instance appears in every vie
     │       └── <SeriesInstanceUID>/
     │           ├── series.json
     │           └── <SOPInstanceUID>.dcm
+    │   (a patient's, study's or series' folder holding an attachment also has a read-only
+    │    attachments/ with <name><.ext of its MIME type>; an instance's are in its xattrs)
     ├── uploads/                            writable staging area: what is copied in is ingested
     └── jobs/                               read-only: <job id>.json for every export job
 
@@ -34,6 +36,7 @@ come from the index and are cached until the store changes (``tree``).
 """
 
 from dicomfs.views.entries import Entry, EntryKind, Listing
-from dicomfs.views.tree import JOBS, UPLOADS, VIEWS, NotAFolderError, Tree
+from dicomfs.views.tree import ATTACHMENTS, JOBS, UPLOADS, VIEWS, NotAFolderError, Tree, attachment_mime, attachment_sha256
 
-__all__ = ["JOBS", "UPLOADS", "VIEWS", "Entry", "EntryKind", "Listing", "NotAFolderError", "Tree"]
+__all__ = ["ATTACHMENTS", "JOBS", "UPLOADS", "VIEWS", "Entry", "EntryKind", "Listing", "NotAFolderError", "Tree",
+           "attachment_mime", "attachment_sha256"]

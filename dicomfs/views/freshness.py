@@ -42,7 +42,7 @@ def listing_sources(node: Node, listing: Listing, documents: Mapping[Node, froze
         return frozenset(_level(level) for level in _LISTS_EVERY[node[1]])
     if kind in _DATED:
         return frozenset(_level(level) for level in _LISTS_EVERY["by-dates"])
-    if kind not in ("patient", "study", "series"):
+    if kind not in ("patient", "study", "series", "attachments"):
         return frozenset()  # the root, jobs/: nothing stored
     sources = {node[-1]}
     for entry in listing.entries:

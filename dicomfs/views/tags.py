@@ -11,11 +11,14 @@ from typing import Sequence
 
 from dicomfs.store import Instance, Patient, Record, Series, Store, Study
 
-__all__ = ["ID", "META_PREFIX", "PROTECTED", "TAG_PREFIX", "main_tags", "protection", "resource_attributes"]
+__all__ = ["ATTACHED", "ID", "META_PREFIX", "PROTECTED", "TAG_PREFIX", "main_tags", "protection", "resource_attributes"]
 
 TAG_PREFIX, META_PREFIX = "dicom.", "dicomfs.meta."
 """``dicom.PatientID`` (read-only, from the index) and ``dicomfs.meta.<name>`` (user metadata)."""
 PROTECTED, ID = "dicomfs.protected", "dicomfs.id"
+ATTACHED = "dicomfs.attachments"
+"""The names of a resource's attachments, comma-separated; present only when it has one. An
+instance is a file and cannot hold an ``attachments/`` folder: this is where its attachments show."""
 
 
 def protection(text: str) -> bool | None:
@@ -25,11 +28,14 @@ def protection(text: str) -> bool | None:
 
 def resource_attributes(store: Store, resource_id: str) -> dict[str, str]:
     """Every named attribute of a stored resource: its tags and its parents', its id, its user
-    metadata and, for a patient, whether it is protected from recycling."""
+    metadata, its attachments' names if any and, for a patient, whether it is protected from recycling."""
     record = store.get(resource_id)
     values = {TAG_PREFIX + k: v for k, v in main_tags([*store.ancestors(record), record]).items()}
     values[ID] = resource_id
     values.update({META_PREFIX + k: v for k, v in store.metadata(resource_id).items()})
+    attachments = store.attachments(resource_id)
+    if attachments:
+        values[ATTACHED] = ", ".join(a.name for a in attachments)
     if isinstance(record, Patient):
         values[PROTECTED] = "1" if record.protected else "0"
     return values

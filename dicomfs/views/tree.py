@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import json
+import mimetypes
 import re
 import threading
 import time
@@ -31,13 +32,14 @@ from typing import Callable, Mapping, Sequence
 from dicomfs.errors import NotFoundError
 from dicomfs.jobs.model import Job
 from dicomfs.jobs.storage import JobStore
-from dicomfs.store import Instance, Level, Patient, Record, ResourceId, Series, Store, Study
+from dicomfs.store import Attachment, Instance, Level, Patient, Record, ResourceId, Series, Store, Study
+from dicomfs.store.blobs import BlobReader
 from dicomfs.views.documents import series_document, study_document
 from dicomfs.views.entries import Entry, EntryKind, Listing, Node
 from dicomfs.views.freshness import listing_sources, touched
-from dicomfs.views.names import MAX_NAME_BYTES, join_fields, number_siblings, safe_text
+from dicomfs.views.names import MAX_NAME_BYTES, disambiguate, join_fields, number_siblings, safe_text
 
-__all__ = ["JOBS", "UPLOADS", "VIEWS", "NotAFolderError", "Path", "Tree"]
+__all__ = ["ATTACHMENTS", "JOBS", "UPLOADS", "VIEWS", "NotAFolderError", "Path", "Tree", "attachment_mime", "attachment_sha256"]
 
 Path = tuple[str, ...]
 VIEWS = ("by-patients", "by-studies", "by-dates", "by-uids")
@@ -48,6 +50,15 @@ _FAILURES_SHOWN = 1000
 UNDATED = "unknown"
 """The by-dates folder of studies without a valid StudyDate (Orthanc leaves them out entirely)."""
 STUDY_DOCUMENT, SERIES_DOCUMENT = "study.json", "series.json"
+ATTACHMENTS = "attachments"
+"""The read-only folder of a patient's, study's or series' attachments, shown only when it has one.
+No sibling can take the name: those are joined fields (``A - B``) or UIDs."""
+_ATTACHMENT = "attachment"
+"""The node kind of an attachment file: (kind, resource id, attachment name, MIME type, sha256)."""
+_EXTENSIONS = mimetypes.MimeTypes()
+"""Python's own table, not /etc/mime.types: a name must not change with the machine that shows it."""
+_MIME = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
+"""What an attachment's MIME type (``attach put --mime`` takes any text) must be to be sent as one."""
 _CACHED_FOLDERS = 4096
 _CHANGES_READ = 256
 """Commits a refresh reads the change log of to keep what they left exact; after more (a bulk
@@ -208,7 +219,16 @@ class Tree:
             return self._job_document(self.jobs.get(resource_id))
         if kind == "study-document":
             return self._study_document(resource_id, [r for r in self._children(resource_id) if isinstance(r, Series)])
+        if kind == _ATTACHMENT:
+            raise ValueError("an attachment is read with open_attachment, not whole")
         return self._series_document(resource_id, [r for r in self._children(resource_id) if isinstance(r, Instance)])
+
+    def open_attachment(self, entry: Entry) -> BlobReader | None:
+        """A reader of an attachment file's content (streamed from the store: an attachment can be
+        large); None when ``entry`` is another document. NotFoundError when it is gone."""
+        if entry.node[0] != _ATTACHMENT:
+            return None
+        return self.store.open_attachment(entry.node[1], entry.node[2])
 
     def _study_document(self, study_id: str, series: list[Series]) -> bytes:
         change = self._change
@@ -273,6 +293,8 @@ class Tree:
             return self._studies_on(node[1] + node[2][5:7])
         if kind == "undated":
             return self._studies_on("")
+        if kind == ATTACHMENTS:
+            return self._attachments(node[2])
         if kind == JOBS and self.jobs is not None:
             return self._jobs()
         raise NotFoundError(f"unknown folder kind {kind!r}")
@@ -320,7 +342,7 @@ class Tree:
         studies = [r for r in self._children(patient_id) if isinstance(r, Study)]
         names = self._names(f"{view}/{patient_id}", studies, [(_dated_study_name(s), "") for s in studies],
                             [(s.created, s.study_uid) for s in studies])
-        return self._folders(view, "study", studies, names)
+        return self._with_attachments(self._folders(view, "study", studies, names), view, patient_id)
 
     def _all_studies(self, view: str) -> Listing:
         return self._study_folders(view, view, self._with_patients([study_id for _, study_id in self.store.studies_by_date()]))
@@ -351,7 +373,7 @@ class Tree:
         # One name in by-patients, by-studies and by-dates (same siblings, same stems): one context.
         context = f"{_BY_UIDS}/{study_id}" if view == "by-uids" else f"series/{study_id}"
         names = self._names(context, series, stems, [(s.created, s.series_uid) for s in series])
-        listing = self._folders(view, "series", series, names)
+        listing = self._with_attachments(self._folders(view, "series", series, names), view, study_id)
         if view != "by-uids":
             return listing
         content = self._study_document(study_id, series)  # from the series just read
@@ -371,7 +393,32 @@ class Tree:
         if view == "by-uids":
             content = self._series_document(series_id, instances)  # from the instances just read
             entries.append(Entry(SERIES_DOCUMENT, EntryKind.DOCUMENT, len(content), mtime, ("series-document", series_id), series_id))
-        return Listing.of(entries, mtime)
+        return self._with_attachments(Listing.of(entries, mtime), view, series_id)
+
+    def _with_attachments(self, listing: Listing, view: str, resource_id: ResourceId) -> Listing:
+        """``listing`` with an ``attachments/`` folder when the resource has an attachment (one range
+        read, usually empty). The folder stands for no resource: removing it deletes nothing."""
+        if not self._attachments_of(resource_id):
+            return listing
+        folder = Entry(ATTACHMENTS, EntryKind.FOLDER, 0, listing.mtime, (ATTACHMENTS, view, resource_id))
+        return Listing.of([*listing.entries, folder], listing.mtime)
+
+    def _attachments_of(self, resource_id: ResourceId) -> list[Attachment]:
+        try:
+            return self.store.attachments(resource_id)
+        except NotFoundError:  # deleted meanwhile: its folder goes with it
+            return []
+
+    def _attachments(self, resource_id: ResourceId) -> Listing:
+        """One read-only file per attachment: its name, the extension of its MIME type, its exact size."""
+        attachments = self._attachments_of(resource_id)
+        record = self.store.find(resource_id)
+        mtime = record.last_update if record is not None else self._started
+        stems = [(safe_text(a.name) or "(no name)", _extension(a.mime)) for a in attachments]
+        names = disambiguate(stems, [a.key for a in attachments])  # keys never change: nor do the names
+        return Listing.of([Entry(name, EntryKind.DOCUMENT, a.size, mtime,
+                                 (_ATTACHMENT, resource_id, a.name, _served_mime(a.mime), a.sha256))
+                           for name, a in zip(names, attachments, strict=True)], mtime)
 
     def _years(self, view: str) -> Listing:
         dated = self.store.studies_by_date()
@@ -413,6 +460,29 @@ class Tree:
     def _folders(self, view: str, kind: str, records: Sequence[Record], names: list[str]) -> Listing:
         entries = [Entry(name, EntryKind.FOLDER, 0, r.last_update, (kind, view, r.id), r.id) for name, r in zip(names, records, strict=True)]
         return Listing.of(entries, max((e.mtime for e in entries), default=self._started))
+
+
+def attachment_mime(entry: Entry) -> str | None:
+    """The MIME type an attachment file is served with; None for any other entry."""
+    return entry.node[3] if entry.node[:1] == (_ATTACHMENT,) else None
+
+
+def attachment_sha256(entry: Entry) -> str | None:
+    """An attachment file's SHA-256 (its ETag: known without reading it); None for any other entry."""
+    return entry.node[4] if entry.node[:1] == (_ATTACHMENT,) else None
+
+
+def _served_mime(mime: str) -> str:
+    """The type an attachment is served with: its own when it looks like one, else bytes."""
+    return mime if _MIME.fullmatch(mime) else "application/octet-stream"
+
+
+def _extension(mime: str) -> str:
+    """``.pdf`` for application/pdf; nothing for a type without one of its own (octet-stream's
+    ``.bin`` would only hide the attachment's name)."""
+    if mime == "application/octet-stream" or not _MIME.fullmatch(mime):
+        return ""
+    return _EXTENSIONS.guess_extension(mime.lower()) or ""
 
 
 def _positions(records: Sequence[Record], kept: Mapping[ResourceId, int]) -> dict[int, int]:
