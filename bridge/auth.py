@@ -103,6 +103,13 @@ class Credentials:
         self._remembered: dict[bytes, float] = {}
         self._lock = threading.Lock()
 
+    def replace_users(self, users: Mapping[str, User]) -> None:
+        """Check against ``users`` from now on (a reloaded configuration); what was remembered is
+        forgotten, so a removed user or a changed right is never served from memory."""
+        with self._lock:
+            self.users = users
+            self._remembered = {}
+
     def check(self, user_name: str, password: str) -> User | None:
         """The user, when the password is right; None otherwise (as slow for an unknown name)."""
         user = self.users.get(user_name)

@@ -369,31 +369,59 @@ def cmd_mount(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     options = MountOptions(Path(args.mountpoint), foreground=args.foreground, read_only=args.read_only,
                            allow_other=args.allow_other, auto_unmount=args.auto_unmount,
                            webdav=args.webdav, allow_anonymous=args.allow_anonymous)
-    status = mount(lambda: open_store(loaded, readonly=args.read_only), loaded.config, options)
+    status = mount(lambda: open_store(loaded, readonly=args.read_only), loaded.config, options,
+                   lambda apply: _reloader(args, loaded, apply))
     if not args.foreground:  # the daemon is up: the last word of the command that started it
         print(f"mounted {options.mountpoint.resolve()}; logging to {logging_to}")
     return status
 
 
-def _serve_until_stopped(started: str) -> None:
-    """Print ``started``, tell systemd, and wait for SIGTERM or SIGINT (for the foreground servers)."""
+def _serve_until_stopped(started: str, reload: Callable[[], None]) -> None:
+    """Print ``started``, tell systemd, and wait for SIGTERM or SIGINT (for the foreground servers);
+    on SIGHUP call ``reload`` (from this, the main thread: never inside the signal handler)."""
     import signal
     import threading
 
     from dicomfs.systemd import notify_systemd
 
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    wake = threading.Event()
+    received: list[int] = []
+
+    def note(signum: int, _frame: object) -> None:
+        received.append(signum)
+        wake.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, note)
     print(f"{started} (Ctrl-C stops)", flush=True)
     notify_systemd("READY=1")
-    stop.wait()
+    while True:
+        wake.wait()
+        wake.clear()
+        signals, received[:] = received[:], []
+        if signal.SIGTERM in signals or signal.SIGINT in signals:
+            break
+        notify_systemd("RELOADING=1")
+        reload()
+        notify_systemd("READY=1")
     notify_systemd("STOPPING=1")
+
+
+def _reloader(args: argparse.Namespace, loaded: LoadedConfig, apply: Callable[[Config], None]) -> Callable[[], None]:
+    """What SIGHUP does in a long-running command: read the configuration again and apply it."""
+    from dicomfs.reload import reload_config
+
+    current = [loaded]
+
+    def reload() -> None:
+        current[0] = reload_config(current[0], Path(args.store) if args.store else None, apply)
+
+    return reload
 
 
 def cmd_webdav(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     from bridge.server import Bridge  # wsgidav and cheroot: only this command needs them
-    from dicomfs.jobs.service import start_jobs
+    from dicomfs.jobs.service import reconfigure, start_jobs
     from dicomfs.servermemory import limit_malloc_arenas, tune_for_a_server
 
     limit_malloc_arenas()  # before the bridge's threads exist
@@ -403,8 +431,14 @@ def cmd_webdav(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         bridge.start()
         jobs = start_jobs(store, loaded.config) if not args.read_only else None
         tune_for_a_server()
+
+        def apply(config: Config) -> None:
+            bridge.credentials.replace_users(config.users)
+            if jobs is not None:
+                reconfigure(jobs, store, config)
+
         try:
-            _serve_until_stopped(f"serving {store.folder} at {bridge.url}")
+            _serve_until_stopped(f"serving {store.folder} at {bridge.url}", _reloader(args, loaded, apply))
         finally:
             bridge.stop()
             if jobs is not None:
@@ -611,7 +645,7 @@ def cmd_jobs(args: argparse.Namespace, loaded: LoadedConfig) -> int:
 
 def cmd_worker(args: argparse.Namespace, loaded: LoadedConfig) -> int:
     _quick_exit()
-    from dicomfs.jobs.service import runner_for
+    from dicomfs.jobs.service import reconfigure, runner_for
     from dicomfs.jobs.storage import open_jobs
 
     _log_to(loaded.config, foreground=True)
@@ -619,7 +653,8 @@ def cmd_worker(args: argparse.Namespace, loaded: LoadedConfig) -> int:
         runner = runner_for(store, open_jobs(store), loaded.config)
         runner.start()
         try:
-            _serve_until_stopped(f"running jobs of {store.folder}")
+            _serve_until_stopped(f"running jobs of {store.folder}",
+                                 _reloader(args, loaded, lambda config: reconfigure(runner, store, config)))
         finally:
             runner.stop()
     return 0

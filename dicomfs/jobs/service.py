@@ -4,7 +4,7 @@ target name calls for."""
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from dicomfs.config import Config, Destination, XnatDestination
 from dicomfs.errors import ConfigError
@@ -13,7 +13,7 @@ from dicomfs.jobs.runner import Executor, JobRunner, RetryPolicy
 from dicomfs.jobs.storage import JobStore, open_jobs
 from dicomfs.store import Store
 
-__all__ = ["job_for_target", "runner_for", "start_jobs"]
+__all__ = ["job_for_target", "reconfigure", "runner_for", "start_jobs"]
 
 
 def job_for_target(config: Config, name: str) -> tuple[str, dict[str, object]]:
@@ -67,12 +67,26 @@ def runner_for(store: Store, jobs: JobStore, config: Config, *, only: str | None
     c = config.jobs
     runner = JobRunner(jobs, executors_for(store, config, kinds), lease=c.lease, poll=c.poll_ms / 1000,
                        retry=RetryPolicy(c.retry_delay, c.retry_max_delay, c.max_attempts), only=only)
-    if config.routes and only is None and not store.readonly:
-        from dicomfs.jobs.routes import Router  # imported here: it reads the views' tags, which most runners never need
-
-        runner.router = Router(store, jobs, config.routes, lambda name: job_for_target(config, name),
-                               owner=runner.owner, lease=c.lease, clock=time.time).step
+    runner.router = _router(store, jobs, config, runner) if only is None else None
     return runner
+
+
+def reconfigure(runner: JobRunner, store: Store, config: Config) -> None:
+    """Give a running runner the destinations, peers and routes of a reloaded ``config`` (SIGHUP):
+    the jobs it starts from now on use them; a job already running keeps the executor it began with.
+    The router's progress lives in the job store, so a new router carries on where the old one was."""
+    runner.executors = executors_for(store, config, runner.executors.keys())
+    runner.router = _router(store, runner.jobs, config, runner)
+
+
+def _router(store: Store, jobs: JobStore, config: Config, runner: JobRunner) -> Callable[[], int] | None:
+    if not config.routes or store.readonly:
+        return None
+    from dicomfs.jobs.routes import Router  # imported here: it reads the views' tags, which most runners never need
+
+    c = config.jobs
+    return Router(store, jobs, config.routes, lambda name: job_for_target(config, name),
+                  owner=runner.owner, lease=c.lease, clock=time.time).step
 
 
 def start_jobs(store: Store, config: Config) -> JobRunner | None:

@@ -30,7 +30,7 @@ import trio
 
 from dicomfs.config import Config
 from dicomfs.errors import DicomfsError
-from dicomfs.jobs.service import start_jobs
+from dicomfs.jobs.service import reconfigure, start_jobs
 from dicomfs.jobs.storage import JobStore, open_jobs
 from dicomfs.mount.diskpressure import DiskPressure, io_pressure
 from dicomfs.mount.operations import DicomOperations, MountSettings
@@ -79,7 +79,12 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"mountpoint {mountpoint} is not empty: mounting over files would hide them")
 
 
-def mount(open_store: Callable[[], Store], config: Config, options: MountOptions) -> int:
+Reloader = Callable[[Callable[[Config], None]], Callable[[], None]]
+"""Given what applies a reloaded configuration, what SIGHUP calls (``dicomfs.cli``'s ``_reloader``)."""
+
+
+def mount(open_store: Callable[[], Store], config: Config, options: MountOptions,
+          reloader: Reloader | None = None) -> int:
     """Mount and serve until unmounted or signalled; returns the exit status.
 
     ``open_store`` opens the configured store (read-only when ``options.read_only``): the daemon
@@ -90,7 +95,7 @@ def mount(open_store: Callable[[], Store], config: Config, options: MountOptions
     if options.allow_other:
         _shared_group(config)  # a group that does not exist is said here, not by a daemon without a terminal
     if options.foreground:
-        return _serve(open_store, config, options, mountpoint, ready_fd=None)
+        return _serve(open_store, config, options, mountpoint, ready_fd=None, reloader=reloader)
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # the daemon: a new session, no terminal; reports readiness through the pipe
@@ -99,7 +104,8 @@ def mount(open_store: Callable[[], Store], config: Config, options: MountOptions
         _detach_stdio()
         status = 1
         try:
-            status = _serve(open_store, config, options, mountpoint, ready_fd=write_end)
+            status = _serve(open_store, config, options, mountpoint, ready_fd=write_end,
+                            reloader=reloader)
         except BaseException as error:  # the parent prints it while it waits; the log keeps it
             _log.critical("the mount daemon stopped: %s", error, exc_info=not isinstance(error, DicomfsError))
             _report(write_end, f"error: {error}")
@@ -146,7 +152,10 @@ def _report(fd: int | None, message: str) -> None:
 
 
 def _serve(open_store: Callable[[], Store], config: Config, options: MountOptions, mountpoint: Path,
-           ready_fd: int | None) -> int:
+           ready_fd: int | None, reloader: Reloader | None) -> int:
+    # SIGHUP reloads once the loop watches for it; until then (opening the store, mounting) it
+    # would kill the daemon, which is the default action, so it is ignored.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     limit_malloc_arenas()  # before the store, the bridge and trio start threads
     store = open_store()
     store_folder = store.folder
@@ -173,6 +182,14 @@ def _serve(open_store: Callable[[], Store], config: Config, options: MountOption
             jobs = start_jobs(store, config) if not options.read_only else None
             if jobs is not None:
                 companions.callback(jobs.stop)
+
+            def apply(reloaded: Config) -> None:
+                if bridge is not None:
+                    bridge.credentials.replace_users(reloaded.users)
+                if jobs is not None:
+                    reconfigure(jobs, store, reloaded)
+
+            reload = reloader(apply) if reloader is not None else None
             try:
                 pyfuse3.init(operations, str(mountpoint), fuse_options)
             except RuntimeError as error:
@@ -183,7 +200,7 @@ def _serve(open_store: Callable[[], Store], config: Config, options: MountOption
             clean = False
             tune_for_a_server()
             try:
-                trio.run(_main, operations, config, uploads, mountpoint, ready_fd, instruments=[_SlowStepWarning()])
+                trio.run(_main, operations, config, uploads, mountpoint, ready_fd, reload, instruments=[_SlowStepWarning()])
                 clean = True
             finally:
                 pyfuse3.close(unmount=clean)
@@ -215,10 +232,10 @@ def _start_bridge(store: Store, config: Config, options: MountOptions) -> Bridge
 
 
 async def _main(operations: DicomOperations, config: Config, uploads: UploadArea | None, mountpoint: Path,
-                ready_fd: int | None) -> None:
+                ready_fd: int | None, reload: Callable[[], None] | None) -> None:
     async with trio.open_nursery() as nursery:
         operations.attach(nursery)
-        nursery.start_soon(_watch_signals, nursery)
+        nursery.start_soon(_watch_signals, reload)
         nursery.start_soon(_refresh, operations, config.mount.refresh_ms / 1000)
         if uploads is not None:  # the pressure decides only where uploads/ calls run
             nursery.start_soon(_watch_disk, operations.disk)
@@ -235,9 +252,15 @@ async def _read_ahead(mountpoint: Path, kib: int) -> None:
     await trio.to_thread.run_sync(set_read_ahead, mountpoint, kib)  # its stat is a request to this loop
 
 
-async def _watch_signals(nursery: trio.Nursery) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _watch_signals(reload: Callable[[], None] | None) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for received in signals:
+            if received == signal.SIGHUP:
+                if reload is not None:  # in a thread: reading the file must not stall the mount's requests
+                    notify_systemd("RELOADING=1")
+                    await trio.to_thread.run_sync(reload)
+                    notify_systemd("READY=1")
+                continue
             _log.info("%s: unmounting", signal.Signals(received).name)
             notify_systemd("STOPPING=1")
             pyfuse3.terminate()
