@@ -79,6 +79,20 @@ def test_a_bind_change_on_sighup_is_said_to_need_a_restart(tmp_path: Path) -> No
         assert server.request("PROPFIND", "/", headers={"Depth": "0"}, auth=ALICE).status == 207
 
 
+def test_removing_every_user_on_sighup_needs_a_restart(tmp_path: Path) -> None:
+    """Without users the bridge asks for no password: that is never switched on under a running server."""
+    store, config = tmp_path / "store", tmp_path / "dicomfs.toml"
+    run_cli("init", store=store, check=True)
+    config.write_text(_users(ALICE))
+    with serve(store, config=config) as server:
+        config.write_text("")
+        _hup(server)
+        log = _log_says(server.log, "needs a restart")
+        assert "users" in next(line for line in log.splitlines() if "needs a restart" in line)
+        assert server.request("PROPFIND", "/", headers={"Depth": "0"}).status == 401
+        assert server.request("PROPFIND", "/", headers={"Depth": "0"}, auth=ALICE).status == 207
+
+
 def test_the_worker_survives_sighup_and_reloads(tmp_path: Path) -> None:
     store, config = tmp_path / "store", tmp_path / "dicomfs.toml"
     run_cli("init", store=store, check=True)
