@@ -523,8 +523,11 @@ def _quick_exit() -> None:
 def _queue(loaded: LoadedConfig, kind: str, params: dict[str, object], items: list[tuple[str, int]], description: str,
            *, wait: bool, store: Store) -> int:
     """Create the job, say so, and with ``wait`` run it here until it ends."""
+    from dicomfs.jobs.model import QUEUED_UNDER
     from dicomfs.jobs.storage import open_jobs
 
+    if loaded.path is not None:  # where the target is defined, for a runner started without it
+        params = {**params, QUEUED_UNDER: str(loaded.path)}
     jobs = open_jobs(store)
     job = jobs.create(kind, params, items, description)
     print(f"job {job.id}: {job.description}")

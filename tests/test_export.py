@@ -195,3 +195,24 @@ def test_a_routing_rule_exports_matching_series_as_they_arrive(tmp_path: Path, s
         assert server.sop_uids() == ct
         listed = run_cli("jobs", "ls", store=store, config=config, check=True).stdout
         assert "route Modality=CT" in listed and "success" in listed
+
+
+def test_a_job_whose_destination_this_process_lacks_names_the_file_that_defined_it(tmp_path: Path, filled_store: Path) -> None:
+    with orthanc(tmp_path / "orthanc") as server:
+        config = export_config(tmp_path / "dicomfs.toml", server)
+        queued = run_cli("export", "--to", "orthanc", "PAT00001", store=filled_store, config=config, check=True)
+    job_id = queued.stdout.split()[1].rstrip(":")
+    other = tmp_path / "other.toml"
+    other.write_text("")  # a worker started with another configuration, one without that destination
+    worker = subprocess.Popen([*dicomfs_command(), "--store", str(filled_store), "--config", str(other), "worker"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().startswith("running jobs")
+        wait_until(lambda: bool(job_json(filled_store, other, job_id)["waiting_for"]), 20, step=0.1)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        if worker.stdout is not None:
+            worker.stdout.close()
+    waiting = str(job_json(filled_store, other, job_id)["waiting_for"])
+    assert waiting == f"destination 'orthanc' is not configured in this process (the job was queued under {config})", waiting

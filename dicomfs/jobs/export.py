@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from dicomfs.config import Destination
 from dicomfs.errors import DicomfsError, NotFoundError
-from dicomfs.jobs.model import Job
+from dicomfs.jobs.model import QUEUED_UNDER, Job
 from dicomfs.jobs.runner import JobWork, TransientJobError
 from dicomfs.jobs.schedule import target_waiting
 from dicomfs.jobs.stowrs import Outgoing, StowClient, StowRefusedError, StowTarget, StowTransientError
@@ -48,7 +48,8 @@ class StowExporter:
         self._clock = clock
 
     def waiting_for(self, job: Job) -> str | None:
-        return target_waiting("destination", self.destinations, job.params.get("destination"), self._clock())
+        return target_waiting("destination", self.destinations, job.params.get("destination"), self._clock(),
+                              job.params.get(QUEUED_UNDER))
 
     def run(self, job: Job, work: JobWork) -> None:
         destination = self.destinations[job.params["destination"]]

@@ -24,6 +24,11 @@ PULL = "pull"
 """Fetches instances from a peer dicomfs into this store (``transfers.pull``)."""
 
 
+QUEUED_UNDER = "config"
+"""The job parameter naming the configuration file a job was queued with, so that a process
+whose configuration lacks the job's target can say where it was defined."""
+
+
 class JobState(str, enum.Enum):
     PENDING = "pending"
     """Waiting for a runner: new, deferred after a transient error, or outside its schedule window."""

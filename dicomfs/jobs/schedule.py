@@ -125,12 +125,15 @@ class Scheduled(Protocol):
     def schedule(self) -> tuple[str, ...]: ...
 
 
-def target_waiting(what: str, targets: Mapping[str, Scheduled], name: object, now: datetime) -> str | None:
+def target_waiting(what: str, targets: Mapping[str, Scheduled], name: object, now: datetime,
+                   queued_under: object = None) -> str | None:
     """Why a job for target ``name`` (a ``what``: "destination", "peer") must wait at ``now``: the
-    target is not configured in this process, or ``now`` is outside its schedule; None if it may run."""
+    target is not configured in this process (``queued_under``: the configuration file the job was
+    queued with, which did name it), or ``now`` is outside its schedule; None if it may run."""
     target = targets.get(name) if isinstance(name, str) else None
     if target is None:
-        return f"{what} {name!r} is not configured in this process"
+        where = f" (the job was queued under {queued_under})" if isinstance(queued_under, str) and queued_under else ""
+        return f"{what} {name!r} is not configured in this process{where}"
     schedules = parse_schedules(target.schedule)
     if allowed(schedules, now):
         return None

@@ -58,7 +58,7 @@ from dicomfs import __version__
 from dicomfs.config import XnatDestination
 from dicomfs.errors import DicomfsError, NotFoundError
 from dicomfs.jobs.links import describe_failure
-from dicomfs.jobs.model import Job
+from dicomfs.jobs.model import QUEUED_UNDER, Job
 from dicomfs.jobs.runner import JobWork, TransientJobError
 from dicomfs.jobs.schedule import target_waiting
 from dicomfs.jobs.stowrs import StowTarget, open_connection, read_answer, short_body, status_phrase
@@ -246,7 +246,8 @@ class XnatExporter:
         self._clock = clock
 
     def waiting_for(self, job: Job) -> str | None:
-        return target_waiting("destination", self.destinations, job.params.get("destination"), self._clock())
+        return target_waiting("destination", self.destinations, job.params.get("destination"), self._clock(),
+                              job.params.get(QUEUED_UNDER))
 
     def run(self, job: Job, work: JobWork) -> None:
         destination = self.destinations[job.params["destination"]]

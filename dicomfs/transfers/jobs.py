@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from dicomfs.config import Peer
-from dicomfs.jobs.model import Job
+from dicomfs.jobs.model import QUEUED_UNDER, Job
 from dicomfs.jobs.runner import JobWork, TransientJobError
 from dicomfs.jobs.schedule import target_waiting
 from dicomfs.store import Instance, Store
@@ -47,7 +47,8 @@ class _PeerExecutor:
         self.store, self.peers, self._clock = store, peers, clock
 
     def waiting_for(self, job: Job) -> str | None:
-        return target_waiting("peer", self.peers, job.params.get("peer"), self._clock())
+        return target_waiting("peer", self.peers, job.params.get("peer"), self._clock(),
+                              job.params.get(QUEUED_UNDER))
 
     def run(self, job: Job, work: JobWork) -> None:
         peer = self.peers[job.params["peer"]]
